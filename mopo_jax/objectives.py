@@ -1,0 +1,433 @@
+"""The mathematics of MOPO as pure, jittable functions.
+
+Notation (docs/algorithm.md has the derivations):
+
+* ``K`` objectives, objective 0 primary and ``1..K-1`` secondary; ``X`` prompts; ``N`` candidates per prompt.
+* ``P_k(y > y' | x)`` pairwise preference probabilities, ``w_k(y) = E_{y'~mu}[P_k(y > y')]`` win rates (Eq. 1).
+* Constrained problem (Eq. 2)::
+
+      max_pi  E_pi[w_0] - tau KL(pi || pi_ref)   s.t.  E_pi[w_k] >= b_k,  k = 1..K-1.
+
+* Closed form for multipliers ``lambda >= 0`` (Eq. 3)::
+
+      pi_lambda(y|x) = pi_ref(y|x) exp((w_0(y) + sum_k lambda_k w_k(y)) / tau) / Z_lambda(x).
+
+* Dual (Eq. 4): ``D(lambda) = tau E_x log Z_lambda(x) - lambda . b``, gradient ``E_{pi_lambda}[w] - b``.
+* Robust (KL-DRO) lower bound on a secondary value estimated from finite data (Eq. 5)::
+
+      LB_k = sup_{chi > 0}  -chi log E_{pi_ref}[exp(-rho w_k / chi)] - chi eps,   rho = pi_lambda / pi_ref.
+
+* Threshold ratchet (Eq. 6): every ``t0`` steps ``b <- max(b_floor, beta G_lagged)``.
+
+Every function works on arrays whose leading axes are ``[K, X, N]`` (win rates) or ``[X, N]`` (log-probabilities over a
+prompt's candidate pool), takes an optional ``candidate_mask [X, N]`` for ragged pools, and never produces NaN for padded
+entries. Input validation lives in :mod:`mopo_jax.validation` and is applied at the Python boundary, not here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mopo_jax import validation
+
+Array = jax.Array
+
+# Log-weights of padded candidates. Finite (not -inf) so that 0 * log-weight stays 0 and gradients stay finite.
+MASKED_LOG_WEIGHT = -1e30
+
+
+def _mask_or_ones(mask, shape):
+    return jnp.ones(shape, dtype=bool) if mask is None else jnp.asarray(mask, dtype=bool)
+
+
+def _normalised_prompt_weights(prompt_weights, num_prompts, candidate_mask=None):
+    """Prompt distribution p(x); prompts without any valid candidate get zero weight."""
+    if prompt_weights is None:
+        weights = jnp.ones((num_prompts,), jnp.float32)
+    else:
+        weights = jnp.asarray(prompt_weights, jnp.float32)
+    if candidate_mask is not None:
+        weights = jnp.where(jnp.any(candidate_mask, axis=-1), weights, 0.0)
+    total = jnp.sum(weights)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+
+def masked_log_normalize(logits: Array, candidate_mask: Array | None = None) -> Array:
+    """Log-softmax over the candidate axis with masking and max subtraction.
+
+    Args:
+      logits: ``[..., N]`` unnormalised log-probabilities.
+      candidate_mask: optional boolean ``[..., N]``; False marks padded candidates.
+
+    Returns:
+      ``[..., N]`` float32 log-probabilities; padded entries hold ``MASKED_LOG_WEIGHT`` and a row with no valid
+      candidate is all ``MASKED_LOG_WEIGHT`` (never NaN).
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    mask = _mask_or_ones(candidate_mask, logits.shape)
+    masked = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # Max subtraction keeps exp() in range; the where() keeps padded entries out of the sum and out of the gradient.
+    shifted = jnp.where(mask, logits - jax.lax.stop_gradient(row_max), 0.0)
+    sum_exp = jnp.sum(jnp.where(mask, jnp.exp(shifted), 0.0), axis=-1, keepdims=True)
+    log_norm = jnp.log(jnp.where(sum_exp > 0, sum_exp, 1.0))
+    return jnp.where(mask, shifted - log_norm, MASKED_LOG_WEIGHT)
+
+
+def win_rates(
+    preferences: Array,
+    comparison_probs: Array,
+    label_mask: Array | None = None,
+    candidate_mask: Array | None = None,
+    include_self: bool = True,
+) -> Array:
+    """Win rates against a comparison policy (Eq. 1): ``w_k(y) = E_{y'~mu}[P_k(y > y')]``.
+
+    Unlabeled pairs are dropped and the expectation is renormalised over the labeled comparisons; a candidate with no
+    labeled comparison gets the neutral value 0.5.
+
+    Args:
+      preferences: ``[K, X, N, N]`` with ``preferences[k, x, i, j] = P_k(y_i > y_j | x)``. Values at unlabeled entries
+        are ignored (they may be NaN).
+      comparison_probs: ``[X, N]`` comparison policy ``mu`` (typically ``pi_ref``).
+      label_mask: optional boolean ``[K, X, N, N]``, True where the pair is labeled. Defaults to ``~isnan(preferences)``.
+      candidate_mask: optional boolean ``[X, N]``; padded candidates are neither compared against nor given weight.
+      include_self: whether ``y' = y`` counts as a comparison (a tie, ``P = 1/2``).
+
+    Returns:
+      ``[K, X, N]`` float32 win rates in ``[0, 1]``.
+    """
+    validation.check_preferences("preferences", preferences, label_mask)
+    validation.check_shape("comparison_probs", comparison_probs, tuple(jnp.shape(preferences)[1:3]), "[X, N]")
+    validation.check_distribution("comparison_probs", comparison_probs, mask=candidate_mask)
+    preferences = jnp.asarray(preferences, jnp.float32)
+    num_candidates = preferences.shape[-1]
+    if label_mask is None:
+        label_mask = ~jnp.isnan(preferences)
+    label_mask = jnp.asarray(label_mask, bool)
+    eye = jnp.eye(num_candidates, dtype=bool)
+    # The diagonal is a tie by definition, whatever the tensor holds there.
+    preferences = jnp.where(eye, 0.5, preferences)
+    label_mask = jnp.where(eye, include_self, label_mask)
+    if candidate_mask is not None:
+        candidate_mask = jnp.asarray(candidate_mask, bool)
+        label_mask = label_mask & candidate_mask[None, :, None, :] & candidate_mask[None, :, :, None]
+    mu = jnp.asarray(comparison_probs, jnp.float32)[None, :, None, :]
+    weights = jnp.where(label_mask, mu, 0.0)
+    numerator = jnp.sum(weights * jnp.where(label_mask, preferences, 0.0), axis=-1)
+    denominator = jnp.sum(weights, axis=-1)
+    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.5)
+
+
+def combined_win_rate(win_rates_k: Array, multipliers: Array) -> Array:
+    """The tilt ``w_0 + sum_k lambda_k w_k`` of Eq. 3.
+
+    Args:
+      win_rates_k: ``[K, ...]`` win rates (objective 0 first).
+      multipliers: ``[K-1]`` Lagrange multipliers of the secondary objectives.
+
+    Returns:
+      ``[...]`` the combined win rate.
+    """
+    win_rates_k = jnp.asarray(win_rates_k, jnp.float32)
+    multipliers = jnp.asarray(multipliers, jnp.float32)
+    coefficients = jnp.concatenate([jnp.ones((1,), jnp.float32), multipliers])
+    return jnp.tensordot(coefficients, win_rates_k, axes=1)
+
+
+def closed_form_log_weights(
+    win_rates_k: Array,
+    multipliers: Array,
+    tau: float | Array,
+    ref_log_probs: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> Array:
+    """Log of the closed-form optimal policy for fixed multipliers (Eq. 3), per prompt.
+
+    ``log pi_lambda(y|x) = log pi_ref(y|x) + (w_0(y) + lambda . w(y)) / tau - log Z_lambda(x)``, normalised over each
+    prompt's candidates in log space with max subtraction.
+
+    When the candidates were *sampled* from ``pi_ref`` (the language-model case) leave ``ref_log_probs`` as ``None``:
+    the base is then uniform over the samples and the result is the log of the self-normalised importance weights
+    ``rho~ = (pi_lambda / pi_ref) / sum(pi_lambda / pi_ref)``. When the candidate set is enumerated (the tabular case),
+    pass ``log pi_ref`` to get ``log pi_lambda`` itself.
+
+    Args:
+      win_rates_k: ``[K, X, N]`` win rates.
+      multipliers: ``[K-1]`` multipliers ``lambda >= 0``.
+      tau: KL temperature ``> 0``.
+      ref_log_probs: optional ``[X, N]`` log-probabilities of the base distribution.
+      candidate_mask: optional boolean ``[X, N]``.
+
+    Returns:
+      ``[X, N]`` log-weights, ``MASKED_LOG_WEIGHT`` at padded candidates.
+    """
+    validation.check_positive("tau", tau)
+    validation.check_unit_interval("win_rates", win_rates_k)
+    validation.check_nonnegative("multipliers", multipliers)
+    logits = combined_win_rate(win_rates_k, multipliers) / tau
+    if ref_log_probs is not None:
+        logits = logits + jnp.asarray(ref_log_probs, jnp.float32)
+    return masked_log_normalize(logits, candidate_mask)
+
+
+def objective_values(
+    log_policy: Array,
+    win_rates_k: Array,
+    prompt_weights: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> Array:
+    """Expected win rates ``V_k(pi) = E_x E_{y~pi}[w_k(y)]`` of every objective (the quantities of Eq. 2).
+
+    Args:
+      log_policy: ``[X, N]`` log-probabilities of the policy over each prompt's candidates.
+      win_rates_k: ``[K, X, N]`` win rates.
+      prompt_weights: optional ``[X]`` prompt distribution (uniform when omitted).
+      candidate_mask: optional boolean ``[X, N]``.
+
+    Returns:
+      ``[K]`` values.
+    """
+    mask = _mask_or_ones(candidate_mask, log_policy.shape)
+    probs = jnp.where(mask, jnp.exp(jnp.asarray(log_policy, jnp.float32)), 0.0)
+    per_prompt = jnp.sum(probs[None] * jnp.where(mask[None], win_rates_k, 0.0), axis=-1)
+    weights = _normalised_prompt_weights(prompt_weights, log_policy.shape[0], candidate_mask)
+    return per_prompt @ weights
+
+
+def secondary_values(
+    log_policy: Array,
+    win_rates_k: Array,
+    prompt_weights: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> Array:
+    """Constraint values ``G_k = E_x E_{y~pi}[w_k(y)]`` for the secondary objectives ``k = 1..K-1`` (Eq. 2).
+
+    Args and shapes as :func:`objective_values`. Returns ``[K-1]``.
+    """
+    return objective_values(log_policy, win_rates_k, prompt_weights, candidate_mask)[1:]
+
+
+def kl_divergence(
+    log_policy: Array,
+    ref_log_probs: Array,
+    prompt_weights: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> Array:
+    """``E_x KL(pi(.|x) || pi_ref(.|x))`` over the candidate pool, the regulariser of Eq. 2."""
+    mask = _mask_or_ones(candidate_mask, log_policy.shape)
+    log_policy = jnp.asarray(log_policy, jnp.float32)
+    per_candidate = jnp.exp(log_policy) * (log_policy - jnp.asarray(ref_log_probs, jnp.float32))
+    per_prompt = jnp.sum(jnp.where(mask, per_candidate, 0.0), axis=-1)
+    return per_prompt @ _normalised_prompt_weights(prompt_weights, log_policy.shape[0], candidate_mask)
+
+
+def dual_objective(
+    multipliers: Array,
+    win_rates_k: Array,
+    ref_log_probs: Array,
+    tau: float | Array,
+    thresholds: Array,
+    prompt_weights: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> Array:
+    """Lagrange dual ``D(lambda) = tau E_x log Z_lambda(x) - lambda . b`` (Eq. 4).
+
+    ``Z_lambda(x) = sum_y pi_ref(y|x) exp((w_0 + lambda . w)/tau)``. ``D`` is convex in ``lambda`` and its gradient is
+    ``E_{pi_lambda}[w_{1:}] - b``; minimising it over ``lambda >= 0`` solves Eq. 2.
+
+    Returns:
+      Scalar dual value.
+    """
+    mask = _mask_or_ones(candidate_mask, jnp.shape(ref_log_probs))
+    logits = combined_win_rate(win_rates_k, multipliers) / tau + jnp.asarray(ref_log_probs, jnp.float32)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    log_partition = jax.nn.logsumexp(logits, axis=-1)
+    log_partition = jnp.where(jnp.any(mask, axis=-1), log_partition, 0.0)
+    weights = _normalised_prompt_weights(prompt_weights, mask.shape[0], candidate_mask)
+    return tau * (log_partition @ weights) - jnp.dot(multipliers, thresholds)
+
+
+class RobustBound(NamedTuple):
+    """Value and chi-derivative of the robust objective of Eq. 5 at a given ``chi``."""
+
+    value: Array  # [K-1] -chi log E[exp(-Z/chi)] - chi eps
+    chi_gradient: Array  # [K-1] d value / d chi
+
+
+def robust_lower_bound(
+    samples: Array,
+    log_base_probs: Array,
+    chi: Array,
+    eps: float | Array,
+) -> RobustBound:
+    """KL-robust lower bound on ``E_q[Z]`` at a fixed dual variable ``chi`` (Eq. 5).
+
+    ``LB(chi) = -chi log E_q[exp(-Z / chi)] - chi eps``. Its supremum over ``chi > 0`` equals
+    ``inf {E_Q[Z] : KL(Q || q) <= eps}``, the worst-case mean over distributions within ``eps`` of the empirical one.
+    For MOPO, ``q(x, y) = p(x) pi_ref(y|x)`` and ``Z = rho w_k`` with ``rho = pi_lambda / pi_ref`` (see
+    :func:`importance_weighted_secondaries`), so ``E_q[Z] = E_{pi_lambda}[w_k]``. ``LB`` is concave in ``chi`` and its
+    derivative is ``-log E_q[e^{-Z/chi}] - E_{q_chi}[Z] / chi - eps`` with ``q_chi ∝ q e^{-Z/chi}``; both are computed in
+    log space with max subtraction.
+
+    Args:
+      samples: ``[K-1, M]`` values ``Z`` (flattened over prompts and candidates).
+      log_base_probs: ``[M]`` log-probabilities of ``q`` (``MASKED_LOG_WEIGHT`` for padding); must sum to one.
+      chi: ``[K-1]`` positive dual variables.
+      eps: KL radius ``>= 0``.
+
+    Returns:
+      :class:`RobustBound` with ``[K-1]`` values and derivatives.
+    """
+    validation.check_nonnegative("eps", eps)
+    validation.check_positive("chi", chi)
+    validation.check_finite("samples", samples)
+    samples = jnp.asarray(samples, jnp.float32)
+    chi = jnp.asarray(chi, jnp.float32)[:, None]
+    log_terms = jnp.asarray(log_base_probs, jnp.float32)[None, :] - samples / chi
+    log_mean = jax.nn.logsumexp(log_terms, axis=-1)
+    tilted = jax.nn.softmax(log_terms, axis=-1)
+    tilted_mean = jnp.sum(tilted * samples, axis=-1)
+    chi = chi[:, 0]
+    value = -chi * log_mean - chi * eps
+    chi_gradient = -log_mean - tilted_mean / chi - eps
+    return RobustBound(value=value, chi_gradient=chi_gradient)
+
+
+def optimal_robust_chi(
+    samples: Array,
+    log_base_probs: Array,
+    eps: float | Array,
+    chi_min: float = 1e-4,
+    chi_max: float = 1e4,
+    iterations: int = 80,
+) -> Array:
+    """Maximiser of the concave ``LB(chi)`` of Eq. 5 by bisection on ``log chi`` (derivative is decreasing).
+
+    Used where the exact bound is wanted (evaluation, tests); training follows ``chi`` with projected gradient steps
+    (:func:`update_multipliers`). Returns ``[K-1]`` values clipped to ``[chi_min, chi_max]``.
+    """
+    num = jnp.shape(samples)[0]
+    lower = jnp.full((num,), jnp.log(chi_min), jnp.float32)
+    upper = jnp.full((num,), jnp.log(chi_max), jnp.float32)
+
+    def bisect(_, bounds):
+        lower, upper = bounds
+        middle = 0.5 * (lower + upper)
+        slope = robust_lower_bound(samples, log_base_probs, jnp.exp(middle), eps).chi_gradient
+        return jnp.where(slope > 0, middle, lower), jnp.where(slope > 0, upper, middle)
+
+    lower, upper = jax.lax.fori_loop(0, iterations, bisect, (lower, upper))
+    return jnp.exp(0.5 * (lower + upper))
+
+
+def importance_weighted_secondaries(
+    log_policy: Array,
+    win_rates_k: Array,
+    ref_log_probs: Array,
+    prompt_weights: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> tuple[Array, Array]:
+    """The samples ``Z = rho w_k`` and base log-probabilities ``log q`` that feed :func:`robust_lower_bound`.
+
+    ``rho = pi / pi_ref`` per candidate and ``q(x, y) = p(x) pi_ref(y|x)``, flattened over prompts and candidates.
+
+    Returns:
+      ``(samples [K-1, X*N], log_base_probs [X*N])``.
+    """
+    mask = _mask_or_ones(candidate_mask, log_policy.shape)
+    ref_log_probs = jnp.asarray(ref_log_probs, jnp.float32)
+    log_ratio = jnp.where(mask, jnp.asarray(log_policy, jnp.float32) - ref_log_probs, 0.0)
+    samples = jnp.exp(log_ratio)[None] * jnp.where(mask[None], win_rates_k[1:], 0.0)
+    prompt_weights = _normalised_prompt_weights(prompt_weights, mask.shape[0], candidate_mask)
+    log_prompt = jnp.log(jnp.where(prompt_weights > 0, prompt_weights, 1.0))
+    log_base = jnp.where(mask & (prompt_weights[:, None] > 0), ref_log_probs + log_prompt[:, None], MASKED_LOG_WEIGHT)
+    return samples.reshape(samples.shape[0], -1), log_base.reshape(-1)
+
+
+class MultiplierUpdate(NamedTuple):
+    multipliers: Array
+    chi: Array
+
+
+def update_multipliers(
+    multipliers: Array,
+    chi: Array,
+    secondary_estimates: Array,
+    thresholds: Array,
+    multiplier_lr: float | Array,
+    chi_gradient: Array | None = None,
+    chi_lr: float | Array = 0.0,
+    chi_min: float = 1e-4,
+) -> MultiplierUpdate:
+    """Projected dual steps on ``lambda`` (Eq. 4) and projected ascent on ``chi`` (Eq. 5).
+
+    ``lambda <- max(0, lambda - eta (G - b))`` where ``G`` is the (plain or robust) estimate of ``E_{pi_lambda}[w_k]``:
+    a violated constraint (``G < b``) raises its multiplier, a slack one lowers it towards zero.
+    ``chi <- max(chi_min, chi + eta_chi dLB/dchi)`` follows the supremum of Eq. 5.
+
+    Args:
+      multipliers: ``[K-1]`` current ``lambda``.
+      chi: ``[K-1]`` current robust dual variables.
+      secondary_estimates: ``[K-1]`` ``G_k``.
+      thresholds: ``[K-1]`` ``b_k``.
+      multiplier_lr: step size ``eta``.
+      chi_gradient: optional ``[K-1]`` derivative of the robust bound; ``chi`` is left unchanged when omitted.
+      chi_lr: step size for ``chi``.
+      chi_min: lower end of the projection for ``chi``.
+
+    Returns:
+      :class:`MultiplierUpdate` with the new ``(multipliers, chi)``.
+    """
+    validation.check_unit_interval("thresholds", thresholds)
+    validation.check_finite("secondary_estimates", secondary_estimates)
+    validation.check_nonnegative("multipliers", multipliers)
+    validation.check_nonnegative("multiplier_lr", multiplier_lr)
+    new_multipliers = jnp.maximum(0.0, multipliers - multiplier_lr * (secondary_estimates - thresholds))
+    new_chi = chi if chi_gradient is None else jnp.maximum(chi_min, chi + chi_lr * chi_gradient)
+    return MultiplierUpdate(new_multipliers, new_chi)
+
+
+def ratchet_thresholds(
+    thresholds: Array,
+    lagged_values: Array,
+    beta: float | Array,
+    floor: Array | None = None,
+) -> Array:
+    """Threshold ratchet of the MOPO schedule (Eq. 6): ``b <- clip(max(floor, beta G_lagged), 0, 1)``.
+
+    ``G_lagged`` are the secondary values achieved ``t0`` steps earlier; ``beta < 1`` leaves a margin so that the new
+    constraint stays strictly feasible. ``floor`` (the user's thresholds) keeps the ratchet from ever loosening the
+    original constraint. ``thresholds`` is unused beyond its shape when ``floor`` is given; it is the floor otherwise.
+
+    Returns:
+      ``[K-1]`` new thresholds.
+    """
+    validation.check_unit_interval("thresholds", thresholds)
+    validation.check_unit_interval("beta", beta)
+    validation.check_finite("lagged_values", lagged_values)
+    floor = thresholds if floor is None else floor
+    return jnp.clip(jnp.maximum(floor, beta * lagged_values), 0.0, 1.0)
+
+
+def log_barrier_penalty(secondary_estimates: Array, thresholds: Array, sigma: float | Array) -> Array:
+    """MOPO-LB: ``-sigma sum_k log(G_k - b_k)`` replaces the multipliers (the log-barrier variant).
+
+    Returns ``+inf`` outside the interior (``G_k <= b_k``). Its gradient with respect to ``G_k`` is
+    ``-sigma / (G_k - b_k)``, which plays the role of ``-lambda_k``: see :func:`barrier_multipliers`.
+    """
+    slack = secondary_estimates - thresholds
+    return jnp.where(jnp.all(slack > 0), -sigma * jnp.sum(jnp.log(jnp.where(slack > 0, slack, 1.0))), jnp.inf)
+
+
+def barrier_multipliers(
+    secondary_estimates: Array, thresholds: Array, sigma: float | Array, max_multiplier: float = 1e3
+) -> Array:
+    """Effective multipliers of MOPO-LB, ``lambda_k = sigma / (G_k - b_k)`` (capped where ``G_k <= b_k``)."""
+    slack = secondary_estimates - thresholds
+    safe = jnp.where(slack > 0, slack, 1.0)
+    return jnp.where(slack > 0, jnp.minimum(sigma / safe, max_multiplier), max_multiplier)
