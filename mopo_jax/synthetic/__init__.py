@@ -1,0 +1,1 @@
+"""Synthetic tabular preference problems and exact NumPy/SciPy reference solutions."""
