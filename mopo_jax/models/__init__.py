@@ -1,0 +1,31 @@
+"""Decoder-only transformer models (Llama family, GPT-2) as pure functions over a
+params pytree, plus pretrained loading (GGUF / HF safetensors), tokenizers and
+KV-cache generation.
+
+Importing this package does not import torch, transformers, tokenizers, gguf or
+safetensors; those are imported lazily by the loaders.
+"""
+
+from .config import ModelConfig, PRESETS, config_from_hf, get_preset
+from .generation import GenerateOutput, chat_prompt_ids, generate, generate_cli, left_pad
+from .tokenizer import CHATML_TEMPLATE, load_tokenizer
+from .transformer import (
+    count_params,
+    decode_step,
+    forward,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    token_log_probs,
+    unembed,
+)
+from .weights import GGUF_MODELS, load_pretrained, resolve_model
+
+__all__ = [
+    "ModelConfig", "PRESETS", "get_preset", "config_from_hf",
+    "init_params", "forward", "unembed", "token_log_probs", "param_logical_axes",
+    "param_shapes", "count_params", "init_cache", "decode_step",
+    "load_pretrained", "resolve_model", "GGUF_MODELS", "load_tokenizer", "CHATML_TEMPLATE",
+    "generate", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids",
+]

@@ -1,0 +1,448 @@
+"""Functional decoder-only transformer (Llama family and GPT-2 style).
+
+Everything here is a pure function of ``(config, params, ...)`` where ``params``
+is a nested dict of arrays, so it composes with ``jax.jit``, ``jax.grad``,
+sharding annotations and ``jax.eval_shape``. Per-layer parameters are stacked
+on a leading ``"layers"`` axis and the blocks are applied with
+``jax.lax.scan`` (a single compiled block regardless of depth).
+
+Parameter layout (``L`` layers, ``D`` model width, ``V`` vocabulary, ``F`` MLP
+width, ``Hq = n_heads * head_dim``, ``Hkv = n_kv_heads * head_dim``)::
+
+    embed        [V, D]
+    pos_embed    [max_seq_len, D]          (positional == "learned")
+    layers:
+      attn_norm  {"scale": [L, D], "bias": [L, D] (layer norm only)}
+      wq [L, D, Hq]   wk [L, D, Hkv]   wv [L, D, Hkv]   wo [L, Hq, D]
+      bq [L, Hq]  bk [L, Hkv]  bv [L, Hkv]                (qkv_bias)
+      bo [L, D]                                           (out_bias)
+      mlp_norm   {"scale": [L, D], "bias": ...}
+      w_gate [L, D, F] (swiglu)   w_up [L, D, F]   w_down [L, F, D]
+      b_gate [L, F] (swiglu)  b_up [L, F]  b_down [L, D]  (mlp_bias)
+    final_norm   {"scale": [D], "bias": [D] (layer norm only)}
+    lm_head      [D, V]                    (tie_embeddings == False)
+
+Weights are stored as ``[in, out]`` (``y = x @ w``). Rotary embeddings use the
+Hugging Face "rotate half" convention, so Q/K weights are directly comparable
+with ``transformers`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+
+Params = dict
+_NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+
+
+# ---------------------------------------------------------------------------
+# Parameter specification (single source of truth for shapes, axes and init)
+# ---------------------------------------------------------------------------
+
+def _param_specs(cfg: ModelConfig) -> dict:
+    """Nested dict of ``(shape, logical_axes, init)`` leaves; init in
+    {"normal", "normal_out", "pos", "ones", "zeros"}."""
+    L, D, V, F = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.mlp_dim
+    Hq, Hkv = cfg.q_dim, cfg.kv_dim
+
+    def norm(stacked: bool):
+        pre_s, pre_a = ((L,), ("layers",)) if stacked else ((), ())
+        n = {"scale": (pre_s + (D,), pre_a + ("norm",), "ones")}
+        if cfg.norm == "layer":
+            n["bias"] = (pre_s + (D,), pre_a + ("norm",), "zeros")
+        return n
+
+    layers: dict[str, Any] = {
+        "attn_norm": norm(True),
+        "wq": ((L, D, Hq), ("layers", "embed", "heads"), "normal"),
+        "wk": ((L, D, Hkv), ("layers", "embed", "kv_heads"), "normal"),
+        "wv": ((L, D, Hkv), ("layers", "embed", "kv_heads"), "normal"),
+        "wo": ((L, Hq, D), ("layers", "heads", "embed"), "normal_out"),
+        "mlp_norm": norm(True),
+        "w_up": ((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_down": ((L, F, D), ("layers", "mlp", "embed"), "normal_out"),
+    }
+    if cfg.activation == "swiglu":
+        layers["w_gate"] = ((L, D, F), ("layers", "embed", "mlp"), "normal")
+    if cfg.qkv_bias:
+        layers["bq"] = ((L, Hq), ("layers", "heads"), "zeros")
+        layers["bk"] = ((L, Hkv), ("layers", "kv_heads"), "zeros")
+        layers["bv"] = ((L, Hkv), ("layers", "kv_heads"), "zeros")
+    if cfg.out_bias:
+        layers["bo"] = ((L, D), ("layers", "embed"), "zeros")
+    if cfg.mlp_bias:
+        layers["b_up"] = ((L, F), ("layers", "mlp"), "zeros")
+        layers["b_down"] = ((L, D), ("layers", "embed"), "zeros")
+        if cfg.activation == "swiglu":
+            layers["b_gate"] = ((L, F), ("layers", "mlp"), "zeros")
+
+    specs: dict[str, Any] = {"embed": ((V, D), ("vocab", "embed"), "normal")}
+    if cfg.positional == "learned":
+        specs["pos_embed"] = ((cfg.max_seq_len, D), ("position", "embed"), "pos")
+    specs["layers"] = layers
+    specs["final_norm"] = norm(False)
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ((D, V), ("embed", "vocab"), "normal")
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[2], str)
+
+
+def _map_specs(fn, specs, path=()):
+    if _is_spec(specs):
+        return fn(path, *specs)
+    return {k: _map_specs(fn, v, path + (k,)) for k, v in specs.items()}
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """Pytree with the same structure as ``init_params(config, rng)`` whose leaves
+    are tuples of logical axis names, one per array dimension.
+
+    Names used: ``"layers"``, ``"vocab"``, ``"embed"``, ``"heads"`` (flattened
+    query heads*head_dim), ``"kv_heads"`` (flattened kv heads*head_dim), ``"mlp"``,
+    ``"norm"`` (norm scales/biases, usually replicated), ``"position"``.
+    """
+    return _map_specs(lambda path, shape, axes, init: axes, _param_specs(config))
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """Pytree of ``jax.ShapeDtypeStruct`` for the parameters (no allocation)."""
+    dt = config.weight_dtype
+    return _map_specs(lambda p, shape, axes, init: jax.ShapeDtypeStruct(shape, dt),
+                      _param_specs(config))
+
+
+def count_params(params_or_shapes) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params_or_shapes))
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Randomly initialise parameters (normal(init_std) weights, output
+    projections scaled by ``1/sqrt(2*n_layers)``, unit norm scales, zero biases).
+    Pure function of ``rng``: wrap in ``jax.jit(..., out_shardings=...)`` to
+    initialise directly into a sharded layout."""
+    dt = config.weight_dtype
+    std = config.init_std
+
+    def make(path, shape, axes, init):
+        key = jax.random.fold_in(rng, _stable_hash("/".join(path)))
+        if init == "ones":
+            return jnp.ones(shape, dt)
+        if init == "zeros":
+            return jnp.zeros(shape, dt)
+        s = {"normal": std, "normal_out": std / math.sqrt(2 * config.n_layers),
+             "pos": 0.01}[init]
+        return (s * jax.random.normal(key, shape, jnp.float32)).astype(dt)
+
+    return _map_specs(make, _param_specs(config))
+
+
+def _stable_hash(s: str) -> int:
+    h = 0
+    for ch in s.encode():
+        h = (h * 131 + ch) % (2**31 - 1)
+    return h
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+
+def _norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "rms":
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + cfg.norm_eps)
+        y = y * p["scale"].astype(jnp.float32)
+    else:
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(cfg.compute_dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Rotary inverse frequencies ``[head_dim // 2]`` (float32), incl. scaling."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        factor = cfg.rope_scaling_factor
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def _rope_cos_sin(cfg: ModelConfig, positions: jax.Array):
+    """cos/sin of shape [B, T, 1, head_dim // 2] in float32."""
+    ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF rotate-half rotary embedding on x [B, T, H, hd]."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _dense(x, w, b=None):
+    y = jnp.einsum("...d,df->...f", x, w.astype(x.dtype))
+    if b is not None:
+        y = y + b.astype(x.dtype)
+    return y
+
+
+def _attention(cfg: ModelConfig, q, k, v, mask):
+    """q [B,T,Hq,hd], k/v [B,S,Hkv,hd], mask [B,T,S] bool -> [B,T,Hq*hd]."""
+    B, T, _, hd = q.shape
+    G = cfg.n_heads // cfg.n_kv_heads
+    q = q.reshape(B, T, cfg.n_kv_heads, G, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(hd))
+    logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, cfg.n_heads * hd)
+
+
+def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_index=None):
+    """One pre-norm transformer block. Returns (h, (k, v)) where k/v are the
+    (updated) cache tensors if ``cache_kv`` is given, else the fresh k/v."""
+    B, T, _ = h.shape
+    x = _norm(cfg, lp["attn_norm"], h)
+    q = _dense(x, lp["wq"], lp.get("bq")).reshape(B, T, cfg.n_heads, cfg.head_dim)
+    k = _dense(x, lp["wk"], lp.get("bk")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = _dense(x, lp["wv"], lp.get("bv")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.positional == "rope":
+        q = _apply_rope(q, cos, sin)
+        k = _apply_rope(k, cos, sin)
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        attn = _attention(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    else:
+        attn = _attention(cfg, q, k, v, mask)
+    h = h + _dense(attn, lp["wo"], lp.get("bo"))
+
+    x = _norm(cfg, lp["mlp_norm"], h)
+    if cfg.activation == "swiglu":
+        gate = _dense(x, lp["w_gate"], lp.get("b_gate"))
+        up = _dense(x, lp["w_up"], lp.get("b_up"))
+        y = jax.nn.silu(gate) * up
+    else:
+        y = jax.nn.gelu(_dense(x, lp["w_up"], lp.get("b_up")), approximate=True)
+    h = h + _dense(y, lp["w_down"], lp.get("b_down"))
+    return h, (k, v)
+
+
+def _remat(cfg: ModelConfig, fn):
+    if cfg.remat == "none":
+        return fn
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def _embed(cfg: ModelConfig, params: Params, tokens, positions):
+    h = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
+    if cfg.positional == "learned":
+        h = h + jnp.take(params["pos_embed"], positions, axis=0, mode="clip").astype(cfg.compute_dtype)
+    return h
+
+
+def _positions_from_mask(mask: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ---------------------------------------------------------------------------
+# Public functional API
+# ---------------------------------------------------------------------------
+
+def unembed(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """Project final (already normalised) hidden states ``[..., D]`` to float32
+    logits ``[..., V]``."""
+    h = hidden.astype(config.compute_dtype)
+    if config.tie_embeddings:
+        w = params["embed"].astype(h.dtype)
+        return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+    w = params["lm_head"].astype(h.dtype)
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, params: Params, tokens: jax.Array,
+            positions: jax.Array | None = None, mask: jax.Array | None = None,
+            *, return_hidden: bool = False) -> jax.Array:
+    """Causal LM forward pass.
+
+    Args:
+      config: model config (static; hashable).
+      params: parameter pytree (see module docstring).
+      tokens: int ``[B, T]``.
+      positions: int ``[B, T]`` position ids. Default: ``arange(T)``, or, if a
+        ``[B, T]`` mask is given, ``cumsum(mask) - 1`` (correct for left padding).
+      mask: optional. ``[B, T]`` (1/True = real token, 0 = padding; keys that are
+        padding are never attended to) or ``[B, T, T]`` boolean attention mask
+        (query, key), combined with the causal mask (e.g. for packed sequences).
+      return_hidden: if True return the final-norm hidden states ``[B, T, D]``
+        (compute dtype) instead of logits; project with :func:`unembed`.
+
+    Returns:
+      float32 logits ``[B, T, V]`` (or hidden states, see above). Outputs at
+      padding positions are unspecified.
+    """
+    cfg = config
+    B, T = tokens.shape
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    if mask is None:
+        attn_mask = jnp.broadcast_to(causal, (B, T, T))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    elif mask.ndim == 2:
+        mask = mask.astype(bool)
+        attn_mask = causal & mask[:, None, :]
+        if positions is None:
+            positions = _positions_from_mask(mask)
+    elif mask.ndim == 3:
+        attn_mask = causal & mask.astype(bool)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    else:
+        raise ValueError(f"mask must be [B, T] or [B, T, T], got shape {mask.shape}")
+    positions = jnp.asarray(positions, jnp.int32)
+
+    h = _embed(cfg, params, tokens, positions)
+    cos, sin = _rope_cos_sin(cfg, positions) if cfg.positional == "rope" else (None, None)
+
+    def layer(h, lp):
+        h, _ = _block(cfg, lp, h, cos, sin, attn_mask)
+        return h, None
+
+    h, _ = jax.lax.scan(_remat(cfg, layer), h, params["layers"])
+    h = _norm(cfg, params["final_norm"], h)
+    if return_hidden:
+        return h
+    return unembed(cfg, params, h)
+
+
+def token_log_probs(config: ModelConfig, params: Params, hidden: jax.Array,
+                    targets: jax.Array, vocab_chunk: int | None = None) -> jax.Array:
+    """log p(targets) ``[B, T]`` (float32) from final hidden states ``[B, T, D]``.
+
+    With ``vocab_chunk`` the log-normaliser is accumulated over vocabulary chunks
+    (``lax.scan`` over slices of the unembedding), so ``[B, T, V]`` logits are
+    never materialised at once. ``vocab_chunk`` must divide ``vocab_size``.
+    """
+    V = config.vocab_size
+    h = hidden.astype(config.compute_dtype)
+    w = params["embed"] if config.tie_embeddings else params["lm_head"].T  # [V, D]
+    w_t = jnp.take(w, targets, axis=0).astype(h.dtype)  # [B, T, D]
+    target_logit = jnp.einsum("...d,...d->...", h, w_t, preferred_element_type=jnp.float32)
+    if vocab_chunk is None or vocab_chunk >= V:
+        lse = jax.nn.logsumexp(unembed(config, params, hidden), axis=-1)
+        return target_logit - lse
+    if V % vocab_chunk:
+        raise ValueError(f"vocab_chunk={vocab_chunk} must divide vocab_size={V}")
+    wc = w.reshape(V // vocab_chunk, vocab_chunk, -1)
+
+    def step(carry, w_chunk):
+        m, s = carry
+        logits = jnp.einsum("...d,vd->...v", h, w_chunk.astype(h.dtype),
+                            preferred_element_type=jnp.float32)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+        return (m_new, s), None
+
+    init = (jnp.full(h.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:-1], jnp.float32))
+    (m, s), _ = jax.lax.scan(jax.checkpoint(step), init, wc)
+    return target_logit - (m + jnp.log(s))
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+    """Empty KV cache for ``max_len`` token slots.
+
+    Fields: ``k``/``v`` ``[L, B, max_len, n_kv_heads, head_dim]``, ``mask``
+    ``[B, max_len]`` (slot holds a real token), ``pos`` ``[B]`` (next position id
+    per row), ``index`` (scalar, next slot to write; shared by the batch).
+    """
+    dt = jnp.dtype(dtype) if dtype is not None else config.compute_dtype
+    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dt),
+        "v": jnp.zeros(shape, dt),
+        "mask": jnp.zeros((batch_size, max_len), bool),
+        "pos": jnp.zeros((batch_size,), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
+                mask: jax.Array | None = None, positions: jax.Array | None = None,
+                *, return_hidden: bool = False):
+    """Run ``tokens [B, T]`` (T >= 1: a prompt prefill or a single decode step)
+    through the model, attending to everything already in ``cache``.
+
+    Tokens are written to slots ``[index, index + T)``. ``mask [B, T]`` marks real
+    tokens (0 = padding, e.g. left padding of a prompt); padding slots are never
+    attended to and do not advance the row's position. ``positions`` default to
+    ``cache["pos"] + cumsum(mask) - 1``.
+
+    Returns ``(logits [B, T, V] float32 (or hidden), new_cache)``.
+    """
+    cfg = config
+    B, T = tokens.shape
+    S = cache["k"].shape[2]
+    index = cache["index"]
+    if mask is None:
+        mask = jnp.ones((B, T), bool)
+    mask = mask.astype(bool)
+    if positions is None:
+        positions = cache["pos"][:, None] + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+        positions = jnp.maximum(positions, 0)
+    positions = jnp.asarray(positions, jnp.int32)
+
+    kv_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+    slot = jnp.arange(S)[None, None, :]
+    qslot = index + jnp.arange(T)[None, :, None]
+    attn_mask = kv_mask[:, None, :] & (slot <= qslot)
+
+    h = _embed(cfg, params, tokens, positions)
+    cos, sin = _rope_cos_sin(cfg, positions) if cfg.positional == "rope" else (None, None)
+
+    def layer(h, xs):
+        lp, ck, cv = xs
+        h, (k, v) = _block(cfg, lp, h, cos, sin, attn_mask, (ck, cv), index)
+        return h, (k, v)
+
+    h, (new_k, new_v) = jax.lax.scan(layer, h, (params["layers"], cache["k"], cache["v"]))
+    h = _norm(cfg, params["final_norm"], h)
+    new_cache = {
+        "k": new_k,
+        "v": new_v,
+        "mask": kv_mask,
+        "pos": cache["pos"] + jnp.sum(mask, axis=-1, dtype=jnp.int32),
+        "index": index + T,
+    }
+    out = h if return_hidden else unembed(cfg, params, h)
+    return out, new_cache

