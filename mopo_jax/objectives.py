@@ -103,7 +103,8 @@ def win_rates(
     """
     validation.check_preferences("preferences", preferences, label_mask)
     validation.check_shape("comparison_probs", comparison_probs, tuple(jnp.shape(preferences)[1:3]), "[X, N]")
-    validation.check_distribution("comparison_probs", comparison_probs, mask=candidate_mask)
+    # mu need not be normalised: the expectation is renormalised over the labeled comparisons anyway.
+    validation.check_nonnegative("comparison_probs", comparison_probs)
     preferences = jnp.asarray(preferences, jnp.float32)
     num_candidates = preferences.shape[-1]
     if label_mask is None:
@@ -287,14 +288,22 @@ def robust_lower_bound(
     validation.check_positive("chi", chi)
     validation.check_finite("samples", samples)
     samples = jnp.asarray(samples, jnp.float32)
+    log_base_probs = jnp.asarray(log_base_probs, jnp.float32)
+    base = jnp.exp(log_base_probs)
+    # Centre on the plain mean c: LB = c - chi log E_q[exp(-(Z - c)/chi)] - chi eps. For large chi the log term is
+    # O(1/chi^2) and chi times its float32 rounding would swamp the answer, so it is taken as log1p(E_q[expm1(u)]).
+    mean = jnp.sum(base[None, :] * samples, axis=-1, keepdims=True)
     chi = jnp.asarray(chi, jnp.float32)[:, None]
-    log_terms = jnp.asarray(log_base_probs, jnp.float32)[None, :] - samples / chi
-    log_mean = jax.nn.logsumexp(log_terms, axis=-1)
+    exponent = -(samples - mean) / chi
+    small = jnp.max(jnp.where(base[None, :] > 0, jnp.abs(exponent), 0.0), axis=-1) < 0.5
+    log_mean_small = jnp.log1p(jnp.sum(base[None, :] * jnp.expm1(jnp.clip(exponent, -0.5, 0.5)), axis=-1))
+    log_terms = log_base_probs[None, :] + exponent
+    log_mean = jnp.where(small, log_mean_small, jax.nn.logsumexp(log_terms, axis=-1))
     tilted = jax.nn.softmax(log_terms, axis=-1)
-    tilted_mean = jnp.sum(tilted * samples, axis=-1)
+    tilted_centred_mean = jnp.sum(tilted * (samples - mean), axis=-1)
     chi = chi[:, 0]
-    value = -chi * log_mean - chi * eps
-    chi_gradient = -log_mean - tilted_mean / chi - eps
+    value = mean[:, 0] - chi * log_mean - chi * eps
+    chi_gradient = -log_mean - tilted_centred_mean / chi - eps
     return RobustBound(value=value, chi_gradient=chi_gradient)
 
 
@@ -401,8 +410,9 @@ def ratchet_thresholds(
     """Threshold ratchet of the MOPO schedule (Eq. 6): ``b <- clip(max(floor, beta G_lagged), 0, 1)``.
 
     ``G_lagged`` are the secondary values achieved ``t0`` steps earlier; ``beta < 1`` leaves a margin so that the new
-    constraint stays strictly feasible. ``floor`` (the user's thresholds) keeps the ratchet from ever loosening the
-    original constraint. ``thresholds`` is unused beyond its shape when ``floor`` is given; it is the floor otherwise.
+    constraint stays strictly feasible while the secondaries may lose at most a factor ``beta`` per period. The
+    paper's rule has no floor (pass ``floor=0``); ``floor = b_user`` only ever tightens the user's constraints.
+    When ``floor`` is None the current ``thresholds`` serve as the floor.
 
     Returns:
       ``[K-1]`` new thresholds.

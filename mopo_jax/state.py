@@ -31,7 +31,7 @@ class MOPOState(NamedTuple):
     multipliers: Array  # lambda >= 0
     chi: Array  # robust dual variables > 0 (unused when eps = 0)
     thresholds: Array  # current b (ratcheted)
-    threshold_floor: Array  # the user's b: the ratchet never goes below it
+    threshold_floor: Array  # lowest value the ratchet may set (the user's b, or 0)
     lagged_values: Array  # G recorded at the last refresh, used by the next ratchet
     secondary_estimates: Array  # G of the last update (for logging)
     step: Array  # int32 number of updates so far
@@ -47,6 +47,8 @@ class MOPOConfig(NamedTuple):
       chi_lr: step size of the projected ascent on chi.
       beta: threshold ratchet factor (paper: 0.9995).
       refresh_every: t0, steps between reference/threshold refreshes (paper: 500); ``None`` never refreshes.
+      ratchet_floor_at_initial: keep the user's thresholds as a floor of the ratchet. False (the paper's rule)
+        lets ``b = beta G_lagged`` drift below them; True only ever tightens the constraints.
       constraint: ``"multipliers"`` (MOPO) or ``"log_barrier"`` (MOPO-LB).
       barrier_sigma: sigma of MOPO-LB.
       initial_chi: starting value of chi.
@@ -59,6 +61,7 @@ class MOPOConfig(NamedTuple):
     chi_lr: float = 0.1
     beta: float = 0.9995
     refresh_every: int | None = 500
+    ratchet_floor_at_initial: bool = False
     constraint: str = "multipliers"
     barrier_sigma: float = 1e-3
     initial_chi: float = 1.0
@@ -117,7 +120,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             multipliers=multipliers,
             chi=jnp.full_like(thresholds, config.initial_chi),
             thresholds=thresholds,
-            threshold_floor=thresholds,
+            threshold_floor=thresholds if config.ratchet_floor_at_initial else jnp.zeros_like(thresholds),
             lagged_values=thresholds,
             secondary_estimates=jnp.zeros_like(thresholds),
             step=jnp.zeros((), jnp.int32),

@@ -9,13 +9,16 @@ and, where it helps, the first offending index.
 from __future__ import annotations
 
 import math
+import sys
 
-import jax
 import numpy as np
 
 
 def is_concrete(value) -> bool:
     """False for tracers (inside jit/vmap/grad), where data-dependent checks cannot run."""
+    jax = sys.modules.get("jax")
+    if jax is None:  # NumPy-only callers: nothing can be a tracer
+        return True
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
 
 
@@ -56,7 +59,7 @@ def check_unit_interval(name: str, value, allow_nan: bool = False) -> None:
     bad = ~nan & ((array < 0) | (array > 1))
     if bad.any():
         index = _first_index(bad)
-        raise ValueError(f"{name} must lie in [0, 1]; entry {index} is {array[index]}")
+        raise ValueError(f"{name}: value {array[index]:.6g} outside [0, 1] at index {index}")
 
 
 def check_finite(name: str, value) -> None:
@@ -64,6 +67,8 @@ def check_finite(name: str, value) -> None:
     if not is_concrete(value):
         return
     array = _host(value)
+    if np.isnan(array).any():
+        raise ValueError(f"{name} contains NaN at index {_first_index(np.isnan(array))}")
     bad = ~np.isfinite(array)
     if bad.any():
         index = _first_index(bad)
@@ -99,13 +104,13 @@ def check_preferences(name: str, preferences, label_mask=None, atol: float = 1e-
     if bad.any():
         k, x, i, j = _first_index(bad)
         raise ValueError(
-            f"{name}[{k}, {x}, {i}, {j}] + {name}[{k}, {x}, {j}, {i}] = {total[k, x, i, j]:.6g}, but preference "
-            "probabilities of a labeled pair must sum to 1"
+            f"{name}: P[i, j] + P[j, i] must be 1 where both are labeled; at [k, x, i, j] = {(k, x, i, j)}: "
+            f"{array[k, x, i, j]:.6g} + {array[k, x, j, i]:.6g} = {total[k, x, i, j]:.6g}"
         )
 
 
 def check_distribution(name: str, probs, axis: int = -1, atol: float = 1e-4, mask=None) -> None:
-    """Nonnegative, finite rows summing to one (policies, prompt weights)."""
+    """Nonnegative, finite rows summing to one (policies, prompt weights); ``axis=None`` for a single vector."""
     if not is_concrete(probs) or not is_concrete(mask):
         return
     array = _host(probs)
@@ -114,13 +119,16 @@ def check_distribution(name: str, probs, axis: int = -1, atol: float = 1e-4, mas
         raise ValueError(f"{name} must be nonnegative; entry {_first_index(array < 0)} is negative")
     if mask is not None:
         array = np.where(np.asarray(mask, bool), array, 0.0)
-    sums = array.sum(axis=axis)
+    sums = np.asarray(array.sum(axis=axis))
     bad = np.abs(sums - 1.0) > atol
     if mask is not None:
         bad &= np.asarray(mask, bool).any(axis=axis)
     if np.any(bad):
+        if axis is None:
+            raise ValueError(f"{name} must sum to 1, sums to {float(sums):.8g}")
         index = _first_index(np.atleast_1d(bad))
-        raise ValueError(f"{name} must sum to 1 along axis {axis}; row {index} sums to {np.atleast_1d(sums)[index]}")
+        row = index[0] if len(index) == 1 else index
+        raise ValueError(f"{name}: row {row} sums to {np.atleast_1d(sums)[index]:.8g}, expected 1")
 
 
 def check_probability(name: str, value) -> float:

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 from scipy.special import expit, logit, ndtr
 
+from mopo_jax import validation
 from mopo_jax.synthetic.exact import (
     default_threshold_grid,
     solve_constrained,
@@ -122,26 +123,11 @@ def _fail(source: str, field: str, msg: str):
     raise ValueError(f"{source}: field '{field}': {msg}")
 
 
-def _check_distribution(arr, field: str, source: str, shape, row_axis: bool):
+def _check_distribution(arr, field: str, source: str, shape):
     if arr.shape != shape:
         _fail(source, field, f"expected shape {shape}, got {arr.shape}")
-    if np.any(np.isnan(arr)):
-        idx = tuple(int(i) for i in np.argwhere(np.isnan(arr))[0])
-        _fail(source, field, f"contains NaN (first at index {idx})")
-    if not np.all(np.isfinite(arr)):
-        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-        _fail(source, field, f"contains inf (first at index {idx})")
-    if np.any(arr < 0):
-        idx = tuple(int(i) for i in np.argwhere(arr < 0)[0])
-        _fail(source, field, f"negative entry {arr[idx]:.6g} at index {idx}")
-    if row_axis:
-        sums = arr.sum(axis=1)
-        bad = np.flatnonzero(np.abs(sums - 1.0) > _SUM_TOL)
-        if bad.size:
-            _fail(source, field, f"row {int(bad[0])} sums to {sums[bad[0]]:.8g}, expected 1")
-    else:
-        if abs(arr.sum() - 1.0) > _SUM_TOL:
-            _fail(source, field, f"sums to {arr.sum():.8g}, expected 1")
+    validation.check_distribution(f"{source}: field '{field}'", arr, axis=-1 if arr.ndim > 1 else None,
+                                  atol=_SUM_TOL)
 
 
 def validate_problem(problem: PreferenceProblem, source: Optional[str] = None) -> PreferenceProblem:
@@ -179,35 +165,21 @@ def validate_problem(problem: PreferenceProblem, source: Optional[str] = None) -
         _fail(src, "pref", f"need X >= 1 prompts and N >= 1 candidates, got shape {pref.shape}")
     if not np.issubdtype(pref.dtype, np.floating):
         _fail(src, "pref", f"expected a float array, got dtype {pref.dtype}")
-    labeled = ~np.isnan(pref)
-    out_of_range = labeled & ~((pref >= 0) & (pref <= 1))
-    if np.any(out_of_range):
-        idx = tuple(int(i) for i in np.argwhere(out_of_range)[0])
-        _fail(src, "pref", f"probability {pref[idx]!r} outside [0, 1] at index [k, x, i, j] = {idx}")
+    validation.check_preferences(f"{src}: field 'pref'", pref, atol=_COMPLEMENT_TOL)
     diag = np.diagonal(pref, axis1=2, axis2=3)  # [K, X, N]
     bad_diag = ~np.isnan(diag) & (np.abs(diag - 0.5) > _COMPLEMENT_TOL)
     if np.any(bad_diag):
         k, x, i = (int(v) for v in np.argwhere(bad_diag)[0])
         _fail(src, "pref", f"diagonal must be 0.5 (a tie with itself), got {diag[k, x, i]:.6g} "
                            f"at index [k, x, i, i] = {(k, x, i, i)}")
-    both = labeled & np.swapaxes(labeled, 2, 3)
-    total = np.where(both, pref + np.swapaxes(pref, 2, 3), 1.0)
-    bad = np.abs(total - 1.0) > _COMPLEMENT_TOL
-    if np.any(bad):
-        k, x, i, j = (int(v) for v in np.argwhere(bad)[0])
-        _fail(src, "pref", f"P[i, j] + P[j, i] must be 1 where both are labeled; at "
-                           f"[k, x, i, j] = {(k, x, i, j)}: {pref[k, x, i, j]:.6g} + "
-                           f"{pref[k, x, j, i]:.6g} = {total[k, x, i, j]:.6g}")
 
     ref = np.asarray(problem.ref, dtype=np.float64)
-    _check_distribution(ref, "ref", src, (X, N), row_axis=True)
+    _check_distribution(ref, "ref", src, (X, N))
     if problem.mu is not None:
-        _check_distribution(np.asarray(problem.mu, dtype=np.float64), "mu", src, (X, N),
-                            row_axis=True)
+        _check_distribution(np.asarray(problem.mu, dtype=np.float64), "mu", src, (X, N))
     if problem.prompt_weights is None:
         _fail(src, "prompt_weights", "missing")
-    _check_distribution(np.asarray(problem.prompt_weights, dtype=np.float64),
-                        "prompt_weights", src, (X,), row_axis=False)
+    _check_distribution(np.asarray(problem.prompt_weights, dtype=np.float64), "prompt_weights", src, (X,))
     tau = float(problem.tau)
     if not np.isfinite(tau) or tau <= 0:
         _fail(src, "tau", f"must be a finite positive number, got {tau}")
@@ -524,12 +496,14 @@ def make_thurstone_ties(seed: int = 0, num_prompts: int = 6, num_candidates: int
 
 def make_three_objectives(seed: int = 0, num_prompts: int = 6, num_candidates: int = 8,
                           sharpness: float = 4.0, tau: float = DEFAULT_TAU) -> PreferenceProblem:
-    """Bradley-Terry with three mutually conflicting objectives (K = 3).
+    """Bradley-Terry with a primary that conflicts with two secondary objectives (K = 3).
 
-    Each candidate has a 2-D latent feature ``z ~ N(0, I_2)``; objective ``k``
-    rewards ``r_k = z . e_k`` with unit vectors ``e_k`` at angles 90, 210 and
-    330 degrees (pairwise reward correlation -0.5), so improving any objective
-    costs the others.  The suggested ``threshold_grid`` is
+    Candidate rewards are jointly Gaussian with unit variances, correlation
+    -0.4 between the primary and each secondary and +0.2 between the two
+    secondaries: improving either secondary costs primary win rate, yet the
+    region that beats the reference on all three objectives is not empty (a
+    zero-sum design, such as three rewards at 120 degrees, would leave no
+    hypervolume to measure). The suggested ``threshold_grid`` is
     :func:`~mopo_jax.synthetic.exact.default_threshold_grid` (ray towards the
     utopia point plus a 3x3 grid); near the end of the ray both secondary
     constraints are active (both multipliers > 0).
@@ -537,17 +511,16 @@ def make_three_objectives(seed: int = 0, num_prompts: int = 6, num_candidates: i
     _check_sizes(num_prompts, num_candidates)
     rng = np.random.default_rng(seed)
     X, N = num_prompts, num_candidates
-    z = rng.standard_normal((X, N, 2))
-    angles = np.deg2rad([90.0, 210.0, 330.0])
-    directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # [3, 2]
-    rewards = np.einsum("xnd,kd->kxn", z, directions)
+    correlation = np.array([[1.0, -0.4, -0.4], [-0.4, 1.0, 0.2], [-0.4, 0.2, 1.0]])
+    z = rng.standard_normal((X, N, 3))
+    rewards = np.einsum("xnd,kd->kxn", z, np.linalg.cholesky(correlation))
     pref = np.stack([_bt(r, sharpness) for r in rewards])
     ref = _reference_policy(rng, X, N)
     problem = PreferenceProblem(
         name="three_objectives",
-        description=(f"Bradley-Terry, 3 mutually conflicting objectives (rewards = projections "
-                     f"of a 2-D latent at 120 degrees), sharpness {sharpness}, X={X}, N={N}, "
-                     f"seed={seed}"),
+        description=(f"Bradley-Terry, primary reward correlated -0.4 with each of two secondary "
+                     f"rewards (secondaries +0.2 with each other), sharpness {sharpness}, X={X}, "
+                     f"N={N}, seed={seed}"),
         pref=pref, ref=ref, tau=tau)
     return _finish(problem)
 

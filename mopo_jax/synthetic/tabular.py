@@ -92,7 +92,7 @@ class PairData(NamedTuple):
     weights: Array  # [X*N*N] p(x) mu(y_i) mu(y_j), zero on the diagonal and padding
     preference_probs: Array  # [X*N*N, K] P_k(y_i > y_j)
     label_mask: Array  # [X*N*N, K]
-    win_rate_margins: Array  # [X*N*N, K] w_k(y_i) - w_k(y_j)
+    win_rate_margins: Array  # [X*N*N, K] w_k(y_i) - w_k(y_j) of the candidates' win rates
 
 
 def pair_data(problem: TabularProblem) -> PairData:
@@ -105,6 +105,7 @@ def pair_data(problem: TabularProblem) -> PairData:
     off_diagonal = ~jnp.eye(num_candidates, dtype=bool)
     weights = prompt[:, None, None] * mu[:, :, None] * mu[:, None, :] * off_diagonal
     flat = lambda a: jnp.moveaxis(a, 0, -1).reshape(-1, a.shape[0])  # noqa: E731  [K, X, N, N] -> [X*N*N, K]
+    # Tabular win rates already average over each candidate's labeled comparisons, so every pair has a margin.
     margins = problem.win_rates[:, :, :, None] - problem.win_rates[:, :, None, :]
     return PairData(
         first=first,
@@ -112,7 +113,7 @@ def pair_data(problem: TabularProblem) -> PairData:
         weights=weights.reshape(-1),
         preference_probs=flat(problem.preferences),
         label_mask=flat(problem.label_mask),
-        win_rate_margins=flat(jnp.where(problem.label_mask, margins, 0.0)),
+        win_rate_margins=flat(margins),
     )
 
 

@@ -1,0 +1,85 @@
+"""Dataclass configs from YAML files plus ``key=value`` command-line overrides (one mechanism for every command)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Sequence
+
+import yaml
+
+
+def _coerce(text: str, annotation: Any, key: str) -> Any:
+    """Parses ``text`` as YAML and checks it against the field's annotation."""
+    value = yaml.safe_load(text)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is tuple or annotation is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item_type = args[0] if args else str
+        try:
+            return tuple(item_type(v) for v in value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"override {key}={text!r}: expected a list of {item_type.__name__}") from error
+    candidates = [a for a in args if a is not type(None)] if args else [annotation]
+    if value is None and type(None) in args:
+        return None
+    for candidate in candidates:
+        if candidate is bool and isinstance(value, bool):
+            return value
+        if candidate in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if candidate is int and float(value) != int(value):
+                continue
+            return candidate(value)
+        if candidate is str:
+            return str(value)
+    raise ValueError(f"override {key}={text!r}: expected {annotation}")
+
+
+def apply_overrides(config, overrides: Sequence[str]):
+    """Returns a copy of the dataclass ``config`` with ``key=value`` overrides applied (nested keys use dots)."""
+    hints = typing.get_type_hints(type(config))
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r} must look like key=value")
+        key, text = override.split("=", 1)
+        head, _, rest = key.partition(".")
+        if head not in hints:
+            names = ", ".join(f.name for f in dataclasses.fields(config))
+            raise ValueError(f"unknown config key {head!r} in override {override!r}; known keys: {names}")
+        if rest:
+            config = dataclasses.replace(config, **{head: apply_overrides(getattr(config, head), [f"{rest}={text}"])})
+        else:
+            config = dataclasses.replace(config, **{head: _coerce(text, hints[head], key)})
+    return config
+
+
+def load_config(cls, path: str | None = None, overrides: Sequence[str] = ()):
+    """Builds ``cls`` from defaults, then the YAML file at ``path``, then the overrides."""
+    config = cls()
+    if path is not None:
+        try:
+            with open(path) as handle:
+                data = yaml.safe_load(handle) or {}
+        except FileNotFoundError as error:
+            raise ValueError(f"config file {path} does not exist") from error
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of keys to values")
+        flat = []
+        def walk(prefix, mapping):
+            for key, value in mapping.items():
+                if isinstance(value, dict):
+                    walk(f"{prefix}{key}.", value)
+                else:
+                    flat.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        walk("", data)
+        try:
+            config = apply_overrides(config, flat)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+    return apply_overrides(config, overrides)
