@@ -425,19 +425,34 @@ def ratchet_thresholds(
 
 
 def log_barrier_penalty(secondary_estimates: Array, thresholds: Array, sigma: float | Array) -> Array:
-    """MOPO-LB: ``-sigma sum_k log(G_k - b_k)`` replaces the multipliers (the log-barrier variant).
+    """MOPO-LB: ``-sigma sum_k log(G_k - b_k)`` replaces the hard constraints (the log-barrier variant).
 
     Returns ``+inf`` outside the interior (``G_k <= b_k``). Its gradient with respect to ``G_k`` is
-    ``-sigma / (G_k - b_k)``, which plays the role of ``-lambda_k``: see :func:`barrier_multipliers`.
+    ``-sigma / (G_k - b_k)``: the barrier acts as a multiplier ``lambda_k = sigma / (G_k - b_k)``.
     """
     slack = secondary_estimates - thresholds
     return jnp.where(jnp.all(slack > 0), -sigma * jnp.sum(jnp.log(jnp.where(slack > 0, slack, 1.0))), jnp.inf)
 
 
-def barrier_multipliers(
-    secondary_estimates: Array, thresholds: Array, sigma: float | Array, max_multiplier: float = 1e3
+def update_barrier_multipliers(
+    multipliers: Array,
+    secondary_estimates: Array,
+    thresholds: Array,
+    sigma: float | Array,
+    multiplier_lr: float | Array,
 ) -> Array:
-    """Effective multipliers of MOPO-LB, ``lambda_k = sigma / (G_k - b_k)`` (capped where ``G_k <= b_k``)."""
-    slack = secondary_estimates - thresholds
-    safe = jnp.where(slack > 0, slack, 1.0)
-    return jnp.where(slack > 0, jnp.minimum(sigma / safe, max_multiplier), max_multiplier)
+    """MOPO-LB multiplier step: projected gradient descent on ``D(lambda) - sigma sum_k log lambda_k``.
+
+    The primal barrier ``E[w_0] - tau KL + sigma sum_k log(G_k - b_k)`` has this dual; its stationary point is
+    ``lambda_k (G_k(lambda) - b_k) = sigma``, i.e. the barrier's effective multipliers, reached with the same step
+    as Eq. 4 plus ``sigma / lambda``. Since ``G_k - b_k <= 1`` the solution has ``lambda_k >= sigma``, so projecting
+    onto ``[sigma, inf)`` never cuts it off and keeps ``sigma / lambda <= 1`` (a stable step).
+
+    Returns:
+      ``[K-1]`` new multipliers.
+    """
+    validation.check_positive("sigma", sigma)
+    floor = jnp.asarray(sigma, jnp.float32)
+    current = jnp.maximum(multipliers, floor)
+    gradient = secondary_estimates - thresholds - sigma / current
+    return jnp.maximum(floor, current - multiplier_lr * gradient)

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mopo_jax import objectives
+from mopo_jax import objectives, validation
 
 Array = jax.Array
 
@@ -110,8 +110,18 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
     """
     if config.constraint not in ("multipliers", "log_barrier"):
         raise ValueError(f"MOPOConfig.constraint must be 'multipliers' or 'log_barrier', got {config.constraint!r}")
+    validation.check_positive("MOPOConfig.tau", config.tau)
+    validation.check_nonnegative("MOPOConfig.eps", config.eps)
+    validation.check_nonnegative("MOPOConfig.multiplier_lr", config.multiplier_lr)
+    validation.check_nonnegative("MOPOConfig.chi_lr", config.chi_lr)
+    validation.check_unit_interval("MOPOConfig.beta", config.beta)
+    if isinstance(config.refresh_every, int) and config.refresh_every < 1:
+        raise ValueError(f"MOPOConfig.refresh_every must be >= 1 or None, got {config.refresh_every}")
 
     def init(thresholds, initial_multipliers=None) -> MOPOState:
+        validation.check_unit_interval("thresholds", thresholds)
+        if initial_multipliers is not None:
+            validation.check_nonnegative("initial_multipliers", initial_multipliers)
         thresholds = jnp.asarray(thresholds, jnp.float32)
         multipliers = (
             jnp.zeros_like(thresholds) if initial_multipliers is None else jnp.asarray(initial_multipliers, jnp.float32)
@@ -127,6 +137,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
         )
 
     def update(state: MOPOState, win_rates, ref_log_probs=None, candidate_mask=None, prompt_weights=None):
+        validation.check_unit_interval("win_rates", win_rates)
         win_rates = jnp.asarray(win_rates, jnp.float32)
         if ref_log_probs is None:
             base = objectives.masked_log_normalize(jnp.zeros(win_rates.shape[1:], jnp.float32), candidate_mask)
@@ -157,10 +168,9 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
                 config.chi_min,
             )
         else:
-            # MOPO-LB: damped fixed point lambda = sigma / (G - b), the stationarity condition of the barrier.
-            target = objectives.barrier_multipliers(estimates, state.thresholds, config.barrier_sigma)
-            mix = jnp.clip(config.multiplier_lr, 0.0, 1.0)
-            multipliers = (1.0 - mix) * state.multipliers + mix * target
+            multipliers = objectives.update_barrier_multipliers(
+                state.multipliers, estimates, state.thresholds, config.barrier_sigma, config.multiplier_lr
+            )
             chi = state.chi
             if chi_gradient is not None:
                 chi = jnp.maximum(config.chi_min, chi + config.chi_lr * chi_gradient)

@@ -165,8 +165,14 @@ def threshold_errors(points: np.ndarray, exact_solutions, tolerance: float) -> d
     }
 
 
-def _hypervolume_ratio(points: np.ndarray, exact_points: np.ndarray, reference_point: np.ndarray) -> float:
-    return float(exact.hypervolume_ratio(points, exact_points, reference_point))
+def _hypervolume_ratio(points: np.ndarray, exact_points: np.ndarray, reference_point: np.ndarray) -> float | None:
+    """Attained over exact hypervolume; None when the exact front dominates no volume beyond the reference point."""
+    ratio = float(exact.hypervolume_ratio(points, exact_points, reference_point))
+    return ratio if np.isfinite(ratio) else None
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "n/a (exact front has no volume)" if ratio is None else f"{ratio:.5f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def run_structure(
             "steps": settings.steps,
         }
         policies[name] = np.exp(np.asarray(jax.vmap(lambda l: l - jax.nn.logsumexp(l, -1, keepdims=True))(result.logits)))
-        log(f"  {name}: hypervolume ratio {methods[name]['hypervolume_ratio']:.5f} "
+        log(f"  {name}: hypervolume ratio {_ratio_text(methods[name]['hypervolume_ratio'])} "
             f"(compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
 
     weight_points = _weight_points(num_objectives, config.sweep_resolution)
@@ -318,8 +324,8 @@ def run_structure(
             policies[name] = np.asarray(jax.nn.softmax(result.logits[part], axis=-1))
         if kind == "dpo":
             expert_logits = result.logits[:num_objectives]
-        log(f"  {kind} family: primary-only ratio {methods[f'{kind}_primary']['hypervolume_ratio']:.4f}, "
-            f"weighted ratio {methods[f'weighted_{kind}']['hypervolume_ratio']:.4f} "
+        log(f"  {kind} family: primary-only ratio {_ratio_text(methods[f'{kind}_primary']['hypervolume_ratio'])}, "
+            f"weighted ratio {_ratio_text(methods[f'weighted_{kind}']['hypervolume_ratio'])} "
             f"(compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
 
     interior_weights = weight_points[num_objectives:]
@@ -341,7 +347,7 @@ def run_structure(
         "steps": settings.steps,
     }
     policies["modpo"] = np.asarray(jax.nn.softmax(result.logits, axis=-1))
-    log(f"  modpo: ratio {methods['modpo']['hypervolume_ratio']:.4f} (compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
+    log(f"  modpo: ratio {_ratio_text(methods['modpo']['hypervolume_ratio'])} (compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
 
     soups, soup_seconds = _time_first_call(_soups, tabular, expert_logits, jnp.asarray(interior_weights, jnp.float32))
     values, kl = np.asarray(soups["values"], np.float64), np.asarray(soups["kl"], np.float64)
@@ -357,7 +363,7 @@ def run_structure(
         "note": "interpolates the logits of the dpo experts (unit weights); no training of its own",
     }
     policies["rewarded_soups"] = np.asarray(jax.nn.softmax(soups["logits"], axis=-1))
-    log(f"  rewarded_soups: ratio {methods['rewarded_soups']['hypervolume_ratio']:.4f}")
+    log(f"  rewarded_soups: ratio {_ratio_text(methods['rewarded_soups']['hypervolume_ratio'])}")
 
     result = {
         "structure": problem.name,

@@ -1,0 +1,140 @@
+"""MOPOState init/update: the schedule bookkeeping, the robust path, compile-once, and boundary errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mopo_jax as mj
+
+
+def _problem(seed=0, num_prompts=4, num_candidates=5):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(2, num_prompts, num_candidates)) * 2
+    rewards[1] = -rewards[0] + 0.3 * rng.normal(size=rewards[1].shape)
+    pref = 1 / (1 + np.exp(-(rewards[..., :, None] - rewards[..., None, :])))
+    ref = rng.dirichlet(np.ones(num_candidates) * 2, size=num_prompts)
+    return pref, ref
+
+
+def test_ratchet_and_lagged_reference_follow_the_period():
+    """Thresholds move only at multiples of t0, to beta times the estimate recorded one period earlier, and the
+    reference always equals the policy from exactly t0 steps before the refresh."""
+    pref, ref = _problem()
+    w = mj.win_rates(pref, ref)
+    period, beta = 3, 0.9
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.2, beta=beta, refresh_every=period))
+    state = transformation.init(jnp.array([0.3]))
+    update = jax.jit(transformation.update)
+    estimates, thresholds = [], []
+    reference, snapshot = jnp.array(0.0), jnp.array(0.0)  # the "policy" is the step counter itself
+    references = []
+    for step in range(1, 13):
+        state = update(state, w).state
+        estimates.append(float(state.secondary_estimates[0]))
+        thresholds.append(float(state.thresholds[0]))
+        refresh = mj.reference_refresh_due(state, period)
+        reference, snapshot = mj.lagged_reference_update(refresh, reference, snapshot, jnp.array(float(step)))
+        references.append(float(reference))
+    # First refresh (step 3): the lagged values were the initial thresholds, so b = max(0, beta * 0.3).
+    np.testing.assert_allclose(thresholds[:2], [0.3, 0.3], atol=1e-7)
+    np.testing.assert_allclose(thresholds[2], beta * 0.3, rtol=1e-6)
+    # Step 6: b = beta * G recorded at step 3, unchanged until step 9.
+    np.testing.assert_allclose(thresholds[5:8], [beta * estimates[2]] * 3, rtol=1e-6)
+    np.testing.assert_allclose(thresholds[8], beta * estimates[5], rtol=1e-6)
+    # Reference lags by one period: at step 6 it is the policy of step 3, at step 9 that of step 6.
+    assert references[:5] == [0.0] * 5
+    assert references[5:8] == [3.0] * 3 and references[8:11] == [6.0] * 3 and references[11] == 9.0
+
+
+def test_robust_update_tracks_the_exact_bound():
+    """With lambda held fixed, chi's projected ascent converges to the maximiser and G to the exact robust bound."""
+    pref, ref = _problem(seed=1)
+    w = mj.win_rates(pref, ref)
+    eps = 0.15
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.0, eps=eps, chi_lr=0.5, refresh_every=None))
+    state = transformation.init(jnp.array([0.5]), initial_multipliers=jnp.array([0.7]))
+    update = jax.jit(transformation.update)
+    for _ in range(3000):
+        state = update(state, w, jnp.log(ref)).state
+    log_pi = mj.closed_form_log_weights(w, jnp.array([0.7]), 0.08, jnp.log(ref))
+    samples, log_q = mj.importance_weighted_secondaries(log_pi, w, jnp.log(ref))
+    chi_star = mj.optimal_robust_chi(samples, log_q, eps)
+    exact = mj.robust_lower_bound(samples, log_q, chi_star, eps).value
+    np.testing.assert_allclose(np.asarray(state.chi), np.asarray(chi_star), rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(state.secondary_estimates), np.asarray(exact), atol=1e-4)
+    assert float(exact[0]) < float(mj.secondary_values(log_pi, w)[0])
+
+
+def test_sampled_candidates_use_uniform_base():
+    """Without ref_log_probs the closed form is the self-normalised importance weight exp(g/tau) / sum exp(g/tau)."""
+    pref, ref = _problem(seed=2)
+    w = mj.win_rates(pref, ref)
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.2, refresh_every=None))
+    state = transformation.init(jnp.array([0.5]), initial_multipliers=jnp.array([0.4]))
+    log_weights = transformation.update(state, w).log_weights
+    g = np.asarray(w[0] + 0.4 * w[1], np.float64) / 0.2
+    want = np.exp(g - g.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.exp(np.asarray(log_weights)), want, atol=1e-6)
+
+
+def test_log_barrier_variant_keeps_interior():
+    pref, ref = _problem(seed=3)
+    w = mj.win_rates(pref, ref)
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, constraint="log_barrier", barrier_sigma=1e-3,
+                                           multiplier_lr=0.5, refresh_every=None))
+    threshold = 0.6
+    state = transformation.init(jnp.array([threshold]), initial_multipliers=jnp.array([1.0]))
+    update = jax.jit(transformation.update)
+    for _ in range(2000):
+        state = update(state, w, jnp.log(ref)).state
+    log_pi = mj.closed_form_log_weights(w, state.multipliers, 0.08, jnp.log(ref))
+    slack = float(mj.secondary_values(log_pi, w)[0]) - threshold
+    # Stationary point of the barrier: lambda (G - b) = sigma, with G strictly inside.
+    assert slack > 0
+    np.testing.assert_allclose(float(state.multipliers[0]) * slack, 1e-3, rtol=0.05)
+
+
+def test_update_compiles_once_for_new_values_of_the_same_shape():
+    transformation = mj.mopo(mj.MOPOConfig(eps=0.1, refresh_every=5))
+    update = jax.jit(chex.assert_max_traces(transformation.update, n=1))
+    state = transformation.init(jnp.array([0.5]))
+    for seed in range(4):
+        pref, ref = _problem(seed=seed)
+        state = update(state, mj.win_rates(pref, ref), jnp.log(jnp.asarray(ref, jnp.float32))).state
+    chex.assert_shape(state.multipliers, (1,))
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda p, r: mj.win_rates(p * 1.5, r), r"outside \[0, 1\]"),
+        (lambda p, r: mj.win_rates(np.where(np.eye(5, dtype=bool), 0.5, np.full_like(p, 0.7)), r), r"P\[i, j\] \+ P\[j, i\]"),
+        (lambda p, r: mj.win_rates(p, np.where(r > 0.3, np.nan, r)), "comparison_probs"),
+        (lambda p, r: mj.win_rates(p[0], r), r"\[K, X, N, N\]"),
+        (lambda p, r: mj.closed_form_log_weights(mj.win_rates(p, r), jnp.ones(1), 0.0), "tau"),
+        (lambda p, r: mj.closed_form_log_weights(mj.win_rates(p, r), jnp.ones(1), -0.1), "tau"),
+        (lambda p, r: mj.robust_lower_bound(jnp.ones((1, 3)), jnp.log(jnp.ones(3) / 3), jnp.ones(1), -0.1), "eps"),
+        (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.ones(1), jnp.array([1.2]), 0.1), "thresholds"),
+        (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.array([jnp.nan]), jnp.ones(1) * 0.5, 0.1),
+         "secondary_estimates"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig(tau=-1.0)), "tau"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig(eps=-0.5)), "eps"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([-0.1])), "thresholds"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5, 1.1])), "thresholds"),
+        (lambda p, r: mj.ratchet_thresholds(jnp.array([0.5]), jnp.array([0.6]), 1.5), "beta"),
+    ],
+)
+def test_boundary_value_errors(call, fragment):
+    pref, ref = _problem()
+    with pytest.raises(ValueError, match=fragment):
+        call(pref, ref)
+
+
+def test_checks_are_skipped_under_jit_not_crashing():
+    """Inside jit the data-dependent checks cannot run; the call must still trace and compute."""
+    pref, ref = _problem()
+    w = jax.jit(mj.win_rates)(pref, ref)
+    assert w.shape == (2, 4, 5)
