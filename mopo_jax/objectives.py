@@ -253,6 +253,44 @@ def dual_objective(
     return tau * (log_partition @ weights) - jnp.dot(multipliers, thresholds)
 
 
+def pairwise_objective_values(
+    log_ratio_margins: Array,
+    preference_probs: Array,
+    label_mask: Array | None = None,
+    include_self: bool = True,
+) -> Array:
+    """Objective values of a policy estimated from pairwise data (Eq. 2 restricted to each pair's support).
+
+    Within a pair ``(y, y')`` with the comparison policy uniform over it, the policy tilts the reference by
+    ``exp(log pi/pi_ref)``, so it picks ``y`` with probability ``sigmoid(h)``. Its expected win rate is
+    ``sigmoid(h) w_k(y) + sigmoid(-h) w_k(y')`` with the pair's win rates of :func:`mopo_jax.pairwise_win_rate_margins`;
+    each objective averages this over the pairs that carry its label. At ``h = 0`` (the reference) every value is 1/2.
+
+    Args:
+      log_ratio_margins: ``[B]`` ``h = log pi(y)/pi_ref(y) - log pi(y')/pi_ref(y')``.
+      preference_probs: ``[B, K]`` ``P_k(y > y')``.
+      label_mask: optional boolean ``[B, K]``; defaults to ``~isnan(preference_probs)``.
+      include_self: whether ``mu`` puts mass on the response itself.
+
+    Returns:
+      ``[K]`` values; an objective with no labeled pair gets 1/2.
+    """
+    preference_probs = jnp.asarray(preference_probs, jnp.float32)
+    if label_mask is None:
+        label_mask = ~jnp.isnan(preference_probs)
+    label_mask = jnp.asarray(label_mask, bool)
+    p = jnp.where(label_mask, preference_probs, 0.5)
+    if include_self:
+        first, second = 0.25 + 0.5 * p, 0.75 - 0.5 * p
+    else:
+        first, second = p, 1.0 - p
+    pick_first = jax.nn.sigmoid(jnp.asarray(log_ratio_margins, jnp.float32))[:, None]
+    per_pair = pick_first * first + (1.0 - pick_first) * second
+    counts = jnp.sum(label_mask, axis=0)
+    totals = jnp.sum(jnp.where(label_mask, per_pair, 0.0), axis=0)
+    return jnp.where(counts > 0, totals / jnp.maximum(counts, 1), 0.5)
+
+
 class RobustBound(NamedTuple):
     """Value and chi-derivative of the robust objective of Eq. 5 at a given ``chi``."""
 

@@ -128,3 +128,24 @@ def test_weighted_bc_minimiser_is_the_closed_form():
 def test_loss_value_errors(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call(jnp.zeros(3))
+
+
+def test_pairwise_objective_values_limits():
+    labels = jnp.array([[1.0, 0.0], [1.0, jnp.nan], [0.0, 1.0]])
+    at_reference = mj.pairwise_objective_values(jnp.zeros(3), labels)
+    np.testing.assert_allclose(np.asarray(at_reference), [0.5, 0.5], atol=1e-7)
+    # A policy that always picks the first response: its win rate against the pair is w(y) = 1/4 + P/2.
+    always_first = mj.pairwise_objective_values(jnp.full(3, 50.0), labels)
+    np.testing.assert_allclose(np.asarray(always_first), [(0.75 + 0.75 + 0.25) / 3, (0.25 + 0.75) / 2], atol=1e-6)
+
+
+def test_user_loop_example_meets_its_constraint():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "optax_pairwise_loop.py"
+    spec = importlib.util.spec_from_file_location("optax_pairwise_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values, multipliers = module.main(steps=400, threshold=0.58, verbose=False)
+    assert float(values[1]) >= 0.58 - 1e-3 and float(multipliers[0]) > 0

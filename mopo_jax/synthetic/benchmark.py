@@ -46,7 +46,7 @@ class SyntheticConfig:
     num_prompts: int = 8
     num_candidates: int = 6
     tau: float | None = None
-    steps: int = 3000
+    steps: int = 6000
     learning_rate: float = 0.1
     final_learning_rate: float = 1e-3
     multiplier_lr: float = 0.5
@@ -457,6 +457,29 @@ def run_ablation(problem: problems.PreferenceProblem, config: SyntheticConfig, l
 # Drivers.
 
 
+METHOD_ORDER = ("mopo_weighted_bc", "mopo_pairwise", "dpo_primary", "ipo_primary", "weighted_dpo", "weighted_ipo",
+                "modpo", "rewarded_soups")
+
+
+def summary_table(structures: dict[str, Any]) -> str:
+    """Markdown table: per structure and method, hypervolume ratio, mean KL, thresholds met, mean primary gap."""
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = ["| structure | method | hypervolume ratio | mean KL | thresholds met | mean primary gap |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, result in structures.items():
+        for method in METHOD_ORDER:
+            entry = result["methods"][method]
+            error = entry["threshold_error"]
+            lines.append(
+                f"| {name} | {method} | {fmt(entry['hypervolume_ratio'], '.4f')} | {entry['mean_kl']:.3f} | "
+                f"{error['thresholds_met']}/{error['thresholds_feasible']} | "
+                f"{fmt(error['mean_primary_gap'], '.2e')} |"
+            )
+    return "\n".join(lines)
+
+
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=1, allow_nan=False)
@@ -502,6 +525,10 @@ def run_benchmark(config: SyntheticConfig, out_dir: str, log: Callable[[str], No
         "ablation": ablation,
     }
     _write_json(os.path.join(out_dir, "results.json"), payload)
+    table = summary_table(structures)
+    with open(os.path.join(out_dir, "summary.md"), "w") as handle:
+        handle.write(table + "\n")
+    log(table)
     log(f"done in {total:.1f} s -> {os.path.join(out_dir, 'results.json')}")
     return payload
 
