@@ -76,6 +76,7 @@ class MOPOUpdate(NamedTuple):
 class MOPOTransformation(NamedTuple):
     init: Callable[..., MOPOState]
     update: Callable[..., MOPOUpdate]
+    update_from_estimates: Callable[..., MOPOState]
 
 
 def reference_refresh_due(state: MOPOState, refresh_every: int | None) -> Array:
@@ -107,6 +108,10 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
     ``win_rates`` is ``[K, X, N]``; ``ref_log_probs`` ``[X, N]`` is ``log pi_ref`` over an enumerated candidate set,
     or ``None`` when the candidates were sampled from ``pi_ref`` (the base is then uniform over the samples). The
     returned log-weights use the multipliers *before* this step's dual update, as in Algorithm 1 of the paper.
+
+    ``update_from_estimates(state, estimates, chi_gradient=None) -> MOPOState``: the multiplier (and chi) step and
+    the ratchet bookkeeping from secondary estimates ``G [K-1]`` computed elsewhere, e.g. with
+    :func:`mopo_jax.pairwise_objective_values` from a policy's margins on pairwise data.
     """
     if config.constraint not in ("multipliers", "log_barrier"):
         raise ValueError(f"MOPOConfig.constraint must be 'multipliers' or 'log_barrier', got {config.constraint!r}")
@@ -130,32 +135,15 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             multipliers=multipliers,
             chi=jnp.full_like(thresholds, config.initial_chi),
             thresholds=thresholds,
-            threshold_floor=thresholds if config.ratchet_floor_at_initial else jnp.zeros_like(thresholds),
-            lagged_values=thresholds,
+            # Distinct buffers per field, so a jitted step may donate the whole state.
+            threshold_floor=jnp.copy(thresholds) if config.ratchet_floor_at_initial else jnp.zeros_like(thresholds),
+            lagged_values=jnp.copy(thresholds),
             secondary_estimates=jnp.zeros_like(thresholds),
             step=jnp.zeros((), jnp.int32),
         )
 
-    def update(state: MOPOState, win_rates, ref_log_probs=None, candidate_mask=None, prompt_weights=None):
-        validation.check_unit_interval("win_rates", win_rates)
-        win_rates = jnp.asarray(win_rates, jnp.float32)
-        if ref_log_probs is None:
-            base = objectives.masked_log_normalize(jnp.zeros(win_rates.shape[1:], jnp.float32), candidate_mask)
-        else:
-            base = jnp.asarray(ref_log_probs, jnp.float32)
-        log_weights = objectives.closed_form_log_weights(
-            win_rates, state.multipliers, config.tau, base, candidate_mask
-        )
-        chi_gradient = None
-        if config.eps > 0:
-            samples, log_q = objectives.importance_weighted_secondaries(
-                log_weights, win_rates, base, prompt_weights, candidate_mask
-            )
-            bound = objectives.robust_lower_bound(samples, log_q, state.chi, config.eps)
-            estimates, chi_gradient = bound.value, bound.chi_gradient
-        else:
-            estimates = objectives.secondary_values(log_weights, win_rates, prompt_weights, candidate_mask)
-
+    def update_from_estimates(state: MOPOState, estimates, chi_gradient=None) -> MOPOState:
+        """The dual half of an iteration from given secondary estimates ``G`` (e.g. from pairwise data)."""
         if config.constraint == "multipliers":
             multipliers, chi = objectives.update_multipliers(
                 state.multipliers,
@@ -187,6 +175,28 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             lagged_values=jnp.where(refresh, estimates, state.lagged_values),
             secondary_estimates=estimates,
         )
-        return MOPOUpdate(log_weights=log_weights, state=new_state)
+        return new_state
 
-    return MOPOTransformation(init=init, update=update)
+    def update(state: MOPOState, win_rates, ref_log_probs=None, candidate_mask=None, prompt_weights=None):
+        validation.check_unit_interval("win_rates", win_rates)
+        win_rates = jnp.asarray(win_rates, jnp.float32)
+        if ref_log_probs is None:
+            base = objectives.masked_log_normalize(jnp.zeros(win_rates.shape[1:], jnp.float32), candidate_mask)
+        else:
+            base = jnp.asarray(ref_log_probs, jnp.float32)
+        log_weights = objectives.closed_form_log_weights(
+            win_rates, state.multipliers, config.tau, base, candidate_mask
+        )
+        chi_gradient = None
+        if config.eps > 0:
+            samples, log_q = objectives.importance_weighted_secondaries(
+                log_weights, win_rates, base, prompt_weights, candidate_mask
+            )
+            bound = objectives.robust_lower_bound(samples, log_q, state.chi, config.eps)
+            estimates, chi_gradient = bound.value, bound.chi_gradient
+        else:
+            estimates = objectives.secondary_values(log_weights, win_rates, prompt_weights, candidate_mask)
+
+        return MOPOUpdate(log_weights=log_weights, state=update_from_estimates(state, estimates, chi_gradient))
+
+    return MOPOTransformation(init=init, update=update, update_from_estimates=update_from_estimates)

@@ -1,0 +1,153 @@
+"""Meshes and sharding: the only module that knows about device meshes.
+
+The mesh has three axes:
+
+* ``data``: pure data parallelism (parameters replicated);
+* ``fsdp``: data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3 style);
+* ``tensor``: tensor (model) parallelism over heads, MLP width and vocabulary.
+
+Parameters carry logical axis names (:func:`mopo_jax.models.param_logical_axes`); :data:`PARAM_RULES` maps them to
+mesh axes and :data:`ACTIVATION_RULES` does the same for activations. A logical axis whose size the mesh axis does not
+divide stays replicated (e.g. 3 KV heads on ``tensor=2``), so every preset runs on every mesh.
+
+The mesh uses ``AxisType.Auto`` throughout: shardings are given explicitly at the jit boundary (parameters, optimizer
+state, batch) and at a few activation points, and XLA's propagation fills in the rest (pjit semantics). One choice,
+applied everywhere, so a user never mixes the two modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+PARAM_RULES: dict[str, Any] = {
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+    "position": None,
+    "lora_rank": None,
+}
+
+ACTIVATION_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "embed": None,
+    "vocab": "tensor",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; ``-1`` on one axis takes all remaining devices (default: everything on ``fsdp``)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {self}")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+            raise ValueError(f"mesh {self} does not fit {num_devices} devices")
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                             f"{num_devices} are available")
+        return tuple(sizes)
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """``"fsdp=4,tensor=2"`` -> ``MeshConfig(data=1, fsdp=4, tensor=2)`` (unnamed axes are 1)."""
+    values = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition("=")
+        if name not in values or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected comma-separated axis=size with axes {MESH_AXES}")
+        values[name] = int(size)
+    return MeshConfig(**values)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict[str, Any] = PARAM_RULES
+) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axes, skipping mesh axes that do not divide the dimension
+    or are already used by an earlier dimension."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for axis in axes:
+            if axis in used or mesh.shape[axis] == 1:
+                continue
+            if size % (int(np.prod([mesh.shape[a] for a in kept])) * mesh.shape[axis]) == 0:
+                kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(logical_axes, shapes, mesh: Mesh, rules: dict[str, Any] = PARAM_RULES):
+    """NamedShardings for a pytree given the matching pytrees of logical axes (tuples) and shapes."""
+    return jax.tree.map(
+        lambda axes, leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)),
+        logical_axes,
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x),
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over ``data`` and ``fsdp``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def activation_sharding(mesh: Mesh, logical_axes: Sequence[str]) -> NamedSharding:
+    """Sharding of an activation with logical axes such as ``("batch", "length", "embed")``."""
+    spec = []
+    for name in logical_axes:
+        target = ACTIVATION_RULES.get(name)
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def global_batch(local_batch, mesh: Mesh):
+    """Global arrays from each process's slice of the batch (``jax.make_array_from_process_local_data``).
+
+    Every process passes the rows it loaded (its share of the leading axis, in process order); on one process this
+    is just a sharded ``device_put``.
+    """
+    def make(leaf):
+        leaf = np.asarray(leaf)
+        sharding = batch_sharding(mesh, leaf.ndim)
+        global_shape = (leaf.shape[0] * jax.process_count(),) + leaf.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, leaf, global_shape)
+
+    return jax.tree.map(make, local_batch)
