@@ -370,7 +370,7 @@ def train_step(
     metrics = {
         "loss": total * scale,
         "loss_denominator": denominator,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "dropped_rows": jnp.sum(~row_valid),
         "completion_tokens": jnp.sum(num_tokens),
     }
