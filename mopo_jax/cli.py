@@ -38,6 +38,31 @@ def _synthetic(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from mopo_jax.models.generation import generate_cli
+
+    print(generate_cli(args.model, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system))
+    return 0
+
+
+def _bench_step(args) -> int:
+    import json
+
+    from mopo_jax.bench.step import step_report
+
+    report = step_report(preset=args.preset, mesh=args.mesh, loss=args.loss, pairs=args.pairs,
+                         prompt_len=args.prompt_len, response_len=args.response_len, steps=args.steps,
+                         compute_dtype=args.dtype, remat=args.remat, compare_torch=not args.no_torch)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _bench_memory(args) -> int:
+    from mopo_jax.bench.memory import main as memory_main
+
+    return memory_main(args.memory_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopo", description="Multi-Objective Preference Optimization in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--config", help="YAML file with SyntheticConfig fields")
     synthetic.add_argument("overrides", nargs="*", help="key=value overrides of SyntheticConfig")
     synthetic.set_defaults(handler=_synthetic)
+
+    generate = commands.add_parser("generate", help="greedy chat completion with a pretrained model")
+    generate.add_argument("--model", default="smollm2-135m", help="preset name, GGUF file, HF directory or hub name")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--system", default=None, help="system message (default: the model's own)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(handler=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks (throughput, MFU, memory)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    step = bench_commands.add_parser("step", help="train-step tokens/s, FLOPs and MFU (and the PyTorch side-by-side)")
+    step.add_argument("--preset", default="comparison",
+                      help="'comparison' (the small Llama of the PyTorch side-by-side) or a model preset")
+    step.add_argument("--mesh", default="", help="e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
+    step.add_argument("--loss", default="mopo_pairwise", choices=["mopo_pairwise", "dpo", "ipo"])
+    step.add_argument("--pairs", type=int, default=8)
+    step.add_argument("--prompt-len", type=int, default=64)
+    step.add_argument("--response-len", type=int, default=64)
+    step.add_argument("--steps", type=int, default=10)
+    step.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+    step.add_argument("--remat", default=None, choices=["none", "full", "dots"])
+    step.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side")
+    step.set_defaults(handler=_bench_step)
+    memory = bench_commands.add_parser(
+        "memory", help="ahead-of-time compile a step on simulated devices and print per-device memory (JSON)",
+        add_help=False)
+    memory.add_argument("memory_args", nargs=argparse.REMAINDER)
+    memory.set_defaults(handler=_bench_memory)
     return parser
 
 

@@ -50,7 +50,8 @@ class TrainConfig:
       beta: DPO's inverse temperature.
       mopo: MOPO's hyper-parameters (``tau`` is also IPO's).
       thresholds: initial thresholds ``b`` of the secondary objectives.
-      learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW with linear warm-up and global-norm clipping.
+      learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW with linear warm-up and global-norm clipping
+        (``max_grad_norm=None``: no clipping).
       micro_batches: gradient-accumulation steps per train step (must divide the batch).
       reference: ``"live"`` (frozen reference parameters in the state) or ``"precomputed"`` (``ref_log_probs`` in
         the batch; no lagged refresh possible).
@@ -68,7 +69,7 @@ class TrainConfig:
     learning_rate: float = 1e-5
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
     micro_batches: int = 1
     reference: str = "live"
     lora_rank: int = 0
@@ -161,14 +162,14 @@ def _weights(config: TrainConfig, state_base, trained):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and global-norm clipping."""
+    """AdamW with linear warm-up and (unless ``max_grad_norm`` is None) global-norm clipping."""
     schedule = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
     if config.warmup_steps == 0:
         schedule = config.learning_rate
-    return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(schedule, weight_decay=config.weight_decay),
-    )
+    adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
 
 
 def init_train_state(

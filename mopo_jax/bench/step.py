@@ -1,0 +1,182 @@
+"""``mopo bench step``: throughput, model FLOPs and MFU of the train step, and the side-by-side against PyTorch.
+
+FLOP accounting (stated in every report): per token, a forward pass costs ``2 N + 4 L T H`` where ``N`` counts the
+weights that enter matrix multiplies (attention and MLP projections of every layer plus the unembedding; the
+embedding lookup is free), ``L`` layers, ``T`` the sequence length and ``H = n_heads * head_dim`` (the ``QK^T`` and
+``AV`` products, without halving for causality). The policy's forward and backward count three forward passes
+(``6 N`` per token plus attention); a live reference adds one forward pass. Rematerialisation is not counted (model
+FLOPs, not hardware FLOPs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mopo_jax.bench.peak import device_peak_flops, measure_matmul_peak
+from mopo_jax.models import ModelConfig, get_preset, init_params
+from mopo_jax.state import MOPOConfig
+from mopo_jax.training import sharding
+from mopo_jax.training.train_step import TrainConfig, compile_train_step, init_train_state, make_optimizer
+
+# The side-by-side workload (the same numbers as mopo_jax.bench.torch_reference.REFERENCE_LLAMA).
+COMPARISON_MODEL = dict(
+    vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, mlp_dim=768, max_seq_len=128,
+    norm="rms", norm_eps=1e-5, positional="rope", rope_theta=10000.0, activation="swiglu", tie_embeddings=False,
+    dtype="float32", param_dtype="float32",
+)
+
+
+def comparison_model() -> ModelConfig:
+    return ModelConfig(**COMPARISON_MODEL)
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Weights that enter matrix multiplies per token (``N`` of the FLOP count)."""
+    d, f = config.d_model, config.mlp_dim
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    per_layer = d * q + 2 * d * kv + q * d + (3 if config.activation == "swiglu" else 2) * d * f
+    return config.n_layers * per_layer + d * config.vocab_size
+
+
+def step_flops(config: ModelConfig, sequences: int, length: int, live_reference: bool) -> dict[str, float]:
+    tokens = sequences * length
+    forward_per_token = 2 * matmul_params(config) + 4 * config.n_layers * length * config.n_heads * config.head_dim
+    policy = 3 * forward_per_token * tokens
+    reference = forward_per_token * tokens if live_reference else 0.0
+    return {"policy_forward_backward": float(policy), "reference_forward": float(reference),
+            "total": float(policy + reference)}
+
+
+def _pair_batch(config: ModelConfig, pairs: int, prompt_len: int, response_len: int, num_objectives: int, seed: int):
+    rng = np.random.default_rng(seed)
+    length = prompt_len + response_len
+    tokens = rng.integers(0, config.vocab_size, (pairs, 2, length)).astype(np.int32)
+    tokens[:, 1, :prompt_len] = tokens[:, 0, :prompt_len]  # a pair shares its prompt
+    completion = np.zeros_like(tokens)
+    completion[..., prompt_len:] = 1
+    labels = np.zeros((pairs, num_objectives), bool)
+    labels[np.arange(pairs), np.arange(pairs) % num_objectives] = True
+    return {"tokens": tokens, "completion_mask": completion, "attention_mask": np.ones_like(tokens),
+            "preference_probs": np.ones((pairs, num_objectives), np.float32), "label_mask": labels}
+
+
+def time_train_step(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    mesh_config: sharding.MeshConfig,
+    pairs: int,
+    prompt_len: int,
+    response_len: int,
+    steps: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compiles the step, runs ``warmup`` steps, then times ``steps`` steps (median)."""
+    mesh = sharding.make_mesh(mesh_config)
+    optimizer = make_optimizer(train_config)
+    params = init_params(model_config, jax.random.PRNGKey(seed))
+    state = init_train_state(model_config, train_config, params, optimizer, jax.random.PRNGKey(seed + 1))
+    del params
+    batch = _pair_batch(model_config, pairs, prompt_len, response_len, len(train_config.thresholds) + 1, seed)
+    step, state_shardings = compile_train_step(
+        model_config, train_config, optimizer, mesh, jax.eval_shape(lambda: state), batch
+    )
+    state = jax.device_put(state, state_shardings)
+    batch = sharding.global_batch(batch, mesh)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    durations = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        durations.append(time.perf_counter() - start)
+    seconds = statistics.median(durations)
+    sequences, length = 2 * pairs, prompt_len + response_len
+    flops = step_flops(model_config, sequences, length, train_config.reference == "live")
+    return {
+        "loss": train_config.loss,
+        "seconds_per_step": seconds,
+        "all_step_seconds": durations,
+        "compile_and_first_step_seconds": first,
+        "tokens_per_step": sequences * length,
+        "tokens_per_second": sequences * length / seconds,
+        "model_flops_per_step": flops,
+        "model_flops_per_second": flops["total"] / seconds,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def step_report(
+    preset: str = "comparison",
+    mesh: str = "",
+    loss: str = "mopo_pairwise",
+    pairs: int = 8,
+    prompt_len: int = 64,
+    response_len: int = 64,
+    steps: int = 10,
+    compute_dtype: str | None = None,
+    remat: str | None = None,
+    compare_torch: bool = True,
+) -> dict[str, Any]:
+    """The ``mopo bench step`` report: the step of ``loss`` (and, for the comparison workload, DPO in JAX and DPO in
+    PyTorch in the same run), FLOPs, and MFU against the device's peak (on CPU: the matmul peak measured now)."""
+    model_config = comparison_model() if preset == "comparison" else get_preset(preset)
+    overrides = {k: v for k, v in (("dtype", compute_dtype), ("remat", remat)) if v is not None}
+    if overrides:
+        model_config = model_config.replace(**overrides)
+    mesh_config = sharding.parse_mesh(mesh) if mesh else sharding.MeshConfig()
+    common = dict(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=None, beta=0.1,
+                  mopo=MOPOConfig(tau=0.1, refresh_every=None), thresholds=(0.5,))
+    device = jax.devices()[0]
+    report: dict[str, Any] = {
+        "preset": preset,
+        "model": {k: getattr(model_config, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                      "mlp_dim", "dtype", "remat", "tie_embeddings")},
+        "matmul_params": matmul_params(model_config),
+        "batch": {"pairs": pairs, "prompt_len": prompt_len, "response_len": response_len},
+        "mesh": dict(zip(sharding.MESH_AXES, mesh_config.shape(jax.device_count()))),
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+        "flop_accounting": __doc__.split("FLOP accounting (stated in every report): ")[1].split("\n\n")[0].replace(
+            "\n", " "),
+        "jax_version": jax.__version__,
+    }
+    losses = [loss] if not compare_torch or loss == "dpo" else [loss, "dpo"]
+    report["steps"] = {
+        name: time_train_step(model_config, TrainConfig(loss=name, **common), mesh_config, pairs, prompt_len,
+                              response_len, steps=steps)
+        for name in losses
+    }
+    peak = device_peak_flops(device)
+    if peak is None:
+        measured = measure_matmul_peak()
+        report["peak"] = {"source": "matmul measured in this run", **measured}
+        peak = measured["flops_per_second"] * jax.device_count()
+    else:
+        report["peak"] = {"source": "published dense bf16 peak", "flops_per_second": peak}
+        peak = peak * jax.device_count()
+    for result in report["steps"].values():
+        result["mfu"] = result["model_flops_per_second"] / peak
+    if "mopo_pairwise" in report["steps"] and "dpo" in report["steps"]:
+        report["mopo_over_dpo_step_time"] = (
+            report["steps"]["mopo_pairwise"]["seconds_per_step"] / report["steps"]["dpo"]["seconds_per_step"]
+        )
+    if compare_torch and preset == "comparison" and (pairs, prompt_len, response_len) == (8, 64, 64):
+        from mopo_jax.bench.torch_reference import torch_dpo_step_seconds
+
+        torch_result = torch_dpo_step_seconds(steps=steps)
+        report["torch_dpo"] = torch_result
+        report["jax_dpo_over_torch_dpo_step_time"] = (
+            report["steps"]["dpo"]["seconds_per_step"] / torch_result["seconds_per_step"]
+        )
+    return report
