@@ -27,5 +27,14 @@ __all__ = [
     "init_params", "forward", "unembed", "token_log_probs", "param_logical_axes",
     "param_shapes", "count_params", "init_cache", "decode_step",
     "load_pretrained", "resolve_model", "GGUF_MODELS", "load_tokenizer", "CHATML_TEMPLATE",
-    "generate", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids",
+    "generate", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids", "Transformer",
 ]
+
+
+def __getattr__(name):
+    # The NNX module imports flax; load it only when asked for.
+    if name == "Transformer":
+        from .nnx_model import Transformer
+
+        return Transformer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
