@@ -103,6 +103,7 @@ def time_train_step(
         durations.append(time.perf_counter() - start)
     seconds = statistics.median(durations)
     sequences, length = 2 * pairs, prompt_len + response_len
+    memory = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
     flops = step_flops(model_config, sequences, length, train_config.reference == "live")
     return {
         "loss": train_config.loss,
@@ -114,6 +115,7 @@ def time_train_step(
         "model_flops_per_step": flops,
         "model_flops_per_second": flops["total"] / seconds,
         "final_loss": float(metrics["loss"]),
+        "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
     }
 
 
@@ -139,14 +141,15 @@ def step_report(
     common = dict(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=None, beta=0.1,
                   mopo=MOPOConfig(tau=0.1, refresh_every=None), thresholds=(0.5,))
     device = jax.devices()[0]
+    num_devices = int(np.prod(sharding.make_mesh(mesh_config).devices.shape))
     report: dict[str, Any] = {
         "preset": preset,
         "model": {k: getattr(model_config, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                                       "mlp_dim", "dtype", "remat", "tie_embeddings")},
         "matmul_params": matmul_params(model_config),
         "batch": {"pairs": pairs, "prompt_len": prompt_len, "response_len": response_len},
-        "mesh": dict(zip(sharding.MESH_AXES, mesh_config.shape(jax.device_count()))),
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+        "mesh": dict(zip(sharding.MESH_AXES, sharding.make_mesh(mesh_config).devices.shape)),
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": num_devices},
         "flop_accounting": __doc__.split("FLOP accounting (stated in every report): ")[1].split("\n\n")[0].replace(
             "\n", " "),
         "jax_version": jax.__version__,
@@ -161,10 +164,11 @@ def step_report(
     if peak is None:
         measured = measure_matmul_peak()
         report["peak"] = {"source": "matmul measured in this run", **measured}
-        peak = measured["flops_per_second"] * jax.device_count()
+        # Simulated CPU devices share the same cores: the measured peak is the whole machine's.
+        peak = measured["flops_per_second"]
     else:
         report["peak"] = {"source": "published dense bf16 peak", "flops_per_second": peak}
-        peak = peak * jax.device_count()
+        peak = peak * num_devices
     for result in report["steps"].values():
         result["mfu"] = result["model_flops_per_second"] / peak
     if "mopo_pairwise" in report["steps"] and "dpo" in report["steps"]:

@@ -81,8 +81,14 @@ def parse_mesh(text: str) -> MeshConfig:
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes)."""
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes).
+
+    A fully specified mesh smaller than the device list uses its first devices (e.g. ``fsdp=1`` on an 8-device host).
+    """
     devices = list(jax.devices() if devices is None else devices)
+    sizes = (config.data, config.fsdp, config.tensor)
+    if -1 not in sizes and int(np.prod(sizes)) < len(devices):
+        devices = devices[: int(np.prod(sizes))]
     shape = config.shape(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
