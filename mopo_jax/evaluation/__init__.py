@@ -1,0 +1,1 @@
+"""Evaluation: preference models (labelers and judges), generation-based win rates, KL, Pareto fronts."""
