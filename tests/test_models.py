@@ -359,3 +359,20 @@ def test_nnx_module_matches_functional_forward_and_splits_to_params():
                                np.asarray(functional["embed"]), atol=1e-6)
     merged = nnx.merge(graphdef, state)
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(want), atol=1e-5)
+
+
+def test_split_layers_with_cached_lower_activations_equals_full_forward():
+    from mopo_jax.models import forward, get_preset, init_params, join_layers, residual_stream, split_layers
+
+    config = get_preset("tiny").replace(n_layers=3)
+    params = init_params(config, jax.random.PRNGKey(2))
+    tokens = (jnp.arange(20, dtype=jnp.int32).reshape(2, 10) * 7) % config.vocab_size
+    mask = jnp.ones((2, 10), jnp.int32).at[0, :3].set(0)
+    lower_config, lower, upper_config, upper = split_layers(config, params, 2)
+    cached = residual_stream(lower_config, lower, tokens, mask=mask)
+    got = forward(upper_config, upper, tokens, mask=mask, inputs_hidden=cached)
+    want = forward(config, params, tokens, mask=mask)
+    np.testing.assert_allclose(np.asarray(got)[:, 3:], np.asarray(want)[:, 3:], atol=1e-5)
+    rejoined = join_layers(lower, upper)
+    for a, b in zip(jax.tree.leaves(rejoined), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

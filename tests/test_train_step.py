@@ -173,3 +173,30 @@ def test_weighted_bc_step_uses_closed_form_weights(params):
     np.testing.assert_allclose(history[0]["loss"], want, rtol=1e-5)
     expected_g = float(mj.secondary_values(log_weights, w)[0])
     np.testing.assert_allclose(history[0]["secondary_estimates"][0], expected_g, rtol=1e-5)
+
+
+def test_upper_layers_on_cached_activations_match_full_model_and_freeze_embedding(params):
+    from mopo_jax.models import residual_stream, split_layers
+
+    batch = _pair_batch(empty_row=False)
+    config = TrainConfig(loss="dpo", learning_rate=1e-2, frozen_params=("embed",))
+    lower_config, lower, upper_config, upper = split_layers(MODEL, params, 1)
+    flat_tokens = batch["tokens"].reshape(-1, LENGTH)
+    flat_mask = batch["attention_mask"].reshape(-1, LENGTH)
+    cached = np.asarray(residual_stream(lower_config, lower, jnp.asarray(flat_tokens), mask=jnp.asarray(flat_mask)))
+    cached_batch = {**batch, "inputs_hidden": cached.reshape(PROMPTS, 2, LENGTH, -1)}
+
+    optimizer = make_optimizer(config)
+    state = init_train_state(upper_config, config, upper, optimizer, jax.random.PRNGKey(1))
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    step, _ = compile_train_step(upper_config, config, optimizer, mesh, jax.eval_shape(lambda: state), cached_batch)
+    history = []
+    for _ in range(2):
+        state, metrics = step(state, cached_batch)
+        history.append(float(metrics["loss"]))
+    # At step 0 the upper model on cached activations is the full model: the same loss as the core computation.
+    np.testing.assert_allclose(history[0], float(_core_pair_loss(params, batch, "dpo")), rtol=1e-5)
+    assert "embed" not in state.params  # frozen: held in state.base, no gradient or optimizer state
+    np.testing.assert_array_equal(np.asarray(state.base["embed"]), np.asarray(upper["embed"]))
+    assert not np.allclose(np.asarray(state.params["layers"]["wq"]), np.asarray(upper["layers"]["wq"]))
+    assert np.isfinite(float(metrics["loss"]))

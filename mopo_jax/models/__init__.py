@@ -17,6 +17,9 @@ from .transformer import (
     init_params,
     param_logical_axes,
     param_shapes,
+    residual_stream,
+    split_layers,
+    join_layers,
     token_log_probs,
     unembed,
 )
@@ -25,7 +28,7 @@ from .weights import GGUF_MODELS, load_pretrained, resolve_model
 __all__ = [
     "ModelConfig", "PRESETS", "get_preset", "config_from_hf",
     "init_params", "forward", "unembed", "token_log_probs", "param_logical_axes",
-    "param_shapes", "count_params", "init_cache", "decode_step",
+    "param_shapes", "count_params", "init_cache", "decode_step", "residual_stream", "split_layers", "join_layers",
     "load_pretrained", "resolve_model", "GGUF_MODELS", "load_tokenizer", "CHATML_TEMPLATE",
     "generate", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids", "Transformer",
 ]

@@ -289,7 +289,7 @@ def unembed(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array
 
 def forward(config: ModelConfig, params: Params, tokens: jax.Array,
             positions: jax.Array | None = None, mask: jax.Array | None = None,
-            *, return_hidden: bool = False) -> jax.Array:
+            *, return_hidden: bool = False, inputs_hidden: jax.Array | None = None) -> jax.Array:
     """Causal LM forward pass.
 
     Args:
@@ -301,12 +301,29 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
       mask: optional. ``[B, T]`` (1/True = real token, 0 = padding; keys that are
         padding are never attended to) or ``[B, T, T]`` boolean attention mask
         (query, key), combined with the causal mask (e.g. for packed sequences).
+      inputs_hidden: optional ``[B, T, D]`` residual-stream input that replaces the token (and position)
+        embedding, e.g. cached activations of lower layers when ``params`` holds only the top layers (see
+        :func:`split_layers`). ``tokens`` then only sets the shape.
       return_hidden: if True return the final-norm hidden states ``[B, T, D]``
         (compute dtype) instead of logits; project with :func:`unembed`.
 
     Returns:
       float32 logits ``[B, T, V]`` (or hidden states, see above). Outputs at
       padding positions are unspecified.
+    """
+    h = residual_stream(config, params, tokens, positions, mask, inputs_hidden=inputs_hidden)
+    h = _norm(config, params["final_norm"], h)
+    if return_hidden:
+        return h
+    return unembed(config, params, h)
+
+
+def residual_stream(config: ModelConfig, params: Params, tokens: jax.Array,
+                    positions: jax.Array | None = None, mask: jax.Array | None = None,
+                    *, inputs_hidden: jax.Array | None = None) -> jax.Array:
+    """The residual stream after every block of ``params``, before the final norm (arguments as :func:`forward`).
+
+    Run on the lower part of :func:`split_layers`, this is the ``inputs_hidden`` of the upper part.
     """
     cfg = config
     B, T = tokens.shape
@@ -328,7 +345,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
         raise ValueError(f"mask must be [B, T] or [B, T, T], got shape {mask.shape}")
     positions = jnp.asarray(positions, jnp.int32)
 
-    h = _embed(cfg, params, tokens, positions)
+    h = _embed(cfg, params, tokens, positions) if inputs_hidden is None else inputs_hidden.astype(cfg.compute_dtype)
     cos, sin = _rope_cos_sin(cfg, positions) if cfg.positional == "rope" else (None, None)
 
     def layer(h, lp):
@@ -336,10 +353,29 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
         return h, None
 
     h, _ = jax.lax.scan(_remat(cfg, layer), h, params["layers"])
-    h = _norm(cfg, params["final_norm"], h)
-    if return_hidden:
-        return h
-    return unembed(cfg, params, h)
+    return h
+
+
+def split_layers(config: ModelConfig, params: Params, num_lower: int):
+    """Splits a model into its first ``num_lower`` blocks and the rest.
+
+    Returns ``(lower_config, lower_params, upper_config, upper_params)``. Running the lower part with
+    ``forward(..., return_hidden=True)`` would apply the final norm, so use :func:`residual_stream` for its output;
+    the upper part takes that as ``inputs_hidden`` and keeps the embedding (for the unembedding) and final norm.
+    """
+    if not 0 < num_lower < config.n_layers:
+        raise ValueError(f"num_lower must be in [1, {config.n_layers - 1}], got {num_lower}")
+    lower_config = config.replace(n_layers=num_lower)
+    upper_config = config.replace(n_layers=config.n_layers - num_lower)
+    lower = {**params, "layers": jax.tree.map(lambda a: a[:num_lower], params["layers"])}
+    upper = {**params, "layers": jax.tree.map(lambda a: a[num_lower:], params["layers"])}
+    return lower_config, lower, upper_config, upper
+
+
+def join_layers(lower_params: Params, upper_params: Params) -> Params:
+    """Inverse of :func:`split_layers`: stacks the blocks again (the other weights are taken from the upper part)."""
+    layers = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), lower_params["layers"], upper_params["layers"])
+    return {**upper_params, "layers": layers}
 
 
 def token_log_probs(config: ModelConfig, params: Params, hidden: jax.Array,

@@ -27,6 +27,7 @@ def sequence_log_probs(
     completion_mask: jax.Array,
     attention_mask: jax.Array | None = None,
     vocab_chunk: int | None = None,
+    inputs_hidden: jax.Array | None = None,
 ) -> SequenceLogProbs:
     """``log pi(y | x) = sum_t m_t log pi(token_t | tokens_<t)`` over completion tokens ``m_t = 1``.
 
@@ -41,11 +42,13 @@ def sequence_log_probs(
       completion_mask: ``[B, T]``, 1 on the completion tokens whose probability is scored.
       attention_mask: optional ``[B, T]``, 1 on real tokens (defaults to all ones).
       vocab_chunk: optional vocabulary chunk size (must divide the vocabulary).
+      inputs_hidden: optional ``[B, T, D]`` cached residual stream of frozen lower layers, when ``params`` holds
+        only the upper layers (:func:`mopo_jax.models.split_layers`).
 
     Returns:
       :class:`SequenceLogProbs`.
     """
-    hidden = forward(config, params, tokens, mask=attention_mask, return_hidden=True)
+    hidden = forward(config, params, tokens, mask=attention_mask, return_hidden=True, inputs_hidden=inputs_hidden)
     # Position t predicts token t+1: score targets tokens[:, 1:] with hidden[:, :-1].
     per_token = token_log_probs(config, params, hidden[:, :-1], tokens[:, 1:], vocab_chunk=vocab_chunk)
     scored = jnp.asarray(completion_mask[:, 1:], bool)

@@ -18,7 +18,9 @@ Batch layout (leading axis ``B`` prompts, ``S`` responses per prompt: 2 for pair
 * pair losses: ``preference_probs`` ``[B, K]`` (``P_k(first > second)``, 1 for a human "chosen" label) and
   ``label_mask`` ``[B, K]``; DPO and IPO use objective 0;
 * weighted BC: ``candidate_preferences`` ``[B, K, N, N]``, ``candidate_label_mask`` ``[B, K, N, N]``;
-* optional ``ref_log_probs`` ``[B, S]`` when ``TrainConfig.reference == "precomputed"``.
+* optional ``ref_log_probs`` ``[B, S]`` when ``TrainConfig.reference == "precomputed"``;
+* optional ``inputs_hidden`` ``[B, S, T, D]``: cached residual stream of frozen lower layers when the trained model
+  is the upper part of :func:`mopo_jax.models.split_layers` (the CPU profile's "train the top layers" lever).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class TrainConfig:
       lora_alpha: adapter scale numerator (the update is ``alpha / r * A @ B``).
       vocab_chunk: chunk the log-softmax over the vocabulary (None: one shot).
       include_self: whether the comparison policy of a pair puts mass on the response itself (Eq. 1).
+      frozen_params: top-level parameter names held fixed (no gradient, no update), e.g. ``("embed",)`` when the
+        upper layers train on cached activations of a tied-embedding model.
     """
 
     loss: str = "mopo_pairwise"
@@ -77,6 +81,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     vocab_chunk: int | None = None
     include_self: bool = True
+    frozen_params: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -109,7 +114,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     reference: Any  # reference weights in the same structure as ``params`` (None when precomputed)
     snapshot: Any  # ``params`` at the last refresh, the next reference (None without a lagged reference)
-    base: Any  # frozen base model in LoRA mode (None otherwise)
+    base: Any  # frozen weights: the whole base model in LoRA mode, the ``frozen_params`` entries otherwise, or None
     mopo_state: MOPOState | None
     rng: jax.Array
 
@@ -154,7 +159,12 @@ def merge_lora(config: TrainConfig, base_params, adapters):
 
 
 def _weights(config: TrainConfig, state_base, trained):
-    return trained if not config.lora_rank else merge_lora(config, state_base, trained)
+    """The model's full parameters from the trained part and the frozen part (LoRA base or frozen entries)."""
+    if config.lora_rank:
+        return merge_lora(config, state_base, trained)
+    if config.frozen_params:
+        return {**state_base, **trained}
+    return trained
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,10 +176,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
     if config.warmup_steps == 0:
         schedule = config.learning_rate
-    adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
+    if config.max_grad_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optimizer)
+    return optimizer
 
 
 def init_train_state(
@@ -183,6 +193,13 @@ def init_train_state(
     lora_key, rng = jax.random.split(rng)
     if config.lora_rank:
         base, trained = copy(params), init_lora(config, params, lora_key)
+    elif config.frozen_params:
+        missing = set(config.frozen_params) - set(params)
+        if missing:
+            raise ValueError(f"TrainConfig.frozen_params names {sorted(missing)}, not in the model's parameters "
+                             f"{sorted(params)}")
+        base = copy({k: v for k, v in params.items() if k in config.frozen_params})
+        trained = copy({k: v for k, v in params.items() if k not in config.frozen_params})
     else:
         base, trained = None, copy(params)
     reference = None if config.reference == "precomputed" else copy(trained)
@@ -203,7 +220,10 @@ def train_state_shardings(model_config: ModelConfig, config: TrainConfig, optimi
     """NamedShardings of every leaf of the train state: parameter-shaped trees by the logical rules, the optimizer
     state like the parameters it tracks, everything else replicated."""
     model_axes = param_logical_axes(model_config)
-    trained_axes = lora_logical_axes(model_config, config) if config.lora_rank else model_axes
+    if config.lora_rank:
+        trained_axes = lora_logical_axes(model_config, config)
+    else:
+        trained_axes = {k: model_axes[k] for k in state_shapes.params}
     trained = sharding.tree_shardings(trained_axes, state_shapes.params, mesh)
     replicated = sharding.replicated(mesh)
 
@@ -221,7 +241,8 @@ def train_state_shardings(model_config: ModelConfig, config: TrainConfig, optimi
         opt_state=opt_shardings,
         reference=like_params(state_shapes.reference),
         snapshot=like_params(state_shapes.snapshot),
-        base=None if state_shapes.base is None else sharding.tree_shardings(model_axes, state_shapes.base, mesh),
+        base=None if state_shapes.base is None else sharding.tree_shardings(
+            {k: model_axes[k] for k in state_shapes.base}, state_shapes.base, mesh),
         mopo_state=jax.tree.map(lambda _: replicated, state_shapes.mopo_state),
         rng=replicated,
     )
@@ -239,17 +260,19 @@ def _rows_with_completion(completion_mask, attention_mask):
 def _flatten_responses(batch):
     tokens = batch["tokens"]
     num_prompts, num_responses, length = tokens.shape
-    flat = lambda a: a.reshape(num_prompts * num_responses, length)  # noqa: E731
-    return flat(tokens), flat(batch["completion_mask"]), flat(batch["attention_mask"]), (num_prompts, num_responses)
+    flat = lambda a: a.reshape((num_prompts * num_responses, length) + a.shape[3:])  # noqa: E731
+    hidden = batch.get("inputs_hidden")
+    return (flat(tokens), flat(batch["completion_mask"]), flat(batch["attention_mask"]),
+            None if hidden is None else flat(hidden), (num_prompts, num_responses))
 
 
 def _response_log_probs(model_config, config, weights, batch, mesh=None):
-    tokens, completion, attention, shape = _flatten_responses(batch)
+    tokens, completion, attention, hidden, shape = _flatten_responses(batch)
     if mesh is not None:
         # Keep the flattened responses on the batch axes of the mesh (ACTIVATION_RULES), whatever XLA would pick.
         rows = sharding.activation_sharding(mesh, ("batch", "length"))
         tokens, completion, attention = (jax.lax.with_sharding_constraint(a, rows) for a in (tokens, completion, attention))
-    out = sequence_log_probs(model_config, weights, tokens, completion, attention, config.vocab_chunk)
+    out = sequence_log_probs(model_config, weights, tokens, completion, attention, config.vocab_chunk, hidden)
     return out.log_probs.reshape(shape), out.num_tokens.reshape(shape)
 
 
