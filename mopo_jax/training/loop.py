@@ -1,0 +1,205 @@
+"""The training loop: sharded state, compiled step, checkpoints with data positions, JSON-lines metrics.
+
+``train(...)`` is resumable and deterministic: it restores the newest good checkpoint (state *and* data position),
+asks ``batches_fn`` for the batches from that position on, and so a run killed at any point and restarted produces
+the same per-step losses as an uninterrupted one.
+
+``batches_fn(position: dict)`` returns an iterator of ``(batch, next_position)``: ``batch`` is this process's rows
+of the batch as host numpy arrays (see :mod:`mopo_jax.training.train_step` for the layout), ``next_position`` a
+JSON-serialisable dict from which the batch after this one starts (e.g. ``{"epoch": 0, "batch_index": 5}``). A
+fresh run starts from ``initial_position`` (default ``{}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mopo_jax.models import ModelConfig
+from mopo_jax.training import sharding
+from mopo_jax.training.checkpoint import CheckpointConfig, Checkpointer, abstract_train_state
+from mopo_jax.training.train_step import (
+    TrainConfig,
+    TrainState,
+    compile_train_step,
+    init_train_state,
+    make_optimizer,
+    train_state_shardings,
+)
+
+logger = logging.getLogger(__name__)
+
+BatchesFn = Callable[[dict], Iterable[tuple[dict, dict]]]
+
+# Compiled steps by (model config, train config, mesh, state and batch shapes): a second ``train`` call in the same
+# process (e.g. a resume) reuses the executable instead of compiling again.
+_STEP_CACHE: dict[Any, Any] = {}
+_STEP_CACHE_SIZE = 8
+
+
+def _shapes_key(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+
+
+def _compiled_step(model_config, train_config, optimizer, mesh, state_shapes, batch_shapes):
+    key = (model_config, train_config, mesh, _shapes_key(state_shapes), _shapes_key(batch_shapes))
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        step, _ = compile_train_step(model_config, train_config, optimizer, mesh, state_shapes, batch_shapes)
+        _STEP_CACHE[key] = step
+    return _STEP_CACHE[key]
+
+
+@jax.jit
+def _count_tokens(batch):
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return jnp.asarray(batch["tokens"].size, jnp.int32)
+    return jnp.sum(jnp.asarray(mask, bool), dtype=jnp.int32)
+
+
+def _to_json(value):
+    value = np.asarray(value)
+    if value.ndim == 0:
+        return value.item()
+    return value.tolist()
+
+
+def _initial_state(model_config, train_config, optimizer, params, key, state_shardings) -> TrainState:
+    """The initial state built directly in its shardings (no full copy on one device)."""
+    init = jax.jit(
+        lambda p, k: init_train_state(model_config, train_config, p, optimizer, k), out_shardings=state_shardings
+    )
+    return init(params, key)
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    params,
+    batches_fn: BatchesFn,
+    num_steps: int,
+    mesh,
+    checkpoint_config: CheckpointConfig | None,
+    metrics_path: str | None = None,
+    log_every: int = 1,
+    rng: int | jax.Array = 0,
+    initial_position: dict | None = None,
+) -> tuple[TrainState, list[dict]]:
+    """Train until the state's step reaches ``num_steps``, resuming from the newest good checkpoint if any.
+
+    Args:
+      model_config, train_config: the model and the train step's configuration.
+      params: initial model parameters (ignored when a checkpoint is restored).
+      batches_fn: ``position -> iterator of (host batch, next position)``; see the module docstring.
+      num_steps: total number of train steps (counting those of the restored checkpoint).
+      mesh: the device mesh (:func:`mopo_jax.training.sharding.make_mesh`).
+      checkpoint_config: where and how often to checkpoint; ``None`` disables checkpointing and resuming.
+      metrics_path: append one JSON line per step to this file (process 0 only).
+      log_every: fetch metrics from the devices (and write and log them) every this many steps; with ``> 1``
+        the steps of one window share its average step time.
+      rng: seed or PRNG key of the train state (only for a fresh start).
+      initial_position: data position of a fresh start (default ``{}``).
+
+    Returns:
+      ``(state, history)``: the final state and one metrics dict per step this call ran, with ``step`` (the
+      state's step after the update), ``time`` (Unix time when the metrics were fetched), ``step_time_s`` (wall
+      time per step, data loading and the first step's compilation included), ``data_time_s``, ``tokens``
+      (non-padding tokens of the global batch), ``tokens_per_s`` and the train step's metrics (floats, arrays as
+      lists).
+    """
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    optimizer = make_optimizer(train_config)
+    key = jax.random.PRNGKey(rng) if isinstance(rng, (int, np.integer)) else rng
+    state_shapes = jax.eval_shape(
+        lambda p, k: init_train_state(model_config, train_config, p, optimizer, k), params, key
+    )
+    state_shardings = train_state_shardings(model_config, train_config, optimizer, mesh, state_shapes)
+
+    checkpointer = Checkpointer(checkpoint_config) if checkpoint_config is not None else None
+    metrics_file = open(metrics_path, "a") if metrics_path and jax.process_index() == 0 else None
+    history: list[dict] = []
+    try:
+        restored = None
+        if checkpointer is not None:
+            restored = checkpointer.restore_latest(abstract_train_state(state_shapes, state_shardings))
+        if restored is not None:
+            state, position, start = restored.state, dict(restored.data_position), restored.step
+            logger.info("resuming at step %d from data position %s", start, position)
+        else:
+            state = _initial_state(model_config, train_config, optimizer, params, key, state_shardings)
+            position, start = dict(initial_position or {}), 0
+
+        step_fn = None
+        pending: list[tuple[int, dict, Any, float]] = []  # (step, device metrics, device token count, data time)
+        window_start = time.perf_counter()
+        last_saved = start if restored is not None else None
+
+        def flush():
+            nonlocal window_start
+            if not pending:
+                return
+            fetched = jax.device_get([(metrics, tokens) for _, metrics, tokens, _ in pending])
+            now = time.perf_counter()
+            step_time = (now - window_start) / len(pending)
+            for (step, _, _, data_time), (metrics, tokens) in zip(pending, fetched):
+                record = {
+                    "step": step,
+                    "time": time.time(),
+                    "step_time_s": step_time,
+                    "data_time_s": data_time,
+                    "tokens": int(tokens),
+                    "tokens_per_s": float(tokens) / step_time if step_time > 0 else float("nan"),
+                }
+                record.update({name: _to_json(value) for name, value in sorted(metrics.items())})
+                history.append(record)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                logger.info("step %d: loss %.6g, %.1f tokens/s", step, record.get("loss", float("nan")),
+                            record["tokens_per_s"])
+            if metrics_file is not None:
+                metrics_file.flush()
+            pending.clear()
+            window_start = time.perf_counter()
+
+        batches: Iterator = iter(batches_fn(position)) if start < num_steps else iter(())
+        for step in range(start, num_steps):
+            data_start = time.perf_counter()
+            try:
+                batch, next_position = next(batches)
+            except StopIteration:
+                logger.warning("batches_fn ran out of data after step %d (of %d)", step, num_steps)
+                break
+            global_batch = sharding.global_batch(batch, mesh)
+            data_time = time.perf_counter() - data_start
+            if step_fn is None:
+                batch_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
+                step_fn = _compiled_step(model_config, train_config, optimizer, mesh, state_shapes, batch_shapes)
+            state, metrics = step_fn(state, global_batch)
+            position = dict(next_position)
+            pending.append((step + 1, metrics, _count_tokens(global_batch), data_time))
+            if len(pending) >= log_every:
+                flush()
+            if checkpointer is not None and checkpointer.should_save(step + 1):
+                flush()  # metrics reach the file before the checkpoint that covers them
+                checkpointer.save(step + 1, state, position)
+                last_saved = step + 1
+        flush()
+        final_step = int(jax.device_get(state.step))
+        if checkpointer is not None and final_step > start and last_saved != final_step:
+            checkpointer.save(final_step, state, position, force=True)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()  # waits for the last save to be committed
+        if metrics_file is not None:
+            metrics_file.close()
+    return state, history
