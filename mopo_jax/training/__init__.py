@@ -1,1 +1,33 @@
-"""Training language models with MOPO: sequence log-probs, meshes and sharding rules, the train step, checkpoints."""
+"""Training language models with MOPO: sequence log-probs, meshes and sharding rules, the train step, checkpoints,
+and the loop."""
+
+from mopo_jax.training.checkpoint import CheckpointConfig, Checkpointer
+from mopo_jax.training.logprobs import SequenceLogProbs, sequence_log_probs
+from mopo_jax.training.loop import train
+from mopo_jax.training.sharding import MeshConfig, global_batch, make_mesh, parse_mesh
+from mopo_jax.training.train_step import (
+    TrainConfig,
+    TrainState,
+    compile_train_step,
+    init_train_state,
+    make_optimizer,
+    train_step,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "Checkpointer",
+    "MeshConfig",
+    "SequenceLogProbs",
+    "TrainConfig",
+    "TrainState",
+    "compile_train_step",
+    "global_batch",
+    "init_train_state",
+    "make_mesh",
+    "make_optimizer",
+    "parse_mesh",
+    "sequence_log_probs",
+    "train",
+    "train_step",
+]
