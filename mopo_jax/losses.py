@@ -164,12 +164,14 @@ def dpo_loss(
     preference_probs: Array | None = None,
     valid_mask: Array | None = None,
     weights: Array | None = None,
+    margin_offset: Array | None = None,
 ) -> LossTerms:
-    """DPO (Rafailov et al. 2023): ``-[P log sigmoid(beta h) + (1 - P) log sigmoid(-beta h)]``.
+    """DPO (Rafailov et al. 2023): ``-[P log sigmoid(z) + (1 - P) log sigmoid(-z)]`` with ``z = beta h - offset``.
 
     ``P = 1`` (the default) is the usual hard-label loss ``-log sigmoid(beta h)``; a soft ``P`` gives the
     cross-entropy against a preference probability. Its minimiser satisfies ``beta h = logit(P)``: the Bradley-Terry
-    reading of the preference.
+    reading of the preference. ``margin_offset`` ``[B]`` shifts the logit; MODPO (Zhou et al. 2023) is DPO with
+    ``beta / alpha_0`` and ``offset = alpha_{1:} . (r(y) - r(y')) / alpha_0`` from secondary reward models.
 
     Returns:
       :class:`LossTerms`.
@@ -178,6 +180,8 @@ def dpo_loss(
     if preference_probs is not None:
         validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
     logits = beta * log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if margin_offset is not None:
+        logits = logits - jnp.asarray(margin_offset, jnp.float32)
     if preference_probs is None:
         per_row = -jax.nn.log_sigmoid(logits)
     else:

@@ -149,3 +149,14 @@ def test_user_loop_example_meets_its_constraint():
     spec.loader.exec_module(module)
     values, multipliers = module.main(steps=400, threshold=0.58, verbose=False)
     assert float(values[1]) >= 0.58 - 1e-3 and float(multipliers[0]) > 0
+
+
+def test_dpo_margin_offset_and_pair_weights():
+    chosen, rejected, ref_chosen, ref_rejected = _random_log_probs(7, batch=6)
+    h = np.asarray((chosen - ref_chosen) - (rejected - ref_rejected), np.float64)
+    offset = np.linspace(-1, 1, 6)
+    weights = np.array([1.0, 0.5, 0.0, 2.0, 1.0, 1.0])
+    terms = mj.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.3, weights=weights, margin_offset=offset)
+    per_row = np.log1p(np.exp(-(0.3 * h - offset)))
+    np.testing.assert_allclose(float(terms.total), np.sum(weights * per_row), rtol=1e-5)
+    np.testing.assert_allclose(float(terms.denominator), weights.sum())

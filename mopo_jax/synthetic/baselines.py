@@ -122,17 +122,16 @@ def modpo_loss(tau: float, problem: TabularProblem, pairs: PairData, secondary_r
 
     def loss_fn(logits, alpha):
         chosen, rejected, ref_chosen, ref_rejected = _pair_log_probs(logits, problem, pairs)
-        shift = alpha[1:] @ reward_margin
-        # Folding the secondary margin into the reference side keeps the loss a plain DPO call.
         terms = losses.dpo_loss(
             chosen,
             rejected,
-            ref_chosen + shift / tau,
+            ref_chosen,
             ref_rejected,
             tau / alpha[0],
             preference_probs=pairs.preference_probs[:, 0],
             valid_mask=pairs.label_mask[:, 0],
             weights=pairs.weights,
+            margin_offset=(alpha[1:] @ reward_margin) / alpha[0],
         )
         return terms.mean()
 

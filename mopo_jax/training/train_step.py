@@ -19,6 +19,8 @@ Batch layout (leading axis ``B`` prompts, ``S`` responses per prompt: 2 for pair
   ``label_mask`` ``[B, K]``; DPO and IPO use objective 0;
 * weighted BC: ``candidate_preferences`` ``[B, K, N, N]``, ``candidate_label_mask`` ``[B, K, N, N]``;
 * optional ``ref_log_probs`` ``[B, S]`` when ``TrainConfig.reference == "precomputed"``;
+* optional ``pair_weights`` ``[B]`` (row weights of the pair losses: linear scalarisation over objectives) and
+  ``margin_offset`` ``[B]`` (DPO logit offset: MODPO's secondary reward margin);
 * optional ``inputs_hidden`` ``[B, S, T, D]``: cached residual stream of frozen lower layers when the trained model
   is the upper part of :func:`mopo_jax.models.split_layers` (the CPU profile's "train the top layers" lever).
 """
@@ -297,15 +299,19 @@ def _micro_batch_loss(model_config, config, trained, state: TrainState, batch, m
     args = (policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1])
     margins = losses.log_ratio_margin(*args)
     probs, labels = batch["preference_probs"], jnp.asarray(batch["label_mask"], bool)
+    weights = batch.get("pair_weights")
     if config.loss == "mopo_pairwise":
         win_margins = losses.pairwise_win_rate_margins(probs, labels, config.include_self)
         terms = losses.mopo_pairwise_loss(
-            *args, win_margins, multipliers, config.mopo.tau, valid_mask=pair_valid & jnp.any(labels, axis=-1)
+            *args, win_margins, multipliers, config.mopo.tau, valid_mask=pair_valid & jnp.any(labels, axis=-1),
+            weights=weights,
         )
     elif config.loss == "dpo":
-        terms = losses.dpo_loss(*args, config.beta, probs[:, 0], valid_mask=pair_valid & labels[:, 0])
+        terms = losses.dpo_loss(*args, config.beta, probs[:, 0], valid_mask=pair_valid & labels[:, 0],
+                                weights=weights, margin_offset=batch.get("margin_offset"))
     else:
-        terms = losses.ipo_loss(*args, config.mopo.tau, probs[:, 0], valid_mask=pair_valid & labels[:, 0])
+        terms = losses.ipo_loss(*args, config.mopo.tau, probs[:, 0], valid_mask=pair_valid & labels[:, 0],
+                                weights=weights)
     return terms, (margins, num_tokens)
 
 
