@@ -63,6 +63,35 @@ def _bench_memory(args) -> int:
     return memory_main(args.memory_args)
 
 
+def _train(args) -> int:
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import train_run
+
+    train_run(load_config(ExperimentConfig, args.config, args.overrides))
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from mopo_jax.experiment.hh_rlhf import evaluate_run
+
+    for run_dir in args.run_dirs:
+        result = evaluate_run(run_dir)
+        print(json.dumps({"run": run_dir, "win_rate": result["evaluation"]["win_rate"],
+                          "kl": result["evaluation"]["kl"], "constraint_met": result["constraint_met"]}))
+    return 0
+
+
+def _pareto(args) -> int:
+    from mopo_jax.evaluation.pareto import write_pareto
+
+    write_pareto(args.run_dirs, args.out, results_json=args.results)
+    print(f"wrote {args.out}" + (f" and {args.results}" if args.results else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopo", description="Multi-Objective Preference Optimization in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--config", help="YAML file with SyntheticConfig fields")
     synthetic.add_argument("overrides", nargs="*", help="key=value overrides of SyntheticConfig")
     synthetic.set_defaults(handler=_synthetic)
+
+    train = commands.add_parser("train", help="train one method of the HH-RLHF comparison into its run directory")
+    train.add_argument("--config", required=True, help="YAML with ExperimentConfig fields")
+    train.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: method.name=dpo_pooled)")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate trained runs (writes RUN_DIR/eval.json)")
+    evaluate.add_argument("run_dirs", nargs="+")
+    evaluate.set_defaults(handler=_eval)
+
+    pareto = commands.add_parser("pareto", help="Pareto plot and dominance table of evaluated runs")
+    pareto.add_argument("run_dirs", nargs="+")
+    pareto.add_argument("--out", required=True, help="PNG path")
+    pareto.add_argument("--results", default=None, help="also write the aggregated results.json here")
+    pareto.set_defaults(handler=_pareto)
 
     generate = commands.add_parser("generate", help="greedy chat completion with a pretrained model")
     generate.add_argument("--model", default="smollm2-135m", help="preset name, GGUF file, HF directory or hub name")

@@ -93,6 +93,7 @@ def train(
     log_every: int = 1,
     rng: int | jax.Array = 0,
     initial_position: dict | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Train until the state's step reaches ``num_steps``, resuming from the newest good checkpoint if any.
 
@@ -108,6 +109,7 @@ def train(
         the steps of one window share its average step time.
       rng: seed or PRNG key of the train state (only for a fresh start).
       initial_position: data position of a fresh start (default ``{}``).
+      on_metrics: called with each step's metrics record as it is fetched (progress bars, TensorBoard).
 
     Returns:
       ``(state, history)``: the final state and one metrics dict per step this call ran, with ``step`` (the
@@ -162,6 +164,8 @@ def train(
                 }
                 record.update({name: _to_json(value) for name, value in sorted(metrics.items())})
                 history.append(record)
+                if on_metrics is not None:
+                    on_metrics(record)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
                 logger.info("step %d: loss %.6g, %.1f tokens/s", step, record.get("loss", float("nan")),

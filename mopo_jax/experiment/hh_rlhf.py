@@ -1,0 +1,404 @@
+"""The HH-RLHF comparison: helpfulness primary, harmlessness constrained, a real pretrained LM, every method on the
+same data, budget and model.
+
+Stages (each cached in ``work_dir`` where runs share it):
+
+1. :func:`prepare_data`: load and validate the pairs, split by prompt (policy-train, labeler-train, judge-train,
+   eval), cap the sizes, tokenize with the model's chat template.
+2. :func:`preference_models`: Bradley-Terry labelers (labeler-train) and judges (judge-train) per objective on
+   frozen LM features, with their held-out accuracy on the eval split's human labels.
+3. :func:`train_run`: one method (``config.method.name``) trained with the sharded train step and the resumable
+   loop; with ``model.trainable_top_layers`` only the top blocks train, on cached activations of the frozen rest.
+4. :func:`evaluate_run`: implicit preference accuracy on held-out human pairs, judge win rates of sampled responses
+   against the reference's, KL to the reference, and whether MOPO's constraint held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from mopo_jax.experiment.config import ExperimentConfig
+
+OBJECTIVES = ("helpfulness", "harmlessness")
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _save_json(path: str, payload: Any) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=1)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Data.
+
+SPLIT_CAPS = {"policy_train": "policy_pairs", "labeler_train": "labeler_pairs", "judge_train": "judge_pairs",
+              "eval": "eval_pairs"}
+
+
+def _balanced(dataset, cap: int) -> list[dict]:
+    """Up to ``cap / 2`` rows of each objective, in the split's (content-sorted, so deterministic) order."""
+    rows = [dict(r) for r in dataset]
+    out = []
+    for objective in range(len(OBJECTIVES)):
+        out += [r for r in rows if r["objective"] == objective][: cap // 2]
+    return out
+
+
+def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Tokenized arrays per split (cached in ``work_dir/data``)."""
+    from mopo_jax.data import format_and_tokenize, load_hh_rlhf, split_by_prompt
+    from mopo_jax.models import load_tokenizer
+
+    directory = os.path.join(config.work_dir, "data")
+    paths = {split: os.path.join(directory, f"{split}.npz") for split in SPLIT_CAPS}
+    if all(os.path.exists(p) for p in paths.values()):
+        return {split: _load_npz(p) for split, p in paths.items()}
+    _log(f"loading HH-RLHF from {config.data.source}")
+    loaded = load_hh_rlhf(config.data.source, config.data.subsets)
+    splits = split_by_prompt(loaded.subsets, salt=config.data.split_salt)
+    tokenizer = load_tokenizer(config.model.name)
+    arrays, reports = {}, {"load": loaded.report.to_dict() if hasattr(loaded.report, "to_dict") else str(loaded.report)}
+    for split, cap_field in SPLIT_CAPS.items():
+        rows = _balanced(splits[split], getattr(config.data, cap_field))
+        arrays[split], report = format_and_tokenize(
+            rows, tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens
+        )
+        arrays[split]["objective"] = np.asarray(
+            [rows[i]["objective"] for i in arrays[split]["row_index"]], np.int32
+        )
+        reports[split] = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else str(report)
+        _log(f"  {split}: {len(arrays[split]['tokens'])} pairs")
+    os.makedirs(directory, exist_ok=True)
+    for split, path in paths.items():
+        np.savez(path, **arrays[split])
+    _save_json(os.path.join(directory, "reports.json"), reports)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Labelers and judges.
+
+
+def _base_model(config: ExperimentConfig):
+    from mopo_jax.models import load_pretrained
+
+    return load_pretrained(config.model.name, dtype=config.model.dtype)
+
+
+def _pair_features(config, model_config, params, arrays) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features of the first and second response of every pair: ``([B, D], [B, D])``."""
+    from mopo_jax.evaluation.preference_models import response_features
+
+    out = []
+    for side in range(2):
+        out.append(response_features(
+            model_config, params, arrays["tokens"][:, side], arrays["attention_mask"][:, side],
+            arrays["completion_mask"][:, side], layer=config.preference.feature_layer,
+        ))
+    return out[0], out[1]
+
+
+def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[str, Any]:
+    """Per objective: a labeler (labeler-train) and a judge (judge-train), and their held-out accuracies."""
+    from mopo_jax.evaluation.preference_models import BradleyTerryModel, accuracy, fit_bradley_terry
+
+    path = os.path.join(config.work_dir, "preference_models.npz")
+    summary_path = os.path.join(config.work_dir, "preference_models.json")
+    if os.path.exists(path) and os.path.exists(summary_path):
+        stored = _load_npz(path)
+        models = {
+            f"{role}_{k}": BradleyTerryModel(*(jnp.asarray(stored[f"{role}_{k}_{f}"]) for f in BradleyTerryModel._fields))
+            for role in ("labeler", "judge") for k in range(len(OBJECTIVES))
+        }
+        return {"models": models, "summary": json.load(open(summary_path))}
+    data = data if data is not None else prepare_data(config)
+    model_config, params = model if model is not None else _base_model(config)
+    features = {}
+    for split in ("labeler_train", "judge_train", "eval"):
+        _log(f"features of {split} (layer {config.preference.feature_layer})")
+        features[split] = _pair_features(config, model_config, params, data[split])
+    models, summary, arrays = {}, {"feature_layer": config.preference.feature_layer}, {}
+    for role, split in (("labeler", "labeler_train"), ("judge", "judge_train")):
+        for k, name in enumerate(OBJECTIVES):
+            rows = data[split]["objective"] == k
+            # format_and_tokenize puts the human-preferred response first.
+            chosen, rejected = features[split][0][rows], features[split][1][rows]
+            fitted = fit_bradley_terry(chosen, rejected, l2=config.preference.l2)
+            models[f"{role}_{k}"] = fitted
+            held = data["eval"]["objective"] == k
+            summary[f"{role}_{name}"] = {
+                "train_pairs": int(rows.sum()),
+                "train_accuracy": accuracy(fitted, chosen, rejected),
+                "heldout_pairs": int(held.sum()),
+                "heldout_accuracy": accuracy(fitted, features["eval"][0][held], features["eval"][1][held]),
+            }
+            for field in BradleyTerryModel._fields:
+                arrays[f"{role}_{k}_{field}"] = np.asarray(getattr(fitted, field))
+            _log(f"  {role} {name}: held-out accuracy {summary[f'{role}_{name}']['heldout_accuracy']:.3f}")
+    np.savez(path, **arrays)
+    _save_json(summary_path, summary)
+    return {"models": models, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Training one method.
+
+
+def _split_model(config: ExperimentConfig, model_config, params):
+    """``(lower_config, lower, upper_config, upper)``; the lower part is None when everything trains."""
+    from mopo_jax.models import split_layers
+
+    top = config.model.trainable_top_layers
+    if top <= 0:
+        return None, None, model_config, params
+    return split_layers(model_config, params, model_config.n_layers - top)
+
+
+def _lower_activations(config, lower_config, lower, arrays, name: str) -> np.ndarray:
+    """Residual stream after the frozen blocks for every response of ``arrays`` (cached): ``[B, 2, T, D]``."""
+    from mopo_jax.models import residual_stream
+
+    path = os.path.join(config.work_dir, f"activations_{name}_top{config.model.trainable_top_layers}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
+    tokens = arrays["tokens"].reshape(-1, arrays["tokens"].shape[-1])
+    mask = arrays["attention_mask"].reshape(tokens.shape)
+    run = jax.jit(lambda t, m: residual_stream(lower_config, lower, t, mask=m))
+    batch = 16
+    out = []
+    for start in range(0, len(tokens), batch):
+        t, m = tokens[start:start + batch], mask[start:start + batch]
+        short = batch - len(t)
+        if short:
+            t = np.concatenate([t, np.zeros((short,) + t.shape[1:], t.dtype)])
+            m = np.concatenate([m, np.ones((short,) + m.shape[1:], m.dtype)])
+        out.append(np.asarray(run(t, m), np.float32)[: batch - short])
+    hidden = np.concatenate(out).reshape(arrays["tokens"].shape + (-1,))
+    np.save(path, hidden)
+    return hidden
+
+
+def method_arrays(config: ExperimentConfig, arrays: dict[str, np.ndarray], labelers=None) -> dict[str, np.ndarray]:
+    """The policy-train pairs as one method sees them (which pairs, which labels, which weights)."""
+    method = config.method
+    objective = arrays["objective"]
+    keep = np.ones(len(objective), bool)
+    out = {k: v for k, v in arrays.items()}
+    probs = np.zeros((len(objective), 2), np.float32)
+    labels = np.zeros((len(objective), 2), bool)
+    if method.name == "mopo_pairwise":
+        probs, labels = arrays["preference_probs"].astype(np.float32), arrays["label_mask"].astype(bool)
+    else:  # DPO-family: every kept pair is a "chosen beats rejected" label in column 0
+        probs[:, 0], labels[:, 0] = 1.0, True
+        if method.name in ("dpo_helpful", "modpo"):
+            keep = objective == 0
+        elif method.name == "dpo_harmless":
+            keep = objective == 1
+        if method.name == "weighted_dpo":
+            out["pair_weights"] = np.asarray(method.weights, np.float32)[objective]
+    out["preference_probs"], out["label_mask"] = probs, labels
+    if method.name == "modpo":
+        chosen, rejected = labelers["harmlessness_features"]
+        from mopo_jax.evaluation.preference_models import rewards
+
+        margin = np.asarray(rewards(labelers["harmlessness"], chosen) - rewards(labelers["harmlessness"], rejected))
+        out["margin_offset"] = (method.weights[1] / method.weights[0]) * margin.astype(np.float32)
+    return {k: v[keep] for k, v in out.items()}
+
+
+def train_config_for(config: ExperimentConfig):
+    from mopo_jax.state import MOPOConfig
+    from mopo_jax.training import TrainConfig
+
+    optim, method = config.optim, config.method
+    mopo_config = MOPOConfig(tau=optim.tau, multiplier_lr=optim.multiplier_lr, beta=optim.ratchet_beta,
+                             refresh_every=optim.refresh_every or None)
+    frozen = ("embed",) if config.model.trainable_top_layers > 0 else ()
+    common = dict(learning_rate=optim.learning_rate, frozen_params=frozen, mopo=mopo_config)
+    if method.name == "mopo_pairwise":
+        return TrainConfig(loss="mopo_pairwise", thresholds=(method.threshold,), **common)
+    beta = optim.beta / method.weights[0] if method.name == "modpo" else optim.beta
+    return TrainConfig(loss="dpo", beta=beta, **common)
+
+
+def _save_policy(path: str, params) -> None:
+    flat = {"/".join(str(getattr(k, "key", k)) for k in keypath): np.asarray(leaf)
+            for keypath, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(path, **flat)
+
+
+def _load_policy(path: str, like):
+    stored = _load_npz(path)
+    return jax.tree_util.tree_map_with_path(
+        lambda keypath, leaf: jnp.asarray(stored["/".join(str(getattr(k, "key", k)) for k in keypath)]), like)
+
+
+def train_run(config: ExperimentConfig) -> dict[str, Any]:
+    """Trains ``config.method`` into ``config.run_dir`` (resuming from its last checkpoint) and saves the policy."""
+    from tqdm import tqdm
+
+    from mopo_jax.data import iterate_batches
+    from mopo_jax.training import CheckpointConfig, MeshConfig, make_mesh, train
+
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.yaml"), "w") as handle:
+        yaml.safe_dump(_as_plain(dataclasses.asdict(config)), handle, sort_keys=False)
+    policy_path = os.path.join(config.run_dir, "policy.npz")
+    data = prepare_data(config)
+    model_config, params = _base_model(config)
+    lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
+    method = config.method.name
+    summary = {"method": method, "run_dir": config.run_dir}
+    if method == "reference":
+        _save_policy(policy_path, upper)
+    elif method == "rewarded_soups":
+        helpful, harmless = (_load_policy(os.path.join(d, "policy.npz"), upper) for d in config.method.soups_from)
+        w_help, w_harm = config.method.weights
+        _save_policy(policy_path, jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless))
+    elif method == "mopo_onpolicy":
+        raise NotImplementedError(
+            "mopo_onpolicy (candidate sampling + labelers + weighted BC) is not implemented yet; see the open issue"
+        )
+    else:
+        labelers = None
+        arrays = dict(data["policy_train"])
+        if method == "modpo":
+            models = preference_models(config, data, (model_config, params))["models"]
+            features = _pair_features(config, model_config, params, arrays)
+            labelers = {"harmlessness": models["labeler_1"], "harmlessness_features": features}
+        if lower is not None:
+            arrays["inputs_hidden"] = _lower_activations(config, lower_config, lower, arrays, "policy_train")
+        arrays = method_arrays(config, arrays, labelers)
+        keys = ["tokens", "completion_mask", "attention_mask", "preference_probs", "label_mask"]
+        keys += [k for k in ("inputs_hidden", "pair_weights", "margin_offset") if k in arrays]
+        train_config = train_config_for(config)
+        mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]) if jax.device_count() > 1 else make_mesh()
+
+        def batches(position):
+            return iterate_batches(arrays, config.optim.batch_pairs, config.seed, position, keys=keys)
+
+        writer = _tensorboard(config.run_dir)
+        bar = tqdm(total=config.optim.steps, desc=f"{method}", unit="step", dynamic_ncols=True)
+
+        def on_metrics(record):
+            bar.n = record["step"]
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            bar.refresh()
+            if writer is not None:
+                for name, value in record.items():
+                    values = value if isinstance(value, list) else [value]
+                    for i, v in enumerate(values):
+                        if isinstance(v, (int, float)) and name not in ("step", "time"):
+                            writer.add_scalar(name if len(values) == 1 else f"{name}/{i}", v, record["step"])
+
+        state, history = train(
+            upper_config, train_config, upper, batches, config.optim.steps, mesh,
+            CheckpointConfig(os.path.join(config.run_dir, "checkpoints"), save_every=config.optim.save_every),
+            metrics_path=os.path.join(config.run_dir, "metrics.jsonl"), rng=config.seed, on_metrics=on_metrics,
+        )
+        bar.close()
+        if writer is not None:
+            writer.close()
+        trained = {**(state.base or {}), **state.params}
+        _save_policy(policy_path, trained)
+        summary["final_metrics"] = history[-1] if history else None
+    _save_json(os.path.join(config.run_dir, "train.json"), summary)
+    return summary
+
+
+def _tensorboard(run_dir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: the JSONL log always exists
+        return None
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+
+def _as_plain(value):
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Evaluation.
+
+
+def load_run_config(run_dir: str) -> ExperimentConfig:
+    from mopo_jax.configs import load_config
+
+    return load_config(ExperimentConfig, os.path.join(run_dir, "config.yaml"), [f"run_dir={run_dir}"])
+
+
+def policy_params(config: ExperimentConfig, model=None):
+    """Full policy parameters of a run (frozen lower blocks joined to its trained upper blocks) and the reference."""
+    from mopo_jax.models import join_layers
+
+    model_config, params = model if model is not None else _base_model(config)
+    _, lower, _, upper = _split_model(config, model_config, params)
+    trained = _load_policy(os.path.join(config.run_dir, "policy.npz"), upper)
+    policy = trained if lower is None else join_layers(lower, trained)
+    return model_config, policy, params
+
+
+def evaluate_run(run_dir: str) -> dict[str, Any]:
+    """Evaluates a trained run and writes ``RUN_DIR/eval.json``."""
+    from mopo_jax.evaluation import policy_eval
+    from mopo_jax.evaluation.preference_models import response_features
+
+    config = load_run_config(run_dir)
+    data = prepare_data(config)
+    model = _base_model(config)
+    judges = preference_models(config, data, model)
+    model_config, policy, reference = policy_params(config, model)
+    prompts = data["eval"]
+    count = min(config.data.eval_prompts, len(prompts["prompt_tokens"]))
+    feature_layer = config.preference.feature_layer
+
+    def feature_fn(tokens, attention, completion):
+        return response_features(model_config, reference, tokens, attention, completion, layer=feature_layer)
+
+    evaluation = policy_eval.evaluate_policy(
+        model_config, policy, reference, data["eval"],
+        prompt_tokens=prompts["prompt_tokens"][:count], prompt_mask=prompts["prompt_mask"][:count],
+        judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
+        max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
+        rng=jax.random.PRNGKey(config.seed), batch_size=config.eval.batch_size,
+    )
+    threshold = config.method.threshold if config.method.name.startswith("mopo") else None
+    constraint_met = None
+    if threshold is not None:
+        constraint_met = bool(evaluation["implicit"]["constraint_values"][1] >= threshold)
+    payload = {
+        "name": os.path.basename(os.path.normpath(run_dir)),
+        "method": config.method.name,
+        "config": _as_plain(dataclasses.asdict(config)),
+        "seed": config.seed,
+        "evaluation": evaluation,
+        "threshold": threshold,
+        "constraint_met": constraint_met,
+        "preference_models": judges["summary"],
+    }
+    _save_json(os.path.join(run_dir, "eval.json"), payload)
+    return payload
