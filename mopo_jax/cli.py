@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "memory"]:
+        # argparse.REMAINDER does not take arguments that start with "--" after a sub-command: hand them over as is.
+        from mopo_jax.bench.memory import main as memory_main
+
+        return memory_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -40,8 +40,14 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
 
 
 def apply_overrides(config, overrides: Sequence[str]):
-    """Returns a copy of the dataclass ``config`` with ``key=value`` overrides applied (nested keys use dots)."""
+    """Returns a copy of the dataclass ``config`` with ``key=value`` overrides applied (nested keys use dots).
+
+    All overrides of one level are applied in a single ``dataclasses.replace``, so a config's cross-field checks
+    (``__post_init__``) see the final combination, not each intermediate one.
+    """
     hints = typing.get_type_hints(type(config))
+    changes: dict[str, Any] = {}
+    nested: dict[str, list[str]] = {}
     for override in overrides:
         if "=" not in override:
             raise ValueError(f"override {override!r} must look like key=value")
@@ -51,10 +57,12 @@ def apply_overrides(config, overrides: Sequence[str]):
             names = ", ".join(f.name for f in dataclasses.fields(config))
             raise ValueError(f"unknown config key {head!r} in override {override!r}; known keys: {names}")
         if rest:
-            config = dataclasses.replace(config, **{head: apply_overrides(getattr(config, head), [f"{rest}={text}"])})
+            nested.setdefault(head, []).append(f"{rest}={text}")
         else:
-            config = dataclasses.replace(config, **{head: _coerce(text, hints[head], key)})
-    return config
+            changes[head] = _coerce(text, hints[head], key)
+    for head, items in nested.items():
+        changes[head] = apply_overrides(changes.get(head, getattr(config, head)), items)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def load_config(cls, path: str | None = None, overrides: Sequence[str] = ()):
@@ -79,7 +87,7 @@ def load_config(cls, path: str | None = None, overrides: Sequence[str] = ()):
                     flat.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
         walk("", data)
         try:
-            config = apply_overrides(config, flat)
+            return apply_overrides(config, [*flat, *overrides])
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise ValueError(f"{path} (with overrides {list(overrides)}): {error}") from error
     return apply_overrides(config, overrides)

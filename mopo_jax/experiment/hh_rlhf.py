@@ -35,10 +35,22 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def _save_json(path: str, payload: Any) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as handle:
-        json.dump(payload, handle, indent=1)
+        json.dump(_jsonable(payload), handle, indent=1)
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -379,12 +391,18 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
     def feature_fn(tokens, attention, completion):
         return response_features(model_config, reference, tokens, attention, completion, layer=feature_layer)
 
+    from mopo_jax.data import end_of_turn_text
+    from mopo_jax.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.name)
+    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
     evaluation = policy_eval.evaluate_policy(
         model_config, policy, reference, data["eval"],
         prompt_tokens=prompts["prompt_tokens"][:count], prompt_mask=prompts["prompt_mask"][:count],
         judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
         rng=jax.random.PRNGKey(config.seed), batch_size=config.eval.batch_size,
+        eos_id=end_of_turn, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn,
     )
     threshold = config.method.threshold if config.method.name.startswith("mopo") else None
     constraint_met = None

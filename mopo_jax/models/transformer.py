@@ -289,7 +289,8 @@ def unembed(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array
 
 def forward(config: ModelConfig, params: Params, tokens: jax.Array,
             positions: jax.Array | None = None, mask: jax.Array | None = None,
-            *, return_hidden: bool = False, inputs_hidden: jax.Array | None = None) -> jax.Array:
+            *, return_hidden: bool = False, inputs_hidden: jax.Array | None = None,
+            activation_sharding=None) -> jax.Array:
     """Causal LM forward pass.
 
     Args:
@@ -304,6 +305,9 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
       inputs_hidden: optional ``[B, T, D]`` residual-stream input that replaces the token (and position)
         embedding, e.g. cached activations of lower layers when ``params`` holds only the top layers (see
         :func:`split_layers`). ``tokens`` then only sets the shape.
+      activation_sharding: optional sharding of the ``[B, T, D]`` residual stream (e.g. the batch over the
+        data-parallel mesh axes), applied to every block's input. Without it XLA may shard the activations like the
+        FSDP-sharded weights (along ``D``) and keep the whole batch on every device.
       return_hidden: if True return the final-norm hidden states ``[B, T, D]``
         (compute dtype) instead of logits; project with :func:`unembed`.
 
@@ -311,7 +315,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
       float32 logits ``[B, T, V]`` (or hidden states, see above). Outputs at
       padding positions are unspecified.
     """
-    h = residual_stream(config, params, tokens, positions, mask, inputs_hidden=inputs_hidden)
+    h = residual_stream(config, params, tokens, positions, mask, inputs_hidden=inputs_hidden,
+                        activation_sharding=activation_sharding)
     h = _norm(config, params["final_norm"], h)
     if return_hidden:
         return h
@@ -320,7 +325,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
 
 def residual_stream(config: ModelConfig, params: Params, tokens: jax.Array,
                     positions: jax.Array | None = None, mask: jax.Array | None = None,
-                    *, inputs_hidden: jax.Array | None = None) -> jax.Array:
+                    *, inputs_hidden: jax.Array | None = None, activation_sharding=None) -> jax.Array:
     """The residual stream after every block of ``params``, before the final norm (arguments as :func:`forward`).
 
     Run on the lower part of :func:`split_layers`, this is the ``inputs_hidden`` of the upper part.
@@ -348,11 +353,14 @@ def residual_stream(config: ModelConfig, params: Params, tokens: jax.Array,
     h = _embed(cfg, params, tokens, positions) if inputs_hidden is None else inputs_hidden.astype(cfg.compute_dtype)
     cos, sin = _rope_cos_sin(cfg, positions) if cfg.positional == "rope" else (None, None)
 
+    def constrain(h):
+        return h if activation_sharding is None else jax.lax.with_sharding_constraint(h, activation_sharding)
+
     def layer(h, lp):
-        h, _ = _block(cfg, lp, h, cos, sin, attn_mask)
+        h, _ = _block(cfg, lp, constrain(h), cos, sin, attn_mask)
         return h, None
 
-    h, _ = jax.lax.scan(_remat(cfg, layer), h, params["layers"])
+    h, _ = jax.lax.scan(_remat(cfg, layer), constrain(h), params["layers"])
     return h
 
 

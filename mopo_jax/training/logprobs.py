@@ -28,6 +28,7 @@ def sequence_log_probs(
     attention_mask: jax.Array | None = None,
     vocab_chunk: int | None = None,
     inputs_hidden: jax.Array | None = None,
+    activation_sharding=None,
 ) -> SequenceLogProbs:
     """``log pi(y | x) = sum_t m_t log pi(token_t | tokens_<t)`` over completion tokens ``m_t = 1``.
 
@@ -44,11 +45,14 @@ def sequence_log_probs(
       vocab_chunk: optional vocabulary chunk size (must divide the vocabulary).
       inputs_hidden: optional ``[B, T, D]`` cached residual stream of frozen lower layers, when ``params`` holds
         only the upper layers (:func:`mopo_jax.models.split_layers`).
+      activation_sharding: optional sharding of the ``[B, T, D]`` residual stream (see
+        :func:`mopo_jax.models.forward`).
 
     Returns:
       :class:`SequenceLogProbs`.
     """
-    hidden = forward(config, params, tokens, mask=attention_mask, return_hidden=True, inputs_hidden=inputs_hidden)
+    hidden = forward(config, params, tokens, mask=attention_mask, return_hidden=True, inputs_hidden=inputs_hidden,
+                     activation_sharding=activation_sharding)
     # Position t predicts token t+1: score targets tokens[:, 1:] with hidden[:, :-1].
     per_token = token_log_probs(config, params, hidden[:, :-1], tokens[:, 1:], vocab_chunk=vocab_chunk)
     scored = jnp.asarray(completion_mask[:, 1:], bool)

@@ -8,7 +8,9 @@ The mesh has three axes:
 
 Parameters carry logical axis names (:func:`mopo_jax.models.param_logical_axes`); :data:`PARAM_RULES` maps them to
 mesh axes and :data:`ACTIVATION_RULES` does the same for activations. A logical axis whose size the mesh axis does not
-divide stays replicated (e.g. 3 KV heads on ``tensor=2``), so every preset runs on every mesh.
+divide stays replicated (e.g. an MLP width of 129 on ``tensor=2``), so every preset runs on every mesh. Head axes are
+the flattened ``heads x head_dim`` projection width, so a mesh axis may split inside a head: correct, with more
+communication.
 
 The mesh uses ``AxisType.Auto`` throughout: shardings are given explicitly at the jit boundary (parameters, optimizer
 state, batch) and at a few activation points, and XLA's propagation fills in the rest (pjit semantics). One choice,

@@ -270,11 +270,16 @@ def _flatten_responses(batch):
 
 def _response_log_probs(model_config, config, weights, batch, mesh=None):
     tokens, completion, attention, hidden, shape = _flatten_responses(batch)
+    residual = None
     if mesh is not None:
-        # Keep the flattened responses on the batch axes of the mesh (ACTIVATION_RULES), whatever XLA would pick.
+        # Keep the flattened responses, and the residual stream, on the batch axes of the mesh (ACTIVATION_RULES):
+        # left alone, XLA shards the activations like the FSDP-sharded weights (along embed) with the whole batch on
+        # every device (a 1.3B step on fsdp=8: 13.7 GiB of temporaries per device instead of 2.6).
         rows = sharding.activation_sharding(mesh, ("batch", "length"))
         tokens, completion, attention = (jax.lax.with_sharding_constraint(a, rows) for a in (tokens, completion, attention))
-    out = sequence_log_probs(model_config, weights, tokens, completion, attention, config.vocab_chunk, hidden)
+        residual = sharding.activation_sharding(mesh, ("batch", "length", "embed"))
+    out = sequence_log_probs(model_config, weights, tokens, completion, attention, config.vocab_chunk, hidden,
+                             activation_sharding=residual)
     return out.log_probs.reshape(shape), out.num_tokens.reshape(shape)
 
 
