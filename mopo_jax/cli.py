@@ -52,7 +52,8 @@ def _bench_step(args) -> int:
 
     report = step_report(preset=args.preset, mesh=args.mesh, loss=args.loss, pairs=args.pairs,
                          prompt_len=args.prompt_len, response_len=args.response_len, steps=args.steps,
-                         compute_dtype=args.dtype, remat=args.remat, compare_torch=not args.no_torch)
+                         compute_dtype=args.dtype, remat=args.remat, compare_torch=not args.no_torch,
+                         completion_only=args.completion_only)
     print(json.dumps(report, indent=1))
     return 0
 
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
     step.add_argument("--remat", default=None, choices=["none", "full", "dots"])
     step.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side")
+    step.add_argument("--completion-only", action="store_true",
+                      help="unembed only the response columns (TrainConfig.completion_start = prompt length)")
     step.set_defaults(handler=_bench_step)
     memory = bench_commands.add_parser(
         "memory", help="ahead-of-time compile a step on simulated devices and print per-device memory (JSON)",

@@ -18,6 +18,9 @@ def test_matmul_params_counts_projection_and_unembedding_weights():
     per_token_forward = 2 * expected + 4 * 4 * 128 * 256
     assert flops["total"] == 4 * per_token_forward * 16 * 128
     assert flops["reference_forward"] == per_token_forward * 16 * 128
+    # Unembedding only the 64 response positions removes 2 * d * V FLOPs on each of the other 64.
+    sliced = step_flops(config, sequences=16, length=128, live_reference=True, unembedded_positions=64)
+    assert flops["total"] - sliced["total"] == 4 * 16 * 64 * 2 * 256 * 8192
 
 
 def test_step_report_runs_on_tiny_preset():

@@ -59,8 +59,9 @@ def test_sequence_log_probs_match_direct_computation_and_chunking(params):
     batch = _pair_batch()
     flat = {k: batch[k].reshape(PROMPTS * 2, LENGTH) for k in ("tokens", "completion_mask", "attention_mask")}
     want, want_valid = _direct_log_probs(params, flat["tokens"], flat["completion_mask"], flat["attention_mask"])
-    for chunk in (None, 64):
-        got = sequence_log_probs(MODEL, params, flat["tokens"], flat["completion_mask"], flat["attention_mask"], chunk)
+    for chunk, start in ((None, 0), (64, 0), (None, 9)):  # completions start at column 9 in this batch
+        got = sequence_log_probs(MODEL, params, flat["tokens"], flat["completion_mask"], flat["attention_mask"], chunk,
+                                 completion_start=start)
         np.testing.assert_allclose(np.asarray(got.log_probs), want, atol=2e-4)
         np.testing.assert_array_equal(np.asarray(got.valid), want_valid)
     assert not want_valid[3] and float(got.log_probs[3]) == 0.0

@@ -61,6 +61,8 @@ class ModelConfig:
       remat: per-layer rematerialisation: ``"none"``, ``"full"`` (save nothing
         but the layer input) or ``"dots"`` (save weight matmul outputs, i.e.
         ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+      scan_unroll: layers per iteration of the ``lax.scan`` over blocks (``n_layers`` unrolls fully: faster steps
+        for shallow models, longer compiles for deep ones).
       init_std: standard deviation of the normal initialiser.
       bos_id, eos_id, pad_id: optional special token ids (informative).
     """
@@ -90,6 +92,7 @@ class ModelConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: str = "none"
+    scan_unroll: int = 1
     init_std: float = 0.02
     bos_id: int | None = None
     eos_id: int | None = None

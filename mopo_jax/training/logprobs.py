@@ -29,6 +29,7 @@ def sequence_log_probs(
     vocab_chunk: int | None = None,
     inputs_hidden: jax.Array | None = None,
     activation_sharding=None,
+    completion_start: int = 0,
 ) -> SequenceLogProbs:
     """``log pi(y | x) = sum_t m_t log pi(token_t | tokens_<t)`` over completion tokens ``m_t = 1``.
 
@@ -47,17 +48,22 @@ def sequence_log_probs(
         only the upper layers (:func:`mopo_jax.models.split_layers`).
       activation_sharding: optional sharding of the ``[B, T, D]`` residual stream (see
         :func:`mopo_jax.models.forward`).
+      completion_start: first column that can hold a completion token (static). Positions before it are never
+        scored, so the unembedding and log-softmax run on ``T - completion_start`` positions only; with a prompt
+        region of fixed width (left-padded prompts, as :func:`mopo_jax.data.format_and_tokenize` lays them out)
+        this halves the vocabulary work without changing the result.
 
     Returns:
       :class:`SequenceLogProbs`.
     """
     hidden = forward(config, params, tokens, mask=attention_mask, return_hidden=True, inputs_hidden=inputs_hidden,
                      activation_sharding=activation_sharding)
-    # Position t predicts token t+1: score targets tokens[:, 1:] with hidden[:, :-1].
-    per_token = token_log_probs(config, params, hidden[:, :-1], tokens[:, 1:], vocab_chunk=vocab_chunk)
-    scored = jnp.asarray(completion_mask[:, 1:], bool)
+    # Position t predicts token t+1: score targets tokens[:, s:] with hidden[:, s-1:-1].
+    start = max(int(completion_start), 1)
+    per_token = token_log_probs(config, params, hidden[:, start - 1:-1], tokens[:, start:], vocab_chunk=vocab_chunk)
+    scored = jnp.asarray(completion_mask[:, start:], bool)
     if attention_mask is not None:
-        scored = scored & jnp.asarray(attention_mask[:, 1:], bool)
+        scored = scored & jnp.asarray(attention_mask[:, start:], bool)
     totals = jnp.sum(jnp.where(scored, per_token, 0.0), axis=-1)
     counts = jnp.sum(scored, axis=-1).astype(jnp.int32)
     return SequenceLogProbs(log_probs=totals, valid=counts > 0, num_tokens=counts)

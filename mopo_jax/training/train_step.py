@@ -66,6 +66,8 @@ class TrainConfig:
       include_self: whether the comparison policy of a pair puts mass on the response itself (Eq. 1).
       frozen_params: top-level parameter names held fixed (no gradient, no update), e.g. ``("embed",)`` when the
         upper layers train on cached activations of a tied-embedding model.
+      completion_start: first column of the batch that can hold a completion token (the prompt width of the data
+        layout); earlier positions skip the unembedding (see :func:`mopo_jax.training.sequence_log_probs`).
     """
 
     loss: str = "mopo_pairwise"
@@ -84,6 +86,7 @@ class TrainConfig:
     vocab_chunk: int | None = None
     include_self: bool = True
     frozen_params: tuple[str, ...] = ()
+    completion_start: int = 0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -254,8 +257,9 @@ def train_state_shardings(model_config: ModelConfig, config: TrainConfig, optimi
 # The step.
 
 
-def _rows_with_completion(completion_mask, attention_mask):
-    scored = jnp.asarray(completion_mask[..., 1:], bool) & jnp.asarray(attention_mask[..., 1:], bool)
+def _rows_with_completion(completion_mask, attention_mask, completion_start: int = 0):
+    start = max(completion_start, 1)
+    scored = jnp.asarray(completion_mask[..., start:], bool) & jnp.asarray(attention_mask[..., start:], bool)
     return jnp.any(scored, axis=-1)
 
 
@@ -279,7 +283,7 @@ def _response_log_probs(model_config, config, weights, batch, mesh=None):
         tokens, completion, attention = (jax.lax.with_sharding_constraint(a, rows) for a in (tokens, completion, attention))
         residual = sharding.activation_sharding(mesh, ("batch", "length", "embed"))
     out = sequence_log_probs(model_config, weights, tokens, completion, attention, config.vocab_chunk, hidden,
-                             activation_sharding=residual)
+                             activation_sharding=residual, completion_start=config.completion_start)
     return out.log_probs.reshape(shape), out.num_tokens.reshape(shape)
 
 
@@ -293,7 +297,7 @@ def _micro_batch_loss(model_config, config, trained, state: TrainState, batch, m
         ref_weights = _weights(config, state.base, jax.lax.stop_gradient(state.reference))
         reference, _ = _response_log_probs(model_config, config, ref_weights, batch, mesh)
         reference = jax.lax.stop_gradient(reference)
-    row_valid = _rows_with_completion(batch["completion_mask"], batch["attention_mask"])  # [b, S]
+    row_valid = _rows_with_completion(batch["completion_mask"], batch["attention_mask"], config.completion_start)
 
     if config.loss == "mopo_weighted_bc":
         terms = losses.weighted_bc_loss(policy, log_weights, candidate_mask=row_valid)
@@ -347,7 +351,7 @@ def train_step(
     """
     transformation = mopo(config.mopo) if config.uses_mopo else None
     mopo_state = state.mopo_state
-    row_valid = _rows_with_completion(batch["completion_mask"], batch["attention_mask"])
+    row_valid = _rows_with_completion(batch["completion_mask"], batch["attention_mask"], config.completion_start)
     log_weights = jnp.zeros(batch["tokens"].shape[:2], jnp.float32)
     multipliers = mopo_state.multipliers if mopo_state is not None else jnp.zeros((0,), jnp.float32)
 
