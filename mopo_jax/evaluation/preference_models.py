@@ -8,6 +8,7 @@ pretrained LM over the response tokens, see :func:`response_features`).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -80,6 +81,14 @@ def fit_bradley_terry(chosen, rejected, l2: float = 1e-3, steps: int = 200) -> B
     return BradleyTerryModel(weights=weights, feature_mean=mean, feature_scale=scale)
 
 
+@partial(jax.jit, static_argnames=("config",))
+def _pooled_features(config: ModelConfig, params, tokens, attention, completion):
+    hidden = forward(config, params, tokens, mask=attention, return_hidden=True).astype(jnp.float32)
+    weights = (jnp.asarray(completion, bool) & jnp.asarray(attention, bool)).astype(jnp.float32)
+    total = jnp.sum(weights, axis=1, keepdims=True)
+    return jnp.sum(hidden * weights[..., None], axis=1) / jnp.maximum(total, 1.0)
+
+
 def response_features(
     config: ModelConfig,
     params,
@@ -106,13 +115,6 @@ def response_features(
         config = config.replace(n_layers=layer)
         params = {**params, "layers": jax.tree.map(lambda a: a[:layer], params["layers"])}
 
-    @jax.jit
-    def pooled(tokens, attention, completion):
-        hidden = forward(config, params, tokens, mask=attention, return_hidden=True).astype(jnp.float32)
-        weights = (jnp.asarray(completion, bool) & jnp.asarray(attention, bool)).astype(jnp.float32)
-        total = jnp.sum(weights, axis=1, keepdims=True)
-        return jnp.sum(hidden * weights[..., None], axis=1) / jnp.maximum(total, 1.0)
-
     tokens, attention_mask, completion_mask = (np.asarray(a) for a in (tokens, attention_mask, completion_mask))
     out = []
     for start in range(0, tokens.shape[0], batch_size):
@@ -121,5 +123,5 @@ def response_features(
         short = batch_size - chunk[0].shape[0]
         if short:  # pad the last chunk to the compiled shape
             chunk = [np.concatenate([a, np.zeros((short,) + a.shape[1:], a.dtype)]) for a in chunk]
-        out.append(np.asarray(pooled(*chunk))[: batch_size - short])
+        out.append(np.asarray(_pooled_features(config, params, *chunk))[: batch_size - short])
     return np.concatenate(out) if out else np.zeros((0, config.d_model), np.float32)

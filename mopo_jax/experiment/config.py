@@ -74,8 +74,9 @@ class OptimConfig:
     refresh_every: int = 0  # t0; 0 keeps the initial reference
     ratchet_beta: float = 0.9995
     save_every: int = 20
-    candidates: int = 4  # mopo_onpolicy: responses sampled per prompt
+    candidates: int = 4  # mopo_onpolicy: responses sampled per prompt from the current reference
     candidate_temperature: float = 1.0
+    robust_eps: float = 0.15  # mopo_onpolicy: KL radius of the robust secondary estimate (paper: 0.15)
 
 
 @dataclasses.dataclass(frozen=True)

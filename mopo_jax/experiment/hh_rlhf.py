@@ -16,9 +16,11 @@ Stages (each cached in ``work_dir`` where runs share it):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -109,10 +111,16 @@ def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
 # 2. Labelers and judges.
 
 
-def _base_model(config: ExperimentConfig):
+@functools.lru_cache(maxsize=2)
+def _load_model(name: str, dtype: str):
     from mopo_jax.models import load_pretrained
 
-    return load_pretrained(config.model.name, dtype=config.model.dtype)
+    return load_pretrained(name, dtype=dtype)
+
+
+def _base_model(config: ExperimentConfig):
+    """The pretrained model (loaded once per process: parameters are immutable arrays)."""
+    return _load_model(config.model.name, config.model.dtype)
 
 
 def _pair_features(config, model_config, params, arrays) -> tuple[np.ndarray, np.ndarray]:
@@ -186,15 +194,12 @@ def _split_model(config: ExperimentConfig, model_config, params):
 
 def _lower_activations(config, lower_config, lower, arrays, name: str) -> np.ndarray:
     """Residual stream after the frozen blocks for every response of ``arrays`` (cached): ``[B, 2, T, D]``."""
-    from mopo_jax.models import residual_stream
-
     path = os.path.join(config.work_dir, f"activations_{name}_top{config.model.trainable_top_layers}.npy")
     if os.path.exists(path):
         return np.load(path)
     _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
     tokens = arrays["tokens"].reshape(-1, arrays["tokens"].shape[-1])
     mask = arrays["attention_mask"].reshape(tokens.shape)
-    run = jax.jit(lambda t, m: residual_stream(lower_config, lower, t, mask=m))
     batch = 16
     out = []
     for start in range(0, len(tokens), batch):
@@ -203,7 +208,7 @@ def _lower_activations(config, lower_config, lower, arrays, name: str) -> np.nda
         if short:
             t = np.concatenate([t, np.zeros((short,) + t.shape[1:], t.dtype)])
             m = np.concatenate([m, np.ones((short,) + m.shape[1:], m.dtype)])
-        out.append(np.asarray(run(t, m), np.float32)[: batch - short])
+        out.append(np.asarray(_residual_stream_jit(lower_config, lower, t, m), np.float32)[: batch - short])
     hidden = np.concatenate(out).reshape(arrays["tokens"].shape + (-1,))
     np.save(path, hidden)
     return hidden
@@ -243,11 +248,16 @@ def train_config_for(config: ExperimentConfig):
 
     optim, method = config.optim, config.method
     mopo_config = MOPOConfig(tau=optim.tau, multiplier_lr=optim.multiplier_lr, beta=optim.ratchet_beta,
-                             refresh_every=optim.refresh_every or None)
+                             refresh_every=optim.refresh_every or None,
+                             eps=optim.robust_eps if method.name == "mopo_onpolicy" else 0.0)
     frozen = ("embed",) if config.model.trainable_top_layers > 0 else ()
-    common = dict(learning_rate=optim.learning_rate, frozen_params=frozen, mopo=mopo_config)
+    # Prompts are left-padded to max_prompt_tokens, so no completion token sits before that column.
+    common = dict(learning_rate=optim.learning_rate, frozen_params=frozen, mopo=mopo_config,
+                  completion_start=config.data.max_prompt_tokens)
     if method.name == "mopo_pairwise":
         return TrainConfig(loss="mopo_pairwise", thresholds=(method.threshold,), **common)
+    if method.name == "mopo_onpolicy":
+        return TrainConfig(loss="mopo_weighted_bc", thresholds=(method.threshold,), **common)
     beta = optim.beta / method.weights[0] if method.name == "modpo" else optim.beta
     return TrainConfig(loss="dpo", beta=beta, **common)
 
@@ -286,27 +296,29 @@ def train_run(config: ExperimentConfig) -> dict[str, Any]:
         helpful, harmless = (_load_policy(os.path.join(d, "policy.npz"), upper) for d in config.method.soups_from)
         w_help, w_harm = config.method.weights
         _save_policy(policy_path, jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless))
-    elif method == "mopo_onpolicy":
-        raise NotImplementedError(
-            "mopo_onpolicy (candidate sampling + labelers + weighted BC) is not implemented yet; see the open issue"
-        )
     else:
-        labelers = None
-        arrays = dict(data["policy_train"])
-        if method == "modpo":
-            models = preference_models(config, data, (model_config, params))["models"]
-            features = _pair_features(config, model_config, params, arrays)
-            labelers = {"harmlessness": models["labeler_1"], "harmlessness_features": features}
-        if lower is not None:
-            arrays["inputs_hidden"] = _lower_activations(config, lower_config, lower, arrays, "policy_train")
-        arrays = method_arrays(config, arrays, labelers)
-        keys = ["tokens", "completion_mask", "attention_mask", "preference_probs", "label_mask"]
-        keys += [k for k in ("inputs_hidden", "pair_weights", "margin_offset") if k in arrays]
         train_config = train_config_for(config)
         mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]) if jax.device_count() > 1 else make_mesh()
+        holder: dict[str, Any] = {}
+        if method == "mopo_onpolicy":
+            models = preference_models(config, data, (model_config, params))["models"]
+            batches = _onpolicy_batches(config, model_config, params, lower_config, lower, data["policy_train"],
+                                        [models[f"labeler_{k}"] for k in range(len(OBJECTIVES))], holder)
+        else:
+            labelers = None
+            arrays = dict(data["policy_train"])
+            if method == "modpo":
+                models = preference_models(config, data, (model_config, params))["models"]
+                features = _pair_features(config, model_config, params, arrays)
+                labelers = {"harmlessness": models["labeler_1"], "harmlessness_features": features}
+            if lower is not None:
+                arrays["inputs_hidden"] = _lower_activations(config, lower_config, lower, arrays, "policy_train")
+            arrays = method_arrays(config, arrays, labelers)
+            keys = ["tokens", "completion_mask", "attention_mask", "preference_probs", "label_mask"]
+            keys += [k for k in ("inputs_hidden", "pair_weights", "margin_offset") if k in arrays]
 
-        def batches(position):
-            return iterate_batches(arrays, config.optim.batch_pairs, config.seed, position, keys=keys)
+            def batches(position):
+                return iterate_batches(arrays, config.optim.batch_pairs, config.seed, position, keys=keys)
 
         writer = _tensorboard(config.run_dir)
         bar = tqdm(total=config.optim.steps, desc=f"{method}", unit="step", dynamic_ncols=True)
@@ -326,6 +338,7 @@ def train_run(config: ExperimentConfig) -> dict[str, Any]:
             upper_config, train_config, upper, batches, config.optim.steps, mesh,
             CheckpointConfig(os.path.join(config.run_dir, "checkpoints"), save_every=config.optim.save_every),
             metrics_path=os.path.join(config.run_dir, "metrics.jsonl"), rng=config.seed, on_metrics=on_metrics,
+            on_state=lambda state: holder.__setitem__("state", state),
         )
         bar.close()
         if writer is not None:
@@ -335,6 +348,64 @@ def train_run(config: ExperimentConfig) -> dict[str, Any]:
         summary["final_metrics"] = history[-1] if history else None
     _save_json(os.path.join(config.run_dir, "train.json"), summary)
     return summary
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _residual_stream_jit(config, params, tokens, mask):
+    from mopo_jax.models import residual_stream
+
+    return residual_stream(config, params, tokens, mask=mask)
+
+
+def _onpolicy_batches(config, model_config, params, lower_config, lower, prompts, labelers, holder):
+    """MOPO's on-policy data (the published algorithm): per prompt, ``N`` responses sampled from the *current*
+    reference (the lagged policy in the train state, read through ``holder``), every pair labelled by the labelers
+    (``P_k = sigmoid(r_k(y) - r_k(y'))``), and the activations of the frozen blocks for the upper-layer step."""
+    from mopo_jax.data import end_of_turn_text, iterate_batches
+    from mopo_jax.evaluation.policy_eval import generate_responses, response_rows
+    from mopo_jax.evaluation.preference_models import response_features, rewards
+    from mopo_jax.models import join_layers, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.name)
+    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    count, per_prompt = config.optim.batch_pairs, config.optim.candidates
+    prompt_arrays = {"prompt_tokens": prompts["prompt_tokens"], "prompt_mask": prompts["prompt_mask"]}
+
+    def batches(position):
+        for prompt_batch, next_position in iterate_batches(prompt_arrays, count, config.seed, position):
+            state = holder["state"]
+            upper = {**(state.base or {}), **jax.device_get(state.reference)}
+            reference = upper if lower is None else join_layers(lower, upper)
+            step = int(jax.device_get(state.step))
+            repeated = {k: np.repeat(v, per_prompt, axis=0) for k, v in prompt_batch.items()}
+            responses, response_mask = generate_responses(
+                model_config, reference, repeated["prompt_tokens"], repeated["prompt_mask"],
+                config.data.max_response_tokens, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
+                temperature=config.optim.candidate_temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
+                batch_size=count * per_prompt,
+            )
+            tokens, attention, completion = response_rows(
+                repeated["prompt_tokens"], repeated["prompt_mask"], responses, response_mask)
+            features = response_features(model_config, params, tokens, attention, completion,
+                                         layer=config.preference.feature_layer, batch_size=count * per_prompt)
+            scores = np.stack([np.asarray(rewards(m, features)) for m in labelers]).reshape(len(labelers), count,
+                                                                                              per_prompt)
+            preferences = 1.0 / (1.0 + np.exp(-(scores[..., :, None] - scores[..., None, :])))
+            shape = (count, per_prompt, tokens.shape[-1])
+            batch = {
+                "tokens": tokens.reshape(shape),
+                "attention_mask": attention.reshape(shape),
+                "completion_mask": completion.reshape(shape),
+                "candidate_preferences": np.moveaxis(preferences, 0, 1).astype(np.float32),
+                "candidate_label_mask": np.ones((count, len(labelers), per_prompt, per_prompt), bool),
+            }
+            if lower is not None:
+                hidden = _residual_stream_jit(lower_config, lower, tokens, attention)
+                batch["inputs_hidden"] = np.asarray(hidden, np.float32).reshape(shape + (-1,))
+            yield batch, next_position
+
+    return batches
 
 
 def _tensorboard(run_dir: str):

@@ -94,6 +94,7 @@ def train(
     rng: int | jax.Array = 0,
     initial_position: dict | None = None,
     on_metrics: Callable[[dict], None] | None = None,
+    on_state: Callable[[TrainState], None] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Train until the state's step reaches ``num_steps``, resuming from the newest good checkpoint if any.
 
@@ -110,6 +111,8 @@ def train(
       rng: seed or PRNG key of the train state (only for a fresh start).
       initial_position: data position of a fresh start (default ``{}``).
       on_metrics: called with each step's metrics record as it is fetched (progress bars, TensorBoard).
+      on_state: called with the (restored or initial) state and after every step, before the next batch is
+        drawn: on-policy data (candidates sampled from the current reference) reads the state through it.
 
     Returns:
       ``(state, history)``: the final state and one metrics dict per step this call ran, with ``step`` (the
@@ -175,6 +178,8 @@ def train(
             pending.clear()
             window_start = time.perf_counter()
 
+        if on_state is not None:
+            on_state(state)
         batches: Iterator = iter(batches_fn(position)) if start < num_steps else iter(())
         for step in range(start, num_steps):
             data_start = time.perf_counter()
@@ -189,6 +194,8 @@ def train(
                 batch_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
                 step_fn = _compiled_step(model_config, train_config, optimizer, mesh, state_shapes, batch_shapes)
             state, metrics = step_fn(state, global_batch)
+            if on_state is not None:
+                on_state(state)
             position = dict(next_position)
             pending.append((step + 1, metrics, _count_tokens(global_batch), data_time))
             if len(pending) >= log_every:
