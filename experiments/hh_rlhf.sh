@@ -15,7 +15,7 @@ train reference method.name=reference
 train dpo_helpful method.name=dpo_helpful
 train dpo_harmless method.name=dpo_harmless
 train dpo_pooled method.name=dpo_pooled
-for w in 0.25 0.5 0.75; do
+for w in 0.3 0.7; do
   train "weighted_dpo_${w}" method.name=weighted_dpo "method.weights=[${w}, $(python3 -c "print(round(1-${w}, 6))")]"
   train "modpo_${w}" method.name=modpo "method.weights=[${w}, $(python3 -c "print(round(1-${w}, 6))")]"
   train "soups_${w}" method.name=rewarded_soups "method.weights=[${w}, $(python3 -c "print(round(1-${w}, 6))")]" \
@@ -24,6 +24,8 @@ done
 for b in 0.52 0.55 0.6; do
   train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
 done
+# The published algorithm: candidates sampled from the (lagged) reference, labelled by the labelers.
+train mopo_onpolicy_b0.55 method.name=mopo_onpolicy method.threshold=0.55 optim.steps=24 optim.batch_pairs=4
 
 runs=$(ls -d ${root}/*/ | grep -v -e /shared/ -e /results/)
 mopo eval $runs
