@@ -88,8 +88,17 @@ def _eval(args) -> int:
 def _pareto(args) -> int:
     from mopo_jax.evaluation.pareto import write_pareto
 
+    import json
+
+    from mopo_jax.evaluation.pareto import markdown_table
+
     write_pareto(args.run_dirs, args.out, results_json=args.results)
     print(f"wrote {args.out}" + (f" and {args.results}" if args.results else ""))
+    if args.results:
+        table = markdown_table(json.load(open(args.results)))
+        with open(args.results.rsplit(".", 1)[0] + ".md", "w") as handle:
+            handle.write(table + "\n")
+        print(table)
     return 0
 
 

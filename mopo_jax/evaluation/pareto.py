@@ -302,3 +302,33 @@ def write_pareto(run_dirs: Iterable[str | os.PathLike], out_png: str | os.PathLi
         with open(os.fspath(results_json), "w") as f:
             json.dump(summary, f, indent=2, default=_json_default)
     return summary
+
+
+def markdown_table(results: dict) -> str:
+    """The comparison as a markdown table from :func:`write_pareto`'s ``results.json`` payload: judge win rates
+    against the reference (with standard errors), KL, held-out implicit accuracy, MOPO's threshold and whether it
+    held on held-out pairs, and which runs each one dominates or is dominated by."""
+    def fmt(value, spec=".3f"):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        "| run | helpfulness win rate | harmlessness win rate | KL | implicit acc. (help / harm) | threshold | "
+        "held-out harmlessness value | constraint met | dominates | dominated by |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | --- | --- |",
+    ]
+    dominance = results.get("dominance", {})
+    for point in results["points"]:
+        name = point["name"]
+        accuracy = point.get("implicit_accuracy") or {}
+        value = (point.get("implicit_constraint_value") or {}).get("harmlessness")
+        met = point.get("constraint_met")
+        entry = dominance.get(name, {})
+        lines.append(
+            f"| {name} | {fmt(point['helpfulness'])} ± {fmt(point.get('helpfulness_stderr'))} | "
+            f"{fmt(point['harmlessness'])} ± {fmt(point.get('harmlessness_stderr'))} | {fmt(point.get('kl'))} | "
+            f"{fmt(accuracy.get('helpfulness'), '.2f')} / {fmt(accuracy.get('harmlessness'), '.2f')} | "
+            f"{fmt(point.get('threshold'), '.2f')} | {fmt(value)} | "
+            f"{'' if met is None else ('yes' if met else 'no')} | {', '.join(entry.get('dominates', [])) or '-'} | "
+            f"{', '.join(entry.get('dominated_by', [])) or '-'} |"
+        )
+    return "\n".join(lines)
