@@ -232,12 +232,10 @@ def generate_responses(
         raise ValueError(f"prompt_tokens / prompt_mask must be equal [N, P] arrays, got {prompt_tokens.shape} and "
                          f"{prompt_mask.shape}")
     greedy = temperature is None or float(temperature) == 0.0
-    if not greedy and rng is None:
-        raise ValueError("sampling (temperature > 0) needs an rng key")
-    if rng is None:
+    if rng is None:  # generate() checks the sampling arguments; a key is needed here only to fold per batch
+        if not greedy:
+            raise ValueError("sampling (temperature > 0) needs an rng key")
         rng = jax.random.PRNGKey(0)
-    if pad_id is None:
-        pad_id = eos_id if eos_id is not None else 0
     N, R = prompt_tokens.shape[0], int(max_new_tokens)
     tokens_out, mask_out = [], []
     for i, start in enumerate(range(0, N, batch_size)):
