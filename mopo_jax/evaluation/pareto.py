@@ -68,20 +68,17 @@ def pareto_front(points: Mapping[str, Sequence[float]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Plot.
 
+# Keyed by mopo_jax.experiment.config.METHODS; any other name gets a fallback style and its raw name.
 _METHOD_STYLES = {
     "reference": dict(marker="h", color="0.3", label="reference (SFT)"),
-    "mopo": dict(marker="o", color="tab:red", label="MOPO"),
-    "mopo_lb": dict(marker="8", color="tab:pink", label="MOPO-LB"),
-    "dpo": dict(marker="s", color="tab:blue", label="DPO (helpfulness)"),
-    "dpo_primary": dict(marker="s", color="tab:blue", label="DPO (helpfulness)"),
-    "ipo": dict(marker="D", color="tab:cyan", label="IPO"),
-    "ipo_primary": dict(marker="D", color="tab:cyan", label="IPO (helpfulness)"),
-    "dpo_all": dict(marker="p", color="tab:brown", label="DPO (both objectives)"),
+    "mopo_pairwise": dict(marker="o", color="tab:red", label="MOPO (pairwise)"),
+    "mopo_onpolicy": dict(marker="8", color="tab:pink", label="MOPO (on-policy)"),
+    "dpo_helpful": dict(marker="s", color="tab:blue", label="DPO (helpful pairs)"),
+    "dpo_harmless": dict(marker="D", color="tab:cyan", label="DPO (harmless pairs)"),
+    "dpo_pooled": dict(marker="p", color="tab:brown", label="DPO (pooled pairs)"),
     "weighted_dpo": dict(marker="^", color="tab:green", label="weighted DPO"),
-    "weighted_ipo": dict(marker="v", color="tab:olive", label="weighted IPO"),
     "modpo": dict(marker="P", color="tab:purple", label="MODPO"),
     "rewarded_soups": dict(marker="*", color="tab:orange", label="Rewarded Soups"),
-    "safe_dpo": dict(marker="X", color="tab:gray", label="Safe-DPO"),
 }
 _FALLBACK_MARKERS = ("<", ">", "d", "H", "1", "2", "3", "4")
 _FALLBACK_COLORS = ("tab:brown", "tab:gray", "darkgoldenrod", "teal", "navy", "crimson", "darkgreen", "indigo")

@@ -89,7 +89,7 @@ def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
     loaded = load_hh_rlhf(config.data.source, config.data.subsets)
     splits = split_by_prompt(loaded.subsets, salt=config.data.split_salt)
     tokenizer = load_tokenizer(config.model.name)
-    arrays, reports = {}, {"load": loaded.report.to_dict() if hasattr(loaded.report, "to_dict") else str(loaded.report)}
+    arrays, reports = {}, {"load": loaded.report.to_dict()}
     for split, cap_field in SPLIT_CAPS.items():
         rows = _balanced(splits[split], getattr(config.data, cap_field))
         arrays[split], report = format_and_tokenize(
@@ -98,7 +98,7 @@ def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
         arrays[split]["objective"] = np.asarray(
             [rows[i]["objective"] for i in arrays[split]["row_index"]], np.int32
         )
-        reports[split] = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else str(report)
+        reports[split] = dataclasses.asdict(report)
         _log(f"  {split}: {len(arrays[split]['tokens'])} pairs")
     os.makedirs(directory, exist_ok=True)
     for split, path in paths.items():
@@ -123,16 +123,24 @@ def _base_model(config: ExperimentConfig):
     return _load_model(config.model.name, config.model.dtype)
 
 
-def _pair_features(config, model_config, params, arrays) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features of the first and second response of every pair: ``([B, D], [B, D])``."""
+def _pair_features(config, model_config, params, arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features of the first and second response of every pair of ``split``: ``([B, D], [B, D])``, cached
+    in ``work_dir`` (labelers, judges and MODPO runs all read them)."""
     from mopo_jax.evaluation.preference_models import response_features
 
+    path = os.path.join(config.work_dir, f"features_{split}_layer{config.preference.feature_layer}.npz")
+    if os.path.exists(path):
+        stored = _load_npz(path)
+        return stored["first"], stored["second"]
+    _log(f"features of {split} (layer {config.preference.feature_layer})")
     out = []
     for side in range(2):
         out.append(response_features(
             model_config, params, arrays["tokens"][:, side], arrays["attention_mask"][:, side],
             arrays["completion_mask"][:, side], layer=config.preference.feature_layer,
         ))
+    os.makedirs(config.work_dir, exist_ok=True)
+    np.savez(path, first=out[0], second=out[1])
     return out[0], out[1]
 
 
@@ -153,8 +161,7 @@ def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[s
     model_config, params = model if model is not None else _base_model(config)
     features = {}
     for split in ("labeler_train", "judge_train", "eval"):
-        _log(f"features of {split} (layer {config.preference.feature_layer})")
-        features[split] = _pair_features(config, model_config, params, data[split])
+        features[split] = _pair_features(config, model_config, params, data[split], split)
     models, summary, arrays = {}, {"feature_layer": config.preference.feature_layer}, {}
     for role, split in (("labeler", "labeler_train"), ("judge", "judge_train")):
         for k, name in enumerate(OBJECTIVES):
@@ -309,7 +316,7 @@ def train_run(config: ExperimentConfig) -> dict[str, Any]:
             arrays = dict(data["policy_train"])
             if method == "modpo":
                 models = preference_models(config, data, (model_config, params))["models"]
-                features = _pair_features(config, model_config, params, arrays)
+                features = _pair_features(config, model_config, params, arrays, "policy_train")
                 labelers = {"harmlessness": models["labeler_1"], "harmlessness_features": features}
             if lower is not None:
                 arrays["inputs_hidden"] = _lower_activations(config, lower_config, lower, arrays, "policy_train")
