@@ -21,11 +21,11 @@ for w in 0.3 0.7; do
   train "soups_${w}" method.name=rewarded_soups "method.weights=[${w}, $(python3 -c "print(round(1-${w}, 6))")]" \
     "method.soups_from=[${root}/dpo_helpful, ${root}/dpo_harmless]"
 done
-for b in 0.52 0.55 0.6; do
+for b in 0.52 0.55 0.58; do
   train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
 done
 # The published algorithm: candidates sampled from the (lagged) reference, labelled by the labelers.
-train mopo_onpolicy_b0.55 method.name=mopo_onpolicy method.threshold=0.55 optim.steps=24 optim.batch_pairs=4
+train mopo_onpolicy_b0.55 method.name=mopo_onpolicy method.threshold=0.55 optim.steps=32 optim.batch_pairs=4
 
 runs=$(ls -d ${root}/*/ | grep -v -e /shared/ -e /results/)
 mopo eval $runs

@@ -74,10 +74,13 @@ def test_evaluation_and_pareto_outputs(pipeline):
     root, _, evaluated = pipeline
     reference = evaluated["reference"]["evaluation"]
     assert reference["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
+    # Common random numbers: the reference's samples are its own, so every judge sees ties.
+    assert all(j["win_rate"] == 0.5 and j["ties"] == 1.0 for j in reference["judges"].values())
     for result in evaluated.values():
         for name in ("helpfulness", "harmlessness"):
             assert 0.0 <= result["evaluation"]["win_rate"][name] <= 1.0
     assert isinstance(evaluated["mopo_pairwise"]["constraint_met"], bool)
+    assert isinstance(evaluated["mopo_pairwise"]["constraint_met_pairs"], bool)
     assert evaluated["reference"]["constraint_met"] is None
     stored = json.load(open(root / "results.json"))
     assert "dominance" in stored and (root / "pareto.png").stat().st_size > 5_000

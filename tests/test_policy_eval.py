@@ -28,7 +28,7 @@ from mopo_jax.evaluation.policy_eval import (
     sequence_kl,
 )
 from mopo_jax.evaluation.preference_models import BradleyTerryModel
-from mopo_jax.models import forward, generate, get_preset, init_params
+from mopo_jax.models import forward, generate, get_preset, init_params, join_layers, residual_stream, split_layers
 
 P, R = 6, 5
 CONFIG = get_preset("tiny")
@@ -124,6 +124,18 @@ def test_implicit_accuracy_matches_numpy(models):
     again = implicit_preference_accuracy(CONFIG, policy, None, arrays, batch_size=3, reference_log_probs=cached,
                                          return_margins=True)
     np.testing.assert_allclose(again["margins"], out["margins"], atol=1e-5)
+    # Upper blocks on the cached residual stream of shared frozen lower blocks (policies that train only the top):
+    # the lower blocks and embedding are the reference's for both, so compare with that joined policy.
+    lower_config, lower, upper_config, reference_upper = split_layers(CONFIG, reference, 1)
+    policy_upper = {**reference_upper, "layers": split_layers(CONFIG, policy, 1)[3]["layers"]}
+    hidden = np.asarray(residual_stream(lower_config, lower, jnp.asarray(flat[0]), mask=jnp.asarray(flat[1])))
+    split = implicit_preference_accuracy(upper_config, policy_upper, reference_upper, arrays, batch_size=3,
+                                         inputs_hidden=hidden.reshape(B, 2, P + R, -1), completion_start=P,
+                                         return_margins=True)
+    joined = join_layers(lower, policy_upper)
+    lp_joined = _numpy_log_probs(joined, *flat).reshape(B, 2)
+    h_joined = (lp_joined[:, 0] - lp["reference"][:, 0]) - (lp_joined[:, 1] - lp["reference"][:, 1])
+    np.testing.assert_allclose(split["margins"], h_joined, rtol=1e-4, atol=1e-3)
 
 
 def test_generate_responses_greedy_matches_generate_per_row(models):
@@ -218,17 +230,26 @@ def test_evaluate_policy_end_to_end(models):
     same = evaluate_policy(CONFIG, reference, reference, arrays, **common)
     assert same["kl"] == 0.0 and same["num_prompts"] == 6
     assert same["implicit"]["per_objective"]["helpfulness"]["accuracy"] == 0.5
+    # Common random numbers: a policy equal to its reference draws the reference's very responses (all ties).
+    assert all(j["win_rate"] == 0.5 and j["ties"] == 1.0 for j in same["judges"].values())
     out = evaluate_policy(CONFIG, policy, reference, eval_arrays=arrays, return_responses=True, **common)
     assert out["kl"] > 0 and set(out["win_rate"]) == {"helpfulness", "harmlessness"}
     assert all(0.0 <= v <= 1.0 for v in out["win_rate"].values())
-    # The reference samples depend only on rng, so they are shared across evaluated policies.
-    assert same["judges"] is not None
-    np.testing.assert_array_equal(out["responses"]["reference"][0],
-                                  generate_responses(CONFIG, reference, arrays["prompt_tokens"],
-                                                     arrays["prompt_mask"], R,
-                                                     jax.random.split(jax.random.PRNGKey(0), 3)[1],
-                                                     batch_size=4)[0])
+    # The reference samples depend only on rng (so they are shared across evaluated policies) and use the policy's
+    # sampling key.
+    sample_key = jax.random.split(jax.random.PRNGKey(0))[0]
+    for name, params in (("reference", reference), ("policy", policy)):
+        np.testing.assert_array_equal(out["responses"][name][0],
+                                      generate_responses(CONFIG, params, arrays["prompt_tokens"],
+                                                         arrays["prompt_mask"], R, sample_key, batch_size=4)[0])
     json.dumps({k: v for k, v in out.items() if k != "responses"})  # plain Python values
+    # Win-rate samples at temperature 1 without top-p are exact policy samples: the KL reuses them.
+    exact = evaluate_policy(CONFIG, policy, reference, None, return_responses=True,
+                            **{**common, "temperature": 1.0, "top_p": None})
+    assert "policy_kl" not in exact["responses"]
+    kl = sequence_kl(CONFIG, policy, reference, arrays["prompt_tokens"], arrays["prompt_mask"],
+                     *exact["responses"]["policy"], batch_size=4)
+    assert exact["kl"] == pytest.approx(kl, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

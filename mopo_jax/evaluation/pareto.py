@@ -209,6 +209,7 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
         f"{SECONDARY}_stderr": _float_or_none(stderr.get(SECONDARY)),
         "threshold": _float_or_none(record.get("threshold")),
         "constraint_met": record.get("constraint_met"),
+        "constraint_met_pairs": record.get("constraint_met_pairs"),
         "kl": _float_or_none(evaluation.get("kl")),
         "implicit_accuracy": {k: _float_or_none(v.get("accuracy")) for k, v in per_objective.items()},
         "implicit_constraint_value": {k: _float_or_none(v.get("constraint_value")) for k, v in per_objective.items()},
@@ -266,8 +267,9 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
                 row[f"{key}_stderr"] = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
         thresholds = {_float_or_none(r.get("threshold")) for r in runs}
         row["threshold"] = thresholds.pop() if len(thresholds) == 1 else None
-        met = [r.get("constraint_met") for r in runs if r.get("constraint_met") is not None]
-        row["constraint_met"] = all(met) if met else None
+        for key in ("constraint_met", "constraint_met_pairs"):
+            met = [r.get(key) for r in runs if r.get(key) is not None]
+            row[key] = all(met) if met else None
         out.append(row)
     return out
 
@@ -304,28 +306,33 @@ def write_pareto(run_dirs: Iterable[str | os.PathLike], out_png: str | os.PathLi
 def markdown_table(results: dict) -> str:
     """The comparison as a markdown table from :func:`write_pareto`'s ``results.json`` payload: judge win rates
     against the reference (with standard errors), KL, held-out implicit accuracy, MOPO's threshold and whether it
-    held on held-out pairs, and which runs each one dominates or is dominated by."""
+    held on held-out data (the judged harmlessness win rate, and the pairwise value on held-out human pairs), and
+    which runs each one dominates or is dominated by."""
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
 
     lines = [
         "| run | helpfulness win rate | harmlessness win rate | KL | implicit acc. (help / harm) | threshold | "
-        "held-out harmlessness value | constraint met | dominates | dominated by |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | --- | --- |",
+        "met (judged win rate >= b) | held-out pair value | met (pair value >= b) | dominates | dominated by |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: | :---: | --- | --- |",
     ]
     dominance = results.get("dominance", {})
     for point in results["points"]:
         name = point["name"]
         accuracy = point.get("implicit_accuracy") or {}
         value = (point.get("implicit_constraint_value") or {}).get("harmlessness")
-        met = point.get("constraint_met")
         entry = dominance.get(name, {})
+
+        def yes_no(key):
+            met = point.get(key)
+            return "" if met is None else ("yes" if met else "no")
+
         lines.append(
             f"| {name} | {fmt(point['helpfulness'])} ± {fmt(point.get('helpfulness_stderr'))} | "
             f"{fmt(point['harmlessness'])} ± {fmt(point.get('harmlessness_stderr'))} | {fmt(point.get('kl'))} | "
             f"{fmt(accuracy.get('helpfulness'), '.2f')} / {fmt(accuracy.get('harmlessness'), '.2f')} | "
-            f"{fmt(point.get('threshold'), '.2f')} | {fmt(value)} | "
-            f"{'' if met is None else ('yes' if met else 'no')} | {', '.join(entry.get('dominates', [])) or '-'} | "
+            f"{fmt(point.get('threshold'), '.2f')} | {yes_no('constraint_met')} | {fmt(value)} | "
+            f"{yes_no('constraint_met_pairs')} | {', '.join(entry.get('dominates', [])) or '-'} | "
             f"{', '.join(entry.get('dominated_by', [])) or '-'} |"
         )
     return "\n".join(lines)

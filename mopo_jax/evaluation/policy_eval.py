@@ -51,9 +51,11 @@ def objective_name(k: int, num_objectives: int | None = None, names: Sequence[st
 # Batched sequence log-probabilities.
 
 
-@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
-def _sequence_log_probs_jit(config: ModelConfig, params, tokens, completion_mask, attention_mask, vocab_chunk):
-    out = sequence_log_probs(config, params, tokens, completion_mask, attention_mask, vocab_chunk=vocab_chunk)
+@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk", "completion_start"))
+def _sequence_log_probs_jit(config: ModelConfig, params, tokens, completion_mask, attention_mask, vocab_chunk,
+                            inputs_hidden=None, completion_start=0):
+    out = sequence_log_probs(config, params, tokens, completion_mask, attention_mask, vocab_chunk=vocab_chunk,
+                             inputs_hidden=inputs_hidden, completion_start=completion_start)
     return out.log_probs
 
 
@@ -72,10 +74,14 @@ def batched_sequence_log_probs(
     attention_mask,
     batch_size: int = 16,
     vocab_chunk: int | None = None,
+    inputs_hidden=None,
+    completion_start: int = 0,
 ) -> np.ndarray:
     """``log pi(completion | context)`` of ``[N, T]`` rows in fixed ``[batch_size, T]`` batches; float32 ``[N]``.
 
-    The last batch is padded with all-masked rows so the jitted kernel compiles once per ``T``.
+    The last batch is padded with all-masked rows so the jitted kernel compiles once per ``T``. With
+    ``inputs_hidden`` (``[N, T, D]`` residual stream of frozen lower blocks) ``params`` are the upper blocks of
+    :func:`mopo_jax.models.split_layers`, as in :func:`mopo_jax.training.sequence_log_probs`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -85,30 +91,38 @@ def batched_sequence_log_probs(
     if tokens.ndim != 2 or completion_mask.shape != tokens.shape or attention_mask.shape != tokens.shape:
         raise ValueError(f"tokens / completion_mask / attention_mask must be equal [N, T] arrays, got "
                          f"{tokens.shape}, {completion_mask.shape}, {attention_mask.shape}")
+    if inputs_hidden is not None and tuple(np.shape(inputs_hidden))[:2] != tokens.shape:
+        raise ValueError(f"inputs_hidden must be [N, T, D] with [N, T] = {tokens.shape}, got {np.shape(inputs_hidden)}")
     out = []
     for start in range(0, tokens.shape[0], batch_size):
-        chunk = [a[start:start + batch_size] for a in (tokens, completion_mask, attention_mask)]
+        rows = slice(start, start + batch_size)
+        chunk = [a[rows] for a in (tokens, completion_mask, attention_mask)]
         n = chunk[0].shape[0]
         chunk = [_pad_rows(a, batch_size - n) for a in chunk]
-        values = _sequence_log_probs_jit(config, params, *chunk, vocab_chunk=vocab_chunk)
+        hidden = None if inputs_hidden is None else _pad_rows(np.asarray(inputs_hidden[rows], np.float32),
+                                                              batch_size - n)
+        values = _sequence_log_probs_jit(config, params, *chunk, vocab_chunk=vocab_chunk, inputs_hidden=hidden,
+                                         completion_start=completion_start)
         out.append(np.asarray(values, np.float32)[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def pair_log_probs(config: ModelConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int = 16,
-                   vocab_chunk: int | None = None) -> np.ndarray:
+                   vocab_chunk: int | None = None, inputs_hidden=None, completion_start: int = 0) -> np.ndarray:
     """Sequence log-probabilities ``[B, 2]`` (chosen, rejected) of ``format_and_tokenize`` arrays.
 
     Cache the reference model's values once and pass them to :func:`implicit_preference_accuracy` when evaluating
-    several policies against the same reference.
+    several policies against the same reference. ``inputs_hidden`` (``[B, 2, T, D]``) and ``completion_start`` are
+    as in :func:`batched_sequence_log_probs`.
     """
     tokens = np.asarray(arrays["tokens"])
     if tokens.ndim != 3 or tokens.shape[1] != 2:
         raise ValueError(f"arrays['tokens'] must be [B, 2, T], got {tokens.shape}")
     B, S, T = tokens.shape
     flat = [np.asarray(arrays[k]).reshape(B * S, T) for k in ("tokens", "completion_mask", "attention_mask")]
-    return batched_sequence_log_probs(config, params, *flat, batch_size=batch_size,
-                                      vocab_chunk=vocab_chunk).reshape(B, S)
+    hidden = None if inputs_hidden is None else np.asarray(inputs_hidden).reshape(B * S, T, -1)
+    return batched_sequence_log_probs(config, params, *flat, batch_size=batch_size, vocab_chunk=vocab_chunk,
+                                      inputs_hidden=hidden, completion_start=completion_start).reshape(B, S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,6 +177,8 @@ def implicit_preference_accuracy(
     vocab_chunk: int | None = None,
     objective_names: Sequence[str] | None = None,
     return_margins: bool = False,
+    inputs_hidden=None,
+    completion_start: int = 0,
 ) -> dict:
     """Held-out DPO implicit-reward accuracy and MOPO constraint values.
 
@@ -176,14 +192,20 @@ def implicit_preference_accuracy(
       vocab_chunk: optional vocabulary chunk for the log-softmax (large vocabularies).
       objective_names: names of the ``K`` objectives (default helpfulness, harmlessness).
       return_margins: also return the per-pair margins (a list) under ``"margins"``.
+      inputs_hidden: optional ``[B, 2, T, D]`` residual stream of frozen lower blocks shared by policy and reference;
+        both parameter sets are then the upper blocks (policies that train only the top blocks).
+      completion_start: first column that can hold a response token (see :func:`batched_sequence_log_probs`).
 
     Returns:
       ``{"num_pairs", "mean_margin", "constraint_values": [K], "per_objective": {name: {"accuracy", "count",
       "constraint_value", "mean_margin"}}}`` of plain floats (see :func:`implicit_margin_summary`).
     """
-    policy = pair_log_probs(model_config, policy_params, arrays, batch_size, vocab_chunk)
+    log_probs = functools.partial(pair_log_probs, model_config, arrays=arrays, batch_size=batch_size,
+                                  vocab_chunk=vocab_chunk, inputs_hidden=inputs_hidden,
+                                  completion_start=completion_start)
+    policy = log_probs(policy_params)
     if reference_log_probs is None:
-        reference = pair_log_probs(model_config, reference_params, arrays, batch_size, vocab_chunk)
+        reference = log_probs(reference_params)
     else:
         reference = np.asarray(reference_log_probs, np.float32)
         if reference.shape != policy.shape:
@@ -381,6 +403,16 @@ def judge_win_rates(
 # Everything at once.
 
 
+def sampling_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(win-rate sample key, KL sample key)`` of :func:`evaluate_policy`'s ``rng``.
+
+    The win-rate key is used for the policy *and* the reference responses (common random numbers): generation draws
+    each token from the same per-step key, so two models with the same next-token distribution draw the same token.
+    """
+    sample_key, kl_key = jax.random.split(rng)
+    return sample_key, kl_key
+
+
 def evaluate_policy(
     model_config: ModelConfig,
     policy_params,
@@ -415,11 +447,14 @@ def evaluate_policy(
       max_new_tokens, temperature, top_p, eos_id, pad_id, batch_size: generation settings of the win-rate samples;
         ``eos_id`` / ``pad_id`` default to ``model_config.eos_id`` / ``model_config.pad_id`` (generation runs the full
         ``max_new_tokens`` if both are None).
-      rng: key; split into independent keys for the policy samples, the reference samples and the KL samples (a
-        fixed ``rng`` gives the same reference samples for every policy).
-      kl_temperature: temperature of separate policy samples (no top-p) for the KL estimate; 1.0 gives the unbiased
-        ``KL(pi || pi_ref)``. ``None`` reuses the win-rate samples (cheaper; a tempered log-ratio, not the KL).
-      reference_responses: cached ``(tokens, mask)`` of the reference (skips its generation).
+      rng: key, split by :func:`sampling_keys`: the policy's and the reference's win-rate samples share one key
+        (common random numbers: where the two models agree their samples agree, so the reference scores exactly 1/2
+        against itself and a policy's win rate carries less sampling noise); the KL samples get their own.
+      kl_temperature: temperature of the policy samples (no top-p) of the KL estimate; 1.0 gives the unbiased
+        ``KL(pi || pi_ref)``. The win-rate samples are reused when they are such samples already (``temperature ==
+        kl_temperature`` and no ``top_p``); ``None`` always reuses them (a tempered log-ratio, not the KL).
+      reference_responses: cached ``(tokens, mask)`` of the reference (skips its generation); sample them with
+        ``sampling_keys(rng)[0]`` to keep the common random numbers.
       reference_log_probs: cached reference :func:`pair_log_probs` on ``eval_arrays``.
       vocab_chunk: vocabulary chunk of the log-softmax.
       return_responses: also return the generated responses (numpy arrays) under ``"responses"``.
@@ -432,7 +467,7 @@ def evaluate_policy(
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos_id = model_config.eos_id if eos_id is None else eos_id
     pad_id = model_config.pad_id if pad_id is None else pad_id
-    policy_key, reference_key, kl_key = jax.random.split(rng, 3)
+    sample_key, kl_key = sampling_keys(rng)
     result: dict = {"implicit": None, "win_rate": None, "win_rate_stderr": None, "judges": None, "kl": None,
                     "kl_stderr": None, "num_prompts": 0, "response_length": None,
                     "settings": {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p,
@@ -449,13 +484,13 @@ def evaluate_policy(
     result["num_prompts"] = int(prompt_tokens.shape[0])
     gen = functools.partial(generate_responses, model_config, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, batch_size=batch_size)
-    policy_responses = gen(policy_params, rng=policy_key, temperature=temperature, top_p=top_p)
+    policy_responses = gen(policy_params, rng=sample_key, temperature=temperature, top_p=top_p)
     responses = {"policy": policy_responses}
     if judges:
         if feature_fn is None:
             raise ValueError("judges given without a feature_fn")
         if reference_responses is None:
-            reference_responses = gen(reference_params, rng=reference_key, temperature=temperature, top_p=top_p)
+            reference_responses = gen(reference_params, rng=sample_key, temperature=temperature, top_p=top_p)
         reference_responses = (np.asarray(reference_responses[0], np.int32), np.asarray(reference_responses[1], bool))
         responses["reference"] = reference_responses
         per_judge = judge_win_rates(judges, feature_fn, prompt_tokens, prompt_mask, policy_responses,
@@ -463,8 +498,8 @@ def evaluate_policy(
         result["judges"] = per_judge
         result["win_rate"] = {name: v["win_rate"] for name, v in per_judge.items()}
         result["win_rate_stderr"] = {name: v["win_rate_stderr"] for name, v in per_judge.items()}
-    if kl_temperature is None:
-        kl_responses = policy_responses
+    if kl_temperature is None or (kl_temperature == temperature and top_p is None):
+        kl_responses = policy_responses  # already samples of the distribution whose KL is estimated
     else:
         kl_responses = gen(policy_params, rng=kl_key, temperature=kl_temperature, top_p=None)
         responses["policy_kl"] = kl_responses

@@ -81,16 +81,24 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceModelConfig:
+    """Bradley-Terry labelers and judges on mean-pooled hidden states after ``feature_layer`` blocks; the ridge
+    strength is chosen per model from ``l2_grid`` by ``cv_folds``-fold cross-validation on its own training split
+    (a single value skips the selection)."""
+
     feature_layer: int = 16
-    l2: float = 1e-2
+    l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    cv_folds: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """Sampling of the judged responses. At ``temperature`` 1 without ``top_p`` the same samples also estimate the
+    KL to the reference; otherwise separate temperature-1 samples are drawn for it."""
+
     max_new_tokens: int = 48
-    temperature: float = 0.7
-    top_p: float = 0.9
-    batch_size: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    batch_size: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,5 +128,7 @@ class ExperimentConfig:
                 raise ValueError("method.weights: MODPO needs a positive helpfulness weight")
         if self.method.name == "rewarded_soups" and len(self.method.soups_from) != 2:
             raise ValueError("method.soups_from must name the helpful and the harmless DPO run directories")
+        if not self.preference.l2_grid or min(self.preference.l2_grid) < 0:
+            raise ValueError(f"preference.l2_grid must hold nonnegative values, got {self.preference.l2_grid}")
         if not 0.0 <= self.method.threshold <= 1.0:
             raise ValueError(f"method.threshold must be in [0, 1], got {self.method.threshold}")

@@ -146,7 +146,13 @@ def _pair_features(config, model_config, params, arrays, split: str) -> tuple[np
 
 def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[str, Any]:
     """Per objective: a labeler (labeler-train) and a judge (judge-train), and their held-out accuracies."""
-    from mopo_jax.evaluation.preference_models import BradleyTerryModel, accuracy, fit_bradley_terry
+    from mopo_jax.evaluation.preference_models import (
+        BradleyTerryModel,
+        accuracy,
+        fit_bradley_terry,
+        rewards,
+        select_ridge,
+    )
 
     path = os.path.join(config.work_dir, "preference_models.npz")
     summary_path = os.path.join(config.work_dir, "preference_models.json")
@@ -168,18 +174,28 @@ def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[s
             rows = data[split]["objective"] == k
             # format_and_tokenize puts the human-preferred response first.
             chosen, rejected = features[split][0][rows], features[split][1][rows]
-            fitted = fit_bradley_terry(chosen, rejected, l2=config.preference.l2)
+            grid = config.preference.l2_grid
+            selection = (select_ridge(chosen, rejected, grid, folds=config.preference.cv_folds, seed=config.seed)
+                         if len(grid) > 1 else None)
+            fitted = fit_bradley_terry(chosen, rejected, l2=selection.l2 if selection else grid[0])
             models[f"{role}_{k}"] = fitted
             held = data["eval"]["objective"] == k
+            held_margin = np.asarray(rewards(fitted, features["eval"][0][held])
+                                     - rewards(fitted, features["eval"][1][held]))
+            correct = (held_margin > 0) + 0.5 * (held_margin == 0)
             summary[f"{role}_{name}"] = {
                 "train_pairs": int(rows.sum()),
                 "train_accuracy": accuracy(fitted, chosen, rejected),
+                "l2": selection.l2 if selection else grid[0],
+                "cv": selection._asdict() if selection else None,
                 "heldout_pairs": int(held.sum()),
-                "heldout_accuracy": accuracy(fitted, features["eval"][0][held], features["eval"][1][held]),
+                "heldout_accuracy": float(correct.mean()),
+                "heldout_accuracy_stderr": float(correct.std(ddof=1) / np.sqrt(max(len(correct), 1))),
             }
             for field in BradleyTerryModel._fields:
                 arrays[f"{role}_{k}_{field}"] = np.asarray(getattr(fitted, field))
-            _log(f"  {role} {name}: held-out accuracy {summary[f'{role}_{name}']['heldout_accuracy']:.3f}")
+            _log(f"  {role} {name}: l2 {summary[f'{role}_{name}']['l2']:g}, held-out accuracy "
+                 f"{summary[f'{role}_{name}']['heldout_accuracy']:.3f} on {int(held.sum())} pairs")
     np.savez(path, **arrays)
     _save_json(summary_path, summary)
     return {"models": models, "summary": summary}
@@ -217,6 +233,7 @@ def _lower_activations(config, lower_config, lower, arrays, name: str) -> np.nda
             m = np.concatenate([m, np.ones((short,) + m.shape[1:], m.dtype)])
         out.append(np.asarray(_residual_stream_jit(lower_config, lower, t, m), np.float32)[: batch - short])
     hidden = np.concatenate(out).reshape(arrays["tokens"].shape + (-1,))
+    os.makedirs(config.work_dir, exist_ok=True)
     np.save(path, hidden)
     return hidden
 
@@ -441,51 +458,94 @@ def load_run_config(run_dir: str) -> ExperimentConfig:
     return load_config(ExperimentConfig, os.path.join(run_dir, "config.yaml"), [f"run_dir={run_dir}"])
 
 
-def policy_params(config: ExperimentConfig, model=None):
-    """Full policy parameters of a run (frozen lower blocks joined to its trained upper blocks) and the reference."""
-    from mopo_jax.models import join_layers
+def eval_prompt_rows(objective: np.ndarray, count: int) -> np.ndarray:
+    """Rows of the eval split whose prompts are sampled for the win rates: half from each objective's pairs (the
+    split lists one objective after the other, so a plain prefix would judge only helpfulness prompts)."""
+    per_objective = [np.flatnonzero(objective == k) for k in range(len(OBJECTIVES))]
+    share = count // len(per_objective)
+    rows = [r[:share + (k < count % len(per_objective))] for k, r in enumerate(per_objective)]
+    return np.sort(np.concatenate(rows))
 
-    model_config, params = model if model is not None else _base_model(config)
-    _, lower, _, upper = _split_model(config, model_config, params)
-    trained = _load_policy(os.path.join(config.run_dir, "policy.npz"), upper)
-    policy = trained if lower is None else join_layers(lower, trained)
-    return model_config, policy, params
+
+def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt_mask, eos_id: int, pad_id: int,
+                          lower_config, lower, upper_config, upper):
+    """What every run's evaluation shares, computed once per evaluation setting: the reference's responses to the
+    eval prompts (sampled with the win-rate key of :func:`policy_eval.sampling_keys`, the policies' common random
+    numbers), the reference's log-probabilities of the held-out pairs and the frozen blocks' activations of them."""
+    from mopo_jax.evaluation import policy_eval
+
+    settings = dict(seed=config.seed, prompts=len(prompt_tokens), **dataclasses.asdict(config.eval))
+    tag = "_".join(f"{k}{v}" for k, v in sorted(settings.items()))
+    path = os.path.join(config.work_dir, f"eval_reference_{tag}.npz")
+    if os.path.exists(path):
+        cached = _load_npz(path)
+    else:
+        model_config, params = model
+        _log("reference responses and held-out log-probabilities for evaluation")
+        responses, response_mask = policy_eval.generate_responses(
+            model_config, params, prompt_tokens, prompt_mask, config.eval.max_new_tokens,
+            policy_eval.sampling_keys(jax.random.PRNGKey(config.seed))[0], temperature=config.eval.temperature,
+            top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size)
+        cached = {"responses": responses, "response_mask": response_mask}
+        eval_pairs = prepare_data(config)["eval"]
+        hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval")
+        cached["pair_log_probs"] = policy_eval.pair_log_probs(
+            upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=hidden,
+            completion_start=config.data.max_prompt_tokens)
+        np.savez(path, **cached)
+    return cached
 
 
 def evaluate_run(run_dir: str) -> dict[str, Any]:
     """Evaluates a trained run and writes ``RUN_DIR/eval.json``."""
+    from mopo_jax.data import end_of_turn_text
     from mopo_jax.evaluation import policy_eval
     from mopo_jax.evaluation.preference_models import response_features
+    from mopo_jax.models import join_layers, load_tokenizer
 
     config = load_run_config(run_dir)
     data = prepare_data(config)
     model = _base_model(config)
     judges = preference_models(config, data, model)
-    model_config, policy, reference = policy_params(config, model)
-    prompts = data["eval"]
-    count = min(config.data.eval_prompts, len(prompts["prompt_tokens"]))
-    feature_layer = config.preference.feature_layer
-
-    def feature_fn(tokens, attention, completion):
-        return response_features(model_config, reference, tokens, attention, completion, layer=feature_layer)
-
-    from mopo_jax.data import end_of_turn_text
-    from mopo_jax.models import load_tokenizer
+    model_config, params = model
+    lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
+    trained = _load_policy(os.path.join(config.run_dir, "policy.npz"), upper)
+    policy = trained if lower is None else join_layers(lower, trained)
 
     tokenizer = load_tokenizer(config.model.name)
     end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    eval_pairs = data["eval"]
+    rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts)
+    prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
+    cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
+                                   lower_config, lower, upper_config, upper)
+    hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval")
+    implicit = policy_eval.implicit_preference_accuracy(
+        upper_config, trained, upper, eval_pairs, config.eval.batch_size,
+        reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
+        completion_start=config.data.max_prompt_tokens)
+    feature_layer = config.preference.feature_layer
+
+    def feature_fn(tokens, attention, completion):
+        return response_features(model_config, params, tokens, attention, completion, layer=feature_layer)
+
     evaluation = policy_eval.evaluate_policy(
-        model_config, policy, reference, data["eval"],
-        prompt_tokens=prompts["prompt_tokens"][:count], prompt_mask=prompts["prompt_mask"][:count],
+        model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
         judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
-        rng=jax.random.PRNGKey(config.seed), batch_size=config.eval.batch_size,
-        eos_id=end_of_turn, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn,
+        rng=jax.random.PRNGKey(config.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
+        reference_responses=(cached["responses"], cached["response_mask"]),
     )
+    evaluation["implicit"] = implicit
     threshold = config.method.threshold if config.method.name.startswith("mopo") else None
-    constraint_met = None
+    # MOPO's constraint is a win rate of the policy over the reference under the harmlessness preference: on held-out
+    # data that is the judge's win rate on held-out prompts; the pairwise value on held-out human pairs is the
+    # offline estimate the pairwise method trains on, reported beside it.
+    constraint_met = constraint_met_pairs = None
     if threshold is not None:
-        constraint_met = bool(evaluation["implicit"]["constraint_values"][1] >= threshold)
+        constraint_met = bool(evaluation["win_rate"][OBJECTIVES[1]] >= threshold)
+        constraint_met_pairs = bool(implicit["constraint_values"][1] >= threshold)
     payload = {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "method": config.method.name,
@@ -494,6 +554,7 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
         "evaluation": evaluation,
         "threshold": threshold,
         "constraint_met": constraint_met,
+        "constraint_met_pairs": constraint_met_pairs,
         "preference_models": judges["summary"],
     }
     _save_json(os.path.join(run_dir, "eval.json"), payload)
