@@ -36,10 +36,19 @@ def preference_probability(model: BradleyTerryModel, first, second) -> jax.Array
     return jax.nn.sigmoid(rewards(model, first) - rewards(model, second))
 
 
+def _correctness(margin) -> np.ndarray:
+    margin = np.asarray(margin)
+    return (margin > 0) + 0.5 * (margin == 0)
+
+
+def pair_correctness(model: BradleyTerryModel, chosen, rejected) -> np.ndarray:
+    """Per pair: 1 if the chosen response gets the higher reward, 1/2 on a tie, else 0 (``[M]``)."""
+    return _correctness(rewards(model, chosen) - rewards(model, rejected))
+
+
 def accuracy(model: BradleyTerryModel, chosen, rejected) -> float:
     """Fraction of pairs whose chosen response gets the higher reward (ties count half)."""
-    margin = np.asarray(rewards(model, chosen) - rewards(model, rejected))
-    return float(np.mean((margin > 0) + 0.5 * (margin == 0)))
+    return float(np.mean(pair_correctness(model, chosen, rejected)))
 
 
 def bradley_terry_loss(weights, standardised_chosen, standardised_rejected, l2: float, row_weights=None):
@@ -139,7 +148,7 @@ def select_ridge(chosen, rejected, grid, folds: int = 5, seed: int = 0, steps: i
             fitted = _fit(chosen, rejected, jnp.asarray(~held, jnp.float32), jnp.float32(l2), steps)
             margin = np.asarray(rewards(fitted, chosen[held]) - rewards(fitted, rejected[held]), np.float64)
             log_likelihood[g, f] = np.mean(-np.logaddexp(0.0, -margin))
-            accuracy_[g, f] = np.mean((margin > 0) + 0.5 * (margin == 0))
+            accuracy_[g, f] = np.mean(_correctness(margin))
     mean_ll = log_likelihood.mean(axis=1)
     best = max(range(len(grid)), key=lambda g: (round(mean_ll[g], 12), grid[g]))
     return RidgeSelection(grid[best], grid, tuple(float(v) for v in mean_ll),

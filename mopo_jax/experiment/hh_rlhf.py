@@ -150,7 +150,7 @@ def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[s
         BradleyTerryModel,
         accuracy,
         fit_bradley_terry,
-        rewards,
+        pair_correctness,
         select_ridge,
     )
 
@@ -180,9 +180,7 @@ def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[s
             fitted = fit_bradley_terry(chosen, rejected, l2=selection.l2 if selection else grid[0])
             models[f"{role}_{k}"] = fitted
             held = data["eval"]["objective"] == k
-            held_margin = np.asarray(rewards(fitted, features["eval"][0][held])
-                                     - rewards(fitted, features["eval"][1][held]))
-            correct = (held_margin > 0) + 0.5 * (held_margin == 0)
+            correct = pair_correctness(fitted, features["eval"][0][held], features["eval"][1][held])
             summary[f"{role}_{name}"] = {
                 "train_pairs": int(rows.sum()),
                 "train_accuracy": accuracy(fitted, chosen, rejected),
@@ -468,10 +466,11 @@ def eval_prompt_rows(objective: np.ndarray, count: int) -> np.ndarray:
 
 
 def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt_mask, eos_id: int, pad_id: int,
-                          lower_config, lower, upper_config, upper):
+                          eval_pairs, eval_hidden, upper_config, upper):
     """What every run's evaluation shares, computed once per evaluation setting: the reference's responses to the
     eval prompts (sampled with the win-rate key of :func:`policy_eval.sampling_keys`, the policies' common random
-    numbers), the reference's log-probabilities of the held-out pairs and the frozen blocks' activations of them."""
+    numbers) and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over
+    ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
     from mopo_jax.evaluation import policy_eval
 
     settings = dict(seed=config.seed, prompts=len(prompt_tokens), **dataclasses.asdict(config.eval))
@@ -487,10 +486,8 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
             policy_eval.sampling_keys(jax.random.PRNGKey(config.seed))[0], temperature=config.eval.temperature,
             top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size)
         cached = {"responses": responses, "response_mask": response_mask}
-        eval_pairs = prepare_data(config)["eval"]
-        hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval")
         cached["pair_log_probs"] = policy_eval.pair_log_probs(
-            upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=hidden,
+            upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=eval_hidden,
             completion_start=config.data.max_prompt_tokens)
         np.savez(path, **cached)
     return cached
@@ -518,9 +515,9 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
     eval_pairs = data["eval"]
     rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts)
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
-    cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
-                                   lower_config, lower, upper_config, upper)
     hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval")
+    cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
+                                   eval_pairs, hidden, upper_config, upper)
     implicit = policy_eval.implicit_preference_accuracy(
         upper_config, trained, upper, eval_pairs, config.eval.batch_size,
         reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
