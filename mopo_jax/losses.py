@@ -1,4 +1,5 @@
-"""Policy losses on (sequence or tabular) log-probabilities: MOPO weighted BC, MOPO pairwise, DPO, IPO.
+"""Policy losses on (sequence or tabular) log-probabilities: MOPO weighted BC, MOPO pairwise, DPO, IPO, and the
+completion log-probabilities they consume.
 
 Every loss returns a :class:`LossTerms` ``(total, denominator)`` rather than a mean, so that gradient accumulation over
 micro-batches (and over hosts) can add totals and denominators and divide once: a true mean, whatever the number of
@@ -35,6 +36,15 @@ class LossTerms(NamedTuple):
         return LossTerms(self.total + other.total, self.denominator + other.denominator)
 
 
+def _check_pair_inputs(name_values, sizes=None) -> dict:
+    """Every per-row argument of a pair loss is ``[B]`` with one ``B`` (checked at trace time: shapes are static)."""
+    sizes = {} if sizes is None else sizes
+    for name, value in name_values:
+        if value is not None:
+            sizes = validation.check_array_shape(name, value, ("B",), sizes)
+    return sizes
+
+
 def _row_weights(shape, valid_mask, weights):
     row = jnp.ones(shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     if valid_mask is not None:
@@ -50,7 +60,9 @@ def _reduce(per_row: Array, row_weights: Array) -> LossTerms:
 def log_ratio_margin(
     policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array
 ) -> Array:
-    """``h(y, y') = log pi(y)/pi_ref(y) - log pi(y')/pi_ref(y')`` in float32."""
+    """``h(y, y') = log pi(y)/pi_ref(y) - log pi(y')/pi_ref(y')`` in float32; every argument ``[B]``."""
+    _check_pair_inputs((("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
+                        ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)))
     for name, value in (
         ("policy_chosen", policy_chosen),
         ("policy_rejected", policy_rejected),
@@ -83,6 +95,12 @@ def weighted_bc_loss(
     Returns:
       :class:`LossTerms` with the sum over prompts and the summed prompt weight as denominator.
     """
+    sizes = validation.check_array_shape("policy_log_probs", policy_log_probs, ("X", "N"), {})
+    sizes = validation.check_array_shape("log_weights", log_weights, ("X", "N"), sizes)
+    if candidate_mask is not None:
+        validation.check_array_shape("candidate_mask", candidate_mask, ("X", "N"), sizes)
+    if prompt_weights is not None:
+        validation.check_array_shape("prompt_weights", prompt_weights, ("X",), sizes)
     validation.check_finite("log_weights", log_weights)
     weights = jax.lax.stop_gradient(jnp.exp(jnp.asarray(log_weights, jnp.float32)))
     mask = jnp.ones(weights.shape, bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
@@ -91,30 +109,57 @@ def weighted_bc_loss(
     return _reduce(per_prompt, _row_weights(per_prompt.shape, jnp.any(mask, axis=-1), prompt_weights))
 
 
-def pairwise_win_rate_margins(
-    preference_probs: Array, label_mask: Array | None = None, include_self: bool = True
-) -> Array:
-    """Win-rate differences ``w_k(y) - w_k(y')`` of a single labeled pair, with ``mu`` uniform over the pair (Eq. 1).
+def pairwise_win_rate_margins(preference_probs: Array, label_mask: Array | None = None) -> Array:
+    """The win-rate margin target of a labelled pair (Eq. 1, 8): ``P_k(y > y') - 1/2``; 0 where unlabelled.
 
-    With self-comparison, ``w(y) = (1/2 + P)/2`` and ``w(y') = (1/2 + 1 - P)/2``, so the difference is ``P - 1/2``;
-    without it, ``w(y) = P`` and ``w(y') = 1 - P``, so it is ``2P - 1``. Unlabeled objectives get margin 0.
+    This is ``w_k(y) - w_k(y')`` with ``mu`` uniform over the pair, and it is the right regression target whatever
+    the comparison policy: fitting ``h = f(y) - f(y')`` to a target ``T(y, y')`` over pairs drawn from ``mu x mu``
+    gives ``f(y) = E_{y'~mu}[T(y, y')] + c``, so ``T = (P - 1/2)/tau`` yields ``f = w/tau + c``, the closed form of
+    Eq. 3. (The margin ``2P - 1`` of the pair's win rates without the self-comparison would yield ``2w/tau``: the
+    closed form at temperature ``tau/2``.) docs/algorithm.md, section 4, has the derivation.
 
     Args:
       preference_probs: ``[B, K]`` ``P_k(y > y')`` (1.0 for a hard "chosen beats rejected" label).
       label_mask: optional boolean ``[B, K]``; defaults to ``~isnan(preference_probs)``.
-      include_self: whether ``mu`` puts mass on the response itself.
 
     Returns:
       ``[B, K]`` margins.
     """
+    sizes = validation.check_array_shape("preference_probs", preference_probs, ("B", "K"), {})
+    if label_mask is not None:
+        validation.check_array_shape("label_mask", label_mask, ("B", "K"), sizes)
     validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
     if label_mask is not None and validation.is_concrete((preference_probs, label_mask)):
         validation.check_finite("preference_probs (labeled entries)", jnp.where(label_mask, preference_probs, 0.5))
     preference_probs = jnp.asarray(preference_probs, jnp.float32)
     if label_mask is None:
         label_mask = ~jnp.isnan(preference_probs)
-    margin = preference_probs - 0.5 if include_self else 2.0 * preference_probs - 1.0
-    return jnp.where(jnp.asarray(label_mask, bool), margin, 0.0)
+    return jnp.where(jnp.asarray(label_mask, bool), preference_probs - 0.5, 0.0)
+
+
+def pairwise_label_rates(
+    label_mask: Array, valid_mask: Array | None = None, weights: Array | None = None
+) -> Array:
+    """``pi_k``: the (weighted) fraction of a batch's pairs that carry objective ``k``'s label.
+
+    Counted over the valid rows with at least one label, the rows :func:`mopo_pairwise_loss` keeps. Under gradient
+    accumulation compute it once on the whole batch and pass it to every micro-batch's loss.
+
+    Args:
+      label_mask: boolean ``[B, K]``.
+      valid_mask: optional boolean ``[B]``.
+      weights: optional ``[B]`` row weights.
+
+    Returns:
+      ``[K]`` rates in ``[0, 1]`` (0 for every objective when no row is kept).
+    """
+    sizes = validation.check_array_shape("label_mask", label_mask, ("B", "K"), {})
+    _check_pair_inputs((("valid_mask", valid_mask), ("weights", weights)), sizes)
+    labels = jnp.asarray(label_mask, bool)
+    row = _row_weights(labels.shape[:1], valid_mask, weights)
+    row = jnp.where(jnp.any(labels, axis=-1), row, 0.0)
+    total = jnp.sum(row)
+    return jnp.sum(jnp.where(labels, row[:, None], 0.0), axis=0) / jnp.where(total > 0, total, 1.0)
 
 
 def mopo_pairwise_loss(
@@ -127,32 +172,62 @@ def mopo_pairwise_loss(
     tau: float | Array,
     valid_mask: Array | None = None,
     weights: Array | None = None,
+    label_mask: Array | None = None,
+    label_rates: Array | None = None,
 ) -> LossTerms:
-    """MOPO pairwise estimator: ``(h - [(w_0(y)-w_0(y')) + lambda . (w(y)-w(y'))] / tau)^2`` (Eq. 8).
+    """MOPO pairwise estimator (Eq. 8): ``(h - [m_0 + lambda . m_{1:}] / tau)^2`` with missing labels left out.
 
-    Regresses the policy's log-ratio margin onto the margin of the closed form (Eq. 3), whose log-ratio is
-    ``(w_0 + lambda . w)/tau`` up to a per-prompt constant that cancels within a pair. With ``K = 1`` and margins from
-    :func:`pairwise_win_rate_margins` (``include_self=True``) on hard labels the target is ``1/(2 tau)``: exactly IPO.
+    Regresses the policy's log-ratio margin ``h`` onto the margin of the closed form (Eq. 3), whose log-ratio is
+    ``(w_0 + lambda . w)/tau`` up to a per-prompt constant that cancels within a pair. A pair that lacks objective
+    ``k``'s label does not know ``m_k``: it is left out of that objective's term and the term is renormalised over
+    the pairs that carry the label (as Eq. 1 renormalises over labelled comparisons). The population loss
+    ``E[(h - sum_k c_k m_k / tau)^2]`` has the cross terms ``E[h m_k]``; each is estimated on the rows labelled for
+    ``k``, which is the same as regressing on the inverse-propensity target::
+
+        t_b = sum_k c_k r_bk m_bk / (pi_k tau),   c = (1, lambda),  r_bk = 1 if row b carries label k,
+
+    with ``pi_k`` the label rate of ``k`` among the kept rows (:func:`pairwise_label_rates`): the gradient is that of
+    ``mean_b h_b^2 - 2 sum_k (c_k/tau) mean_{b labelled k}(h_b m_bk)``. When every row carries every label
+    ``pi = 1`` and this is the plain squared error. With ``K = 1`` (or ``lambda = 0`` and every row labelled for
+    objective 0) and hard labels (``m = 1/2``) it is exactly IPO, ``(h - 1/(2 tau))^2``. Rows without any label
+    carry no preference and are dropped.
 
     Args:
       policy_chosen, policy_rejected, ref_chosen, ref_rejected: ``[B]`` sequence log-probabilities.
-      win_rate_margins: ``[B, K]`` ``w_k(y) - w_k(y')`` (0 where objective k is unlabeled).
+      win_rate_margins: ``[B, K]`` ``w_k(y) - w_k(y')`` (:func:`pairwise_win_rate_margins`).
       multipliers: ``[K-1]`` multipliers of the secondary objectives.
       tau: KL temperature ``> 0``.
       valid_mask: optional boolean ``[B]``; False drops the row.
       weights: optional ``[B]`` row weights.
+      label_mask: optional boolean ``[B, K]``; None means every row carries every label.
+      label_rates: optional ``[K]`` ``pi_k`` (default: computed on this batch; pass the whole batch's under
+        gradient accumulation so that the micro-batches add up to the batch's loss).
 
     Returns:
-      :class:`LossTerms`.
+      :class:`LossTerms` over the kept rows.
     """
+    sizes = _check_pair_inputs((("policy_chosen", policy_chosen), ("valid_mask", valid_mask), ("weights", weights)))
+    sizes = validation.check_array_shape("win_rate_margins", win_rate_margins, ("B", "K"), sizes)
+    validation.check_array_shape("multipliers", multipliers, (sizes["K"] - 1,), sizes)
+    if label_mask is not None:
+        validation.check_array_shape("label_mask", label_mask, ("B", "K"), sizes)
+    if label_rates is not None:
+        validation.check_array_shape("label_rates", label_rates, ("K",), sizes)
     validation.check_positive("tau", tau)
     validation.check_nonnegative("multipliers", multipliers)
     validation.check_finite("win_rate_margins", win_rate_margins)
     margin = log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    margins = jnp.asarray(win_rate_margins, jnp.float32)
+    labels = jnp.ones(margins.shape, bool) if label_mask is None else jnp.asarray(label_mask, bool)
+    if label_rates is None:
+        label_rates = pairwise_label_rates(labels, valid_mask, weights)
+    rates = jnp.asarray(label_rates, jnp.float32)
     coefficients = jnp.concatenate([jnp.ones((1,), jnp.float32), jnp.asarray(multipliers, jnp.float32)])
-    target = jnp.asarray(win_rate_margins, jnp.float32) @ coefficients / tau
+    scale = jnp.where(rates > 0, coefficients / jnp.where(rates > 0, rates, 1.0), 0.0)
+    target = jnp.where(labels, margins, 0.0) @ scale / tau
     per_row = jnp.square(margin - jax.lax.stop_gradient(target))
-    return _reduce(per_row, _row_weights(margin.shape, valid_mask, weights))
+    keep = jnp.any(labels, axis=-1) if valid_mask is None else jnp.asarray(valid_mask, bool) & jnp.any(labels, axis=-1)
+    return _reduce(per_row, _row_weights(margin.shape, keep, weights))
 
 
 def dpo_loss(
@@ -176,6 +251,8 @@ def dpo_loss(
     Returns:
       :class:`LossTerms`.
     """
+    _check_pair_inputs((("policy_chosen", policy_chosen), ("preference_probs", preference_probs),
+                        ("valid_mask", valid_mask), ("weights", weights), ("margin_offset", margin_offset)))
     validation.check_positive("beta", beta)
     if preference_probs is not None:
         validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
@@ -209,6 +286,8 @@ def ipo_loss(
     Returns:
       :class:`LossTerms`.
     """
+    _check_pair_inputs((("policy_chosen", policy_chosen), ("preference_probs", preference_probs),
+                        ("valid_mask", valid_mask), ("weights", weights)))
     validation.check_positive("tau", tau)
     if preference_probs is not None:
         validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
@@ -221,3 +300,28 @@ def ipo_loss(
         p = jnp.where(jnp.isnan(p), 0.5, p)
         per_row = p * jnp.square(margin - half) + (1.0 - p) * jnp.square(margin + half)
     return _reduce(per_row, _row_weights(margin.shape, valid_mask, weights))
+
+
+def completion_log_probs(logits: Array, tokens: Array, completion_mask: Array) -> Array:
+    """Sequence log-probabilities of the completion tokens, for users who run their own model.
+
+    ``log pi(y | x) = sum_t m_t log softmax(logits[t-1])[tokens[t]]``: ``completion_mask[b, t]`` marks
+    ``tokens[b, t]`` as a completion token, which ``logits[b, t-1]`` scores (position 0 has no predecessor and is
+    never scored). The log-softmax is taken in float32 with the maximum subtracted, whatever the logits' dtype; a row
+    whose mask is empty gets exactly 0 (never NaN), so masked rows can be dropped with a ``valid_mask``.
+
+    Args:
+      logits: ``[B, T, V]`` next-token logits of a causal LM.
+      tokens: int ``[B, T]`` prompt and completion.
+      completion_mask: ``[B, T]`` (bool or 0/1).
+
+    Returns:
+      ``[B]`` float32 log-probabilities.
+    """
+    sizes = validation.check_array_shape("logits", logits, ("B", "T", "V"), {})
+    validation.check_array_shape("tokens", tokens, ("B", "T"), sizes)
+    validation.check_array_shape("completion_mask", completion_mask, ("B", "T"), sizes)
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[:, :-1], axis=-1)
+    targets = jnp.take_along_axis(log_probs, jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
+    scored = jnp.asarray(completion_mask[:, 1:], bool)
+    return jnp.sum(jnp.where(scored, targets, 0.0), axis=-1)

@@ -17,7 +17,7 @@ Notation (docs/algorithm.md has the derivations):
 
       LB_k = sup_{chi > 0}  -chi log E_{pi_ref}[exp(-rho w_k / chi)] - chi eps,   rho = pi_lambda / pi_ref.
 
-* Threshold ratchet (Eq. 6): every ``t0`` steps ``b <- max(b_floor, beta G_lagged)``.
+* Threshold ratchet (Eq. 6): every ``t0`` steps ``b <- max(b_floor, ratchet_beta G_lagged)``.
 
 Every function works on arrays whose leading axes are ``[K, X, N]`` (win rates) or ``[X, N]`` (log-probabilities over a
 prompt's candidate pool), takes an optional ``candidate_mask [X, N]`` for ragged pools, and never produces NaN for padded
@@ -85,9 +85,12 @@ def win_rates(
     candidate_mask: Array | None = None,
     include_self: bool = True,
 ) -> Array:
-    """Win rates against a comparison policy (Eq. 1): ``w_k(y) = E_{y'~mu}[P_k(y > y')]``.
+    """Win rates of an *enumerated* candidate pool against a comparison policy (Eq. 1):
+    ``w_k(y) = E_{y'~mu}[P_k(y > y')]``.
 
-    Unlabeled pairs are dropped and the expectation is renormalised over the labeled comparisons; a candidate with no
+    ``mu`` puts mass ``mu(y)`` on ``y`` itself, so the exact expectation counts that comparison as a tie
+    (``include_self=True``, the default for this enumerated case). For candidates *sampled* from ``mu`` use
+    :func:`sampled_win_rates` (the leave-one-out mean). Unlabeled pairs are dropped and the expectation is renormalised over the labeled comparisons; a candidate with no
     labeled comparison gets the neutral value 0.5.
 
     Args:
@@ -122,6 +125,33 @@ def win_rates(
     numerator = jnp.sum(weights * jnp.where(label_mask, preferences, 0.0), axis=-1)
     denominator = jnp.sum(weights, axis=-1)
     return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.5)
+
+
+def sampled_win_rates(
+    preferences: Array,
+    label_mask: Array | None = None,
+    candidate_mask: Array | None = None,
+) -> Array:
+    """Win rates of candidates *sampled* from the comparison policy (Eq. 1 estimated by a leave-one-out mean).
+
+    With ``y_1..y_N`` drawn independently from ``mu``, ``w_k(y_i) = E_{y'~mu}[P_k(y_i > y')]`` is estimated without
+    bias by ``mean_{j != i} P_k(y_i > y_j)``: every other sample is an independent draw of ``y'``. Counting
+    ``y_i`` against itself (a tie) as :func:`win_rates` does for enumerated candidates would shrink every win rate
+    towards 1/2 by a factor ``(N-1)/N`` (25% at ``N = 4``), i.e. raise the closed form's temperature to
+    ``tau N/(N-1)``. Unlabeled comparisons drop out and the mean is renormalised over the labeled ones; a candidate
+    with no labeled comparison gets 1/2.
+
+    Args:
+      preferences: ``[K, X, N, N]`` ``P_k(y_i > y_j | x)`` among the samples of each prompt (NaN where unlabeled).
+      label_mask: optional boolean ``[K, X, N, N]`` (default ``~isnan(preferences)``).
+      candidate_mask: optional boolean ``[X, N]``; padded samples are neither compared against nor given weight.
+
+    Returns:
+      ``[K, X, N]`` float32 win rates.
+    """
+    num_prompts, num_candidates = jnp.shape(preferences)[1:3]
+    uniform = jnp.ones((num_prompts, num_candidates), jnp.float32)
+    return win_rates(preferences, uniform, label_mask, candidate_mask, include_self=False)
 
 
 def combined_win_rate(win_rates_k: Array, multipliers: Array) -> Array:
@@ -253,42 +283,101 @@ def dual_objective(
     return tau * (log_partition @ weights) - jnp.dot(multipliers, thresholds)
 
 
-def pairwise_objective_values(
-    log_ratio_margins: Array,
+class PairwiseValueSamples(NamedTuple):
+    """Per-pair samples of the objective values and their weights (see :func:`pairwise_value_samples`)."""
+
+    samples: Array  # [K, B] Z_kb; sum_b exp(log_base[k, b]) samples[k, b] is objective k's value estimate
+    log_base: Array  # [K, B] log q_kb: the labelled rows' normalised row weights, MASKED_LOG_WEIGHT elsewhere
+    counts: Array  # [K] summed row weight of the rows labelled for k (their number without row weights)
+
+
+def pairwise_value_samples(
+    policy_log_ratios: Array,
     preference_probs: Array,
     label_mask: Array | None = None,
-    include_self: bool = True,
-) -> Array:
-    """Objective values of a policy estimated from pairwise data (Eq. 2 restricted to each pair's support).
+    valid_mask: Array | None = None,
+    weights: Array | None = None,
+) -> PairwiseValueSamples:
+    """Objective values ``V_k(pi) = E_x E_{y~pi}[w_k(y)]`` (Eq. 2) estimated from pairwise data, as samples.
 
-    Within a pair ``(y, y')`` with the comparison policy uniform over it, the policy tilts the reference by
-    ``exp(log pi/pi_ref)``, so it picks ``y`` with probability ``sigmoid(h)``. Its expected win rate is
-    ``sigmoid(h) w_k(y) + sigmoid(-h) w_k(y')`` with the pair's win rates of :func:`mopo_jax.pairwise_win_rate_margins`;
-    each objective averages this over the pairs that carry its label. At ``h = 0`` (the reference) every value is 1/2.
+    For a pair ``(y, y')`` drawn from ``q x q`` (``q`` the distribution the responses were sampled from, which also
+    serves as the comparison policy ``mu`` of Eq. 1) and ``rho = pi/q``,
+    ``V_k(pi) - 1/2 = E[rho(y) (P_k(y > y') - 1/2)] = E[(rho(y) - rho(y')) (P_k(y > y') - 1/2)] / 2`` (the second
+    form swaps the pair's roles). Normalising by the same rows' estimate of ``E_q[rho] = 1`` gives the
+    self-normalised importance-sampling estimate over the batch::
+
+        V_k = 1/2 + sum_b u_b (rho_b - rho'_b)(P_bk - 1/2) / sum_b u_b (rho_b + rho'_b)
+
+    over the valid rows ``b`` labelled for ``k`` (row weights ``u``). It is 1/2 at ``pi = q``, always in
+    ``[0, 1]``, and consistent as the batch grows; the bias of self-normalisation is ``O(1/B)``. (Normalising within
+    each pair instead, i.e. the policy's pick ``sigmoid(h)`` inside the pair, shrinks ``V - 1/2`` several-fold:
+    docs/algorithm.md, section 4.) Here it is written as a ``q``-weighted mean of per-pair samples
+    ``Z_bk = 1/2 + (rho_b - rho'_b)(P_bk - 1/2) / (2 rho_bar_k)``, ``rho_bar_k`` the mean of ``(rho + rho')/2``, so
+    that the robust bound of Eq. 5 (:func:`robust_lower_bound`) applies to the same samples.
+
+    The ratios are taken in log space with the largest subtracted. ``policy_log_ratios`` must be ``log pi/q``:
+    with ``log pi/pi_ref`` (the language-model step) this assumes both responses of a pair are draws from the
+    reference, which offline preference data collected from other policies are not.
 
     Args:
-      log_ratio_margins: ``[B]`` ``h = log pi(y)/pi_ref(y) - log pi(y')/pi_ref(y')``.
+      policy_log_ratios: ``[B, 2]`` ``log pi(y)/q(y)`` and ``log pi(y')/q(y')``.
       preference_probs: ``[B, K]`` ``P_k(y > y')``.
       label_mask: optional boolean ``[B, K]``; defaults to ``~isnan(preference_probs)``.
-      include_self: whether ``mu`` puts mass on the response itself.
+      valid_mask: optional boolean ``[B]``; False drops the row (e.g. an empty completion).
+      weights: optional ``[B]`` nonnegative row weights.
 
     Returns:
-      ``[K]`` values; an objective with no labeled pair gets 1/2.
+      :class:`PairwiseValueSamples` with ``[K, B]`` samples and log-weights and ``[K]`` counts.
     """
-    preference_probs = jnp.asarray(preference_probs, jnp.float32)
-    if label_mask is None:
-        label_mask = ~jnp.isnan(preference_probs)
-    label_mask = jnp.asarray(label_mask, bool)
-    p = jnp.where(label_mask, preference_probs, 0.5)
-    if include_self:
-        first, second = 0.25 + 0.5 * p, 0.75 - 0.5 * p
-    else:
-        first, second = p, 1.0 - p
-    pick_first = jax.nn.sigmoid(jnp.asarray(log_ratio_margins, jnp.float32))[:, None]
-    per_pair = pick_first * first + (1.0 - pick_first) * second
-    counts = jnp.sum(label_mask, axis=0)
-    totals = jnp.sum(jnp.where(label_mask, per_pair, 0.0), axis=0)
-    return jnp.where(counts > 0, totals / jnp.maximum(counts, 1), 0.5)
+    sizes = validation.check_array_shape("policy_log_ratios", policy_log_ratios, ("B", 2), {})
+    sizes = validation.check_array_shape("preference_probs", preference_probs, ("B", "K"), sizes)
+    if label_mask is not None:
+        validation.check_array_shape("label_mask", label_mask, ("B", "K"), sizes)
+    if valid_mask is not None:
+        validation.check_array_shape("valid_mask", valid_mask, ("B",), sizes)
+    if weights is not None:
+        validation.check_array_shape("weights", weights, ("B",), sizes)
+    probs = jnp.asarray(preference_probs, jnp.float32)
+    labels = ~jnp.isnan(probs) if label_mask is None else jnp.asarray(label_mask, bool)
+    row_weight = jnp.ones(probs.shape[:1], jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if valid_mask is not None:
+        row_weight = jnp.where(jnp.asarray(valid_mask, bool), row_weight, 0.0)
+    labelled = (labels & (row_weight[:, None] > 0)).T  # [K, B]
+    log_ratios = jnp.asarray(policy_log_ratios, jnp.float32)
+    # Per objective, shift by the largest log-ratio among its labelled rows: every ratio is then in (0, 1], the
+    # largest is exactly 1, and the ratio of sums below is unchanged.
+    candidates = jnp.where(labelled[:, :, None], log_ratios[None], -jnp.inf)  # [K, B, 2]
+    shift = jnp.max(candidates, axis=(1, 2), keepdims=True)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    ratios = jnp.where(labelled[:, :, None], jnp.exp(jnp.where(labelled[:, :, None], log_ratios[None] - shift, 0.0)),
+                       0.0)
+    counts = jnp.sum(jnp.where(labelled, row_weight[None], 0.0), axis=1)  # [K]
+    safe_counts = jnp.where(counts > 0, counts, 1.0)
+    q = jnp.where(labelled, row_weight[None], 0.0) / safe_counts[:, None]  # [K, B]
+    mean_ratio = jnp.sum(q * 0.5 * (ratios[..., 0] + ratios[..., 1]), axis=1)  # [K] rho_bar (times a constant)
+    safe_mean = jnp.where(mean_ratio > 0, mean_ratio, 1.0)
+    centred_p = jnp.where(labelled, jnp.where(labels.T, probs.T, 0.5) - 0.5, 0.0)
+    samples = 0.5 + (ratios[..., 0] - ratios[..., 1]) * centred_p / (2.0 * safe_mean[:, None])
+    log_base = jnp.where(labelled, jnp.log(jnp.where(q > 0, q, 1.0)), MASKED_LOG_WEIGHT)
+    return PairwiseValueSamples(samples=jnp.where(labelled, samples, 0.5), log_base=log_base, counts=counts)
+
+
+def pairwise_objective_values(
+    policy_log_ratios: Array,
+    preference_probs: Array,
+    label_mask: Array | None = None,
+    valid_mask: Array | None = None,
+    weights: Array | None = None,
+) -> Array:
+    """Objective values ``V_k(pi)`` from pairwise data: the weighted mean of :func:`pairwise_value_samples`
+    (self-normalised importance sampling over the batch; see there for the estimator and its assumption).
+
+    Returns:
+      ``[K]`` values; an objective with no labelled valid pair gets 1/2.
+    """
+    estimate = pairwise_value_samples(policy_log_ratios, preference_probs, label_mask, valid_mask, weights)
+    values = jnp.sum(jnp.exp(estimate.log_base) * estimate.samples, axis=1)
+    return jnp.where(estimate.counts > 0, values, 0.5)
 
 
 class RobustBound(NamedTuple):
@@ -314,8 +403,9 @@ def robust_lower_bound(
     log space with max subtraction.
 
     Args:
-      samples: ``[K-1, M]`` values ``Z`` (flattened over prompts and candidates).
-      log_base_probs: ``[M]`` log-probabilities of ``q`` (``MASKED_LOG_WEIGHT`` for padding); must sum to one.
+      samples: ``[K-1, M]`` values ``Z`` (flattened over prompts and candidates, or pairs).
+      log_base_probs: ``[M]`` log-probabilities of ``q`` (``MASKED_LOG_WEIGHT`` for padding), or ``[K-1, M]`` when
+        each objective has its own (pairs labelled for some objectives only); each row must sum to one.
       chi: ``[K-1]`` positive dual variables.
       eps: KL radius ``>= 0``.
 
@@ -326,16 +416,16 @@ def robust_lower_bound(
     validation.check_positive("chi", chi)
     validation.check_finite("samples", samples)
     samples = jnp.asarray(samples, jnp.float32)
-    log_base_probs = jnp.asarray(log_base_probs, jnp.float32)
+    log_base_probs = jnp.broadcast_to(jnp.asarray(log_base_probs, jnp.float32), samples.shape)
     base = jnp.exp(log_base_probs)
     # Centre on the plain mean c: LB = c - chi log E_q[exp(-(Z - c)/chi)] - chi eps. For large chi the log term is
     # O(1/chi^2) and chi times its float32 rounding would swamp the answer, so it is taken as log1p(E_q[expm1(u)]).
-    mean = jnp.sum(base[None, :] * samples, axis=-1, keepdims=True)
+    mean = jnp.sum(base * samples, axis=-1, keepdims=True)
     chi = jnp.asarray(chi, jnp.float32)[:, None]
     exponent = -(samples - mean) / chi
-    small = jnp.max(jnp.where(base[None, :] > 0, jnp.abs(exponent), 0.0), axis=-1) < 0.5
-    log_mean_small = jnp.log1p(jnp.sum(base[None, :] * jnp.expm1(jnp.clip(exponent, -0.5, 0.5)), axis=-1))
-    log_terms = log_base_probs[None, :] + exponent
+    small = jnp.max(jnp.where(base > 0, jnp.abs(exponent), 0.0), axis=-1) < 0.5
+    log_mean_small = jnp.log1p(jnp.sum(base * jnp.expm1(jnp.clip(exponent, -0.5, 0.5)), axis=-1))
+    log_terms = log_base_probs + exponent
     log_mean = jnp.where(small, log_mean_small, jax.nn.logsumexp(log_terms, axis=-1))
     tilted = jax.nn.softmax(log_terms, axis=-1)
     tilted_centred_mean = jnp.sum(tilted * (samples - mean), axis=-1)
@@ -442,13 +532,13 @@ def update_multipliers(
 def ratchet_thresholds(
     thresholds: Array,
     lagged_values: Array,
-    beta: float | Array,
+    ratchet_beta: float | Array,
     floor: Array | None = None,
 ) -> Array:
-    """Threshold ratchet of the MOPO schedule (Eq. 6): ``b <- clip(max(floor, beta G_lagged), 0, 1)``.
+    """Threshold ratchet of the MOPO schedule (Eq. 6): ``b <- clip(max(floor, ratchet_beta G_lagged), 0, 1)``.
 
-    ``G_lagged`` are the secondary values achieved ``t0`` steps earlier; ``beta < 1`` leaves a margin so that the new
-    constraint stays strictly feasible while the secondaries may lose at most a factor ``beta`` per period. The
+    ``G_lagged`` are the secondary values achieved ``t0`` steps earlier; ``ratchet_beta < 1`` leaves a margin so that
+    the new constraint stays strictly feasible while the secondaries may lose at most that factor per period. The
     paper's rule has no floor (pass ``floor=0``); ``floor = b_user`` only ever tightens the user's constraints.
     When ``floor`` is None the current ``thresholds`` serve as the floor.
 
@@ -456,10 +546,10 @@ def ratchet_thresholds(
       ``[K-1]`` new thresholds.
     """
     validation.check_unit_interval("thresholds", thresholds)
-    validation.check_unit_interval("beta", beta)
+    validation.check_unit_interval("ratchet_beta", ratchet_beta)
     validation.check_finite("lagged_values", lagged_values)
     floor = thresholds if floor is None else floor
-    return jnp.clip(jnp.maximum(floor, beta * lagged_values), 0.0, 1.0)
+    return jnp.clip(jnp.maximum(floor, ratchet_beta * lagged_values), 0.0, 1.0)
 
 
 def log_barrier_penalty(secondary_estimates: Array, thresholds: Array, sigma: float | Array) -> Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Sequence
 
 import numpy as np
 
@@ -81,6 +82,29 @@ def check_shape(name: str, value, expected: tuple, what: str = "") -> None:
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
         described = tuple("?" if e is None else e for e in expected)
         raise ValueError(f"{name} must have shape {described}{' ' + what if what else ''}, got {shape}")
+
+
+def check_array_shape(name: str, value, expected: Sequence, sizes: dict) -> dict:
+    """Checks ``value``'s shape against symbolic ``expected`` (ints, or names bound consistently across calls).
+
+    ``sizes`` maps symbol names (``"B"``, ``"K"``, ...) to sizes already bound; unbound symbols are bound to what
+    ``value`` has and the updated mapping is returned. Shapes are static under ``jit``, so this runs at trace time
+    and a wrong rank or size is reported naming the argument before XLA sees it.
+    """
+    shape = tuple(np.shape(value))
+    described = "[" + ", ".join(str(e) for e in expected) + "]"
+    if len(shape) != len(expected):
+        raise ValueError(f"{name} must have shape {described} (rank {len(expected)}), got shape {shape}")
+    bound = dict(sizes)
+    for symbol, size in zip(expected, shape):
+        if isinstance(symbol, int):
+            if size != symbol:
+                raise ValueError(f"{name} must have shape {described}, got shape {shape}")
+        elif symbol in bound and bound[symbol] != size:
+            raise ValueError(f"{name} must have shape {described} with {symbol} = {bound[symbol]}, got shape {shape}")
+        else:
+            bound[symbol] = size
+    return bound
 
 
 def check_preferences(name: str, preferences, label_mask=None, atol: float = 1e-5) -> None:

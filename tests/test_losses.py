@@ -15,10 +15,10 @@ def _random_log_probs(seed, batch=16):
 
 
 def test_mopo_pairwise_reduces_to_ipo_for_one_objective():
-    """K = 1, mu uniform over the pair with self-comparison, hard labels: exactly (h - 1/(2 tau))^2."""
+    """K = 1 and hard labels: the margin P - 1/2 = 1/2 gives exactly (h - 1/(2 tau))^2."""
     chosen, rejected, ref_chosen, ref_rejected = _random_log_probs(0)
     tau = 0.1
-    margins = mj.pairwise_win_rate_margins(jnp.ones((16, 1)), include_self=True)
+    margins = mj.pairwise_win_rate_margins(jnp.ones((16, 1)))
     mopo = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.zeros((0,)), tau)
     ipo = mj.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, tau)
     h = np.asarray((chosen - ref_chosen) - (rejected - ref_rejected), np.float64)
@@ -28,24 +28,83 @@ def test_mopo_pairwise_reduces_to_ipo_for_one_objective():
     assert float(mopo.denominator) == 16
 
 
-def test_mopo_pairwise_reduces_to_ipo_when_multipliers_vanish():
-    """lambda = 0: the secondary labels (even contradicting ones) drop out, leaving IPO on the primary."""
+def test_mopo_pairwise_reduces_to_ipo_when_multipliers_vanish_and_every_row_has_the_primary_label():
+    """lambda = 0 and objective 0 labelled on every row: the secondary labels (on some rows, even contradicting ones)
+    drop out, leaving IPO on the primary."""
     chosen, rejected, ref_chosen, ref_rejected = _random_log_probs(1)
     rng = np.random.default_rng(2)
     labels = np.stack([np.ones(16), rng.integers(0, 2, 16), rng.integers(0, 2, 16)], axis=1).astype(np.float32)
-    margins = mj.pairwise_win_rate_margins(labels, include_self=True)
-    mopo = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.zeros(2), 0.08)
+    mask = np.stack([np.ones(16, bool), rng.random(16) < 0.5, rng.random(16) < 0.7], axis=1)
+    margins = mj.pairwise_win_rate_margins(labels, mask)
+    mopo = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.zeros(2), 0.08,
+                                 label_mask=mask)
     ipo = mj.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.08)
     chex.assert_trees_all_close(mopo.total, ipo.total, rtol=1e-6)
     # With lambda > 0 the secondary labels do move the target.
-    moved = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.ones(2), 0.08)
+    moved = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.ones(2), 0.08,
+                                  label_mask=mask)
     assert abs(float(moved.total) - float(ipo.total)) > 1.0
 
 
-def test_pairwise_margins_with_and_without_self_comparison_and_missing_labels():
+def _disjoint_label_batch(seed=3, batch=12):
+    """Rows that carry the primary label, the secondary one, both, or none; two rows dropped; row weights."""
+    rng = np.random.default_rng(seed)
+    chosen, rejected, ref_chosen, ref_rejected = (rng.normal(size=batch) * 2 - 30 for _ in range(4))
+    probs = rng.uniform(size=(batch, 2))
+    labels = np.zeros((batch, 2), bool)
+    labels[: batch // 2, 0] = True
+    labels[batch // 2:, 1] = True
+    labels[1] = [True, True]
+    labels[7] = [False, False]  # no label at all
+    probs[~labels] = np.nan
+    valid = np.ones(batch, bool)
+    valid[[2, 9]] = False  # e.g. an empty completion
+    weights = rng.uniform(0.5, 2.0, size=batch)
+    return chosen, rejected, ref_chosen, ref_rejected, probs, labels, valid, weights
+
+
+def test_pairwise_loss_leaves_missing_labels_out_and_renormalises():
+    """Against NumPy: each objective's target term is weighted by 1/pi_k (pi_k its label rate among the kept rows),
+    rows without any label or with an empty completion are dropped; the gradient is that of the expanded square
+    mean_b h^2 - 2 sum_k (c_k/tau) mean_{b labelled k} h_b m_bk, each cross term on its own labelled rows."""
+    chosen, rejected, ref_chosen, ref_rejected, probs, labels, valid, weights = _disjoint_label_batch()
+    multipliers, tau = np.array([0.7]), 0.1
+    margins = mj.pairwise_win_rate_margins(probs, labels)
+    terms = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, multipliers, tau,
+                                  valid_mask=valid, weights=weights, label_mask=labels)
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    kept = valid & labels.any(1)
+    u = np.where(kept, weights, 0.0)
+    rates = np.array([(u * labels[:, k]).sum() / u.sum() for k in range(2)])
+    m = np.where(labels, probs - 0.5, 0.0)
+    target = (m[:, 0] / rates[0] + multipliers[0] * m[:, 1] / rates[1]) / tau
+    np.testing.assert_allclose(float(terms.total), np.sum(u * (h - target) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(float(terms.denominator), u.sum(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mj.pairwise_label_rates(labels, valid, weights)), rates, rtol=1e-6)
+
+    # Gradient in h against the expanded estimator (written without the inverse-propensity target).
+    def library(hh):
+        zeros = jnp.zeros_like(hh)
+        return mj.mopo_pairwise_loss(hh, zeros, zeros, zeros, margins, multipliers, tau, valid_mask=valid,
+                                     weights=weights, label_mask=labels).mean()
+
+    got = np.asarray(jax.grad(library)(jnp.asarray(h, jnp.float32)), np.float64)
+    coefficients = np.array([1.0, multipliers[0]])
+    want = 2 * u * h / u.sum()
+    for k in range(2):
+        on_k = u * labels[:, k]
+        want = want - 2 * (coefficients[k] / tau) * on_k * m[:, k] / on_k.sum()
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+    # The dropped rows and the unlabelled row get no gradient and no NaN.
+    assert np.all(got[~kept] == 0.0) and np.all(np.isfinite(got))
+
+
+def test_pairwise_margins_and_missing_labels():
     probs = jnp.array([[1.0, 0.3, jnp.nan]])
-    np.testing.assert_allclose(np.asarray(mj.pairwise_win_rate_margins(probs, include_self=True)), [[0.5, -0.2, 0.0]])
-    np.testing.assert_allclose(np.asarray(mj.pairwise_win_rate_margins(probs, include_self=False)), [[1.0, -0.4, 0.0]])
+    np.testing.assert_allclose(np.asarray(mj.pairwise_win_rate_margins(probs)), [[0.5, -0.2, 0.0]], atol=1e-7)
+    mask = jnp.array([[True, False, False]])
+    np.testing.assert_allclose(np.asarray(mj.pairwise_win_rate_margins(jnp.nan_to_num(probs), mask)),
+                               [[0.5, 0.0, 0.0]])
 
 
 def test_dpo_matches_numpy_and_soft_label_form():
@@ -64,11 +123,9 @@ def test_soft_ipo_minimiser():
     p = 0.8
     tau = 0.1
     grid = jnp.linspace(-10, 10, 20001)
-    zeros = jnp.zeros_like(grid)
     loss = jax.vmap(
         lambda h: mj.ipo_loss(h[None], jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), tau, preference_probs=jnp.array([p])).total
     )(grid)
-    assert zeros.shape == grid.shape
     np.testing.assert_allclose(float(grid[jnp.argmin(loss)]), (2 * p - 1) / (2 * tau), atol=2e-3)
 
 
@@ -123,6 +180,12 @@ def test_weighted_bc_minimiser_is_the_closed_form():
         (lambda a: mj.dpo_loss(a.at[1].set(jnp.nan), a, a, a, 0.1), "policy_chosen"),
         (lambda a: mj.mopo_pairwise_loss(a, a, a, a, jnp.zeros((3, 2)), jnp.array([-1.0]), 0.1), "multipliers"),
         (lambda a: mj.pairwise_win_rate_margins(jnp.array([[1.2, 0.5]])), "preference_probs"),
+        (lambda a: mj.mopo_pairwise_loss(a[:, None], a, a, a, jnp.zeros((3, 2)), jnp.ones(1), 0.1), "policy_chosen"),
+        (lambda a: mj.mopo_pairwise_loss(a, a, a, a, jnp.zeros(3), jnp.ones(1), 0.1), "win_rate_margins"),
+        (lambda a: mj.mopo_pairwise_loss(a, a, a, a, jnp.zeros((3, 2)), jnp.ones(2), 0.1), "multipliers"),
+        (lambda a: mj.mopo_pairwise_loss(a, a, a, a, jnp.zeros((4, 2)), jnp.ones(1), 0.1), "win_rate_margins"),
+        (lambda a: mj.dpo_loss(a, a, a, a, 0.1, valid_mask=jnp.ones((3, 1), bool)), "valid_mask"),
+        (lambda a: mj.weighted_bc_loss(a, a), "policy_log_probs"),
     ],
 )
 def test_loss_value_errors(call, fragment):
@@ -130,25 +193,35 @@ def test_loss_value_errors(call, fragment):
         call(jnp.zeros(3))
 
 
-def test_pairwise_objective_values_limits():
-    labels = jnp.array([[1.0, 0.0], [1.0, jnp.nan], [0.0, 1.0]])
-    at_reference = mj.pairwise_objective_values(jnp.zeros(3), labels)
-    np.testing.assert_allclose(np.asarray(at_reference), [0.5, 0.5], atol=1e-7)
-    # A policy that always picks the first response: its win rate against the pair is w(y) = 1/4 + P/2.
-    always_first = mj.pairwise_objective_values(jnp.full(3, 50.0), labels)
-    np.testing.assert_allclose(np.asarray(always_first), [(0.75 + 0.75 + 0.25) / 3, (0.25 + 0.75) / 2], atol=1e-6)
+def test_shape_contracts_hold_under_jit():
+    """Shapes are static: a wrong rank is a ValueError naming the argument at trace time, not an XLA error."""
+    a = jnp.zeros(3)
+    with pytest.raises(ValueError, match="policy_chosen"):
+        jax.jit(mj.mopo_pairwise_loss, static_argnums=6)(a[:, None], a, a, a, jnp.zeros((3, 2)), jnp.ones(1), 0.1)
+    with pytest.raises(ValueError, match="win_rate_margins"):
+        jax.jit(mj.mopo_pairwise_loss, static_argnums=6)(a, a, a, a, jnp.zeros((3, 1, 2)), jnp.ones(1), 0.1)
+    with pytest.raises(ValueError, match="policy_log_ratios"):
+        jax.jit(mj.pairwise_objective_values)(a, jnp.zeros((3, 2)))
 
 
-def test_user_loop_example_meets_its_constraint():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "optax_pairwise_loop.py"
-    spec = importlib.util.spec_from_file_location("optax_pairwise_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    values, multipliers = module.main(steps=400, threshold=0.58, verbose=False)
-    assert float(values[1]) >= 0.58 - 1e-3 and float(multipliers[0]) > 0
+def test_completion_log_probs_match_numpy_with_masks():
+    """completion_mask[b, t] marks tokens[b, t], scored by logits[b, t-1]; float32 log-softmax of large logits;
+    an empty mask gives 0, never NaN."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32) * 40 + 1e4  # large: needs the max subtraction
+    tokens = rng.integers(0, 11, (3, 6)).astype(np.int32)
+    mask = np.zeros((3, 6), bool)
+    mask[0, 3:] = True
+    mask[1, [1, 4]] = True
+    got = np.asarray(mj.completion_log_probs(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), tokens, mask))
+    logits64 = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), np.float64)
+    shifted = logits64 - logits64.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    want = [sum(log_softmax[b, t - 1, tokens[b, t]] for t in range(1, 6) if mask[b, t]) for b in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    assert got[2] == 0.0
+    grad = jax.grad(lambda l: mj.completion_log_probs(l, tokens, mask).sum())(jnp.asarray(logits))
+    assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[2] == 0.0)
 
 
 def test_dpo_margin_offset_and_pair_weights():

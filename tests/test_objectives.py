@@ -129,7 +129,7 @@ def test_multipliers_rise_under_violation_and_decay_under_slack():
     pref, ref = _bt_problem(seed=7)
     w = mj.win_rates(pref, ref)
     log_ref = jnp.log(ref)
-    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.5, refresh_every=None))
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.5, eps=0.0, refresh_every=None))
     unconstrained = float(mj.secondary_values(mj.closed_form_log_weights(w, jnp.zeros(1), 0.08, log_ref), w)[0])
     maximum = float(np.mean(np.max(np.asarray(w[1]), axis=-1)))
     update = jax.jit(transformation.update)
@@ -196,3 +196,120 @@ def test_log_barrier_penalty_gradient_is_effective_multiplier():
 def test_ratchet_never_loosens_below_floor():
     new = mj.ratchet_thresholds(jnp.array([0.6, 0.6]), jnp.array([0.8, 0.3]), 0.9, floor=jnp.array([0.6, 0.6]))
     chex.assert_trees_all_close(new, jnp.array([0.72, 0.6]), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimates from samples and from pairs.
+
+
+def test_sampled_win_rates_are_leave_one_out_means():
+    """For candidates sampled from mu the unbiased win rate of y_i is mean_{j != i} P(y_i > y_j); the enumerated
+    formula's self-tie would shrink every rate towards 1/2 by (N-1)/N."""
+    pref, _ = _bt_problem(seed=9, num_candidates=4)
+    pref = pref.copy()
+    pref[0, 1, 0, 2] = pref[0, 1, 2, 0] = np.nan  # one unlabelled comparison
+    got = np.asarray(mj.sampled_win_rates(pref))
+    K, X, N, _ = pref.shape
+    for k in range(K):
+        for x in range(X):
+            for i in range(N):
+                others = [pref[k, x, i, j] for j in range(N) if j != i and not np.isnan(pref[k, x, i, j])]
+                np.testing.assert_allclose(got[k, x, i], np.mean(others), atol=1e-6)
+    with_tie = np.asarray(mj.win_rates(pref[:, :, :, :], np.ones((X, N)), include_self=True))
+    np.testing.assert_allclose(with_tie[0, 0] - 0.5, (N - 1) / N * (got[0, 0] - 0.5), atol=1e-6)
+
+
+def _pair_population(pref, ref, mu):
+    """Every ordered pair (ties included) of every prompt with its weight p(x) mu(y) mu(y')."""
+    K, X, N, _ = pref.shape
+    x, i, j = np.meshgrid(np.arange(X), np.arange(N), np.arange(N), indexing="ij")
+    x, i, j = x.reshape(-1), i.reshape(-1), j.reshape(-1)
+    weights = mu[x, i] * mu[x, j] / X
+    return x, i, j, pref[:, x, i, j].T, weights
+
+
+def test_pairwise_values_are_exact_over_the_pair_population():
+    """V_k(pi) = E_{y~pi}[w_k(y)] of an arbitrary policy, from pairs drawn from q x q with rho = pi/q: the batch
+    self-normalised estimate is exact over the population of pairs. (Normalising within each pair instead, the
+    policy's pick sigmoid(h) inside the pair, is not: here it is off by 0.07.)"""
+    pref, ref = _bt_problem(seed=10, num_prompts=3, num_candidates=5)
+    rng = np.random.default_rng(11)
+    policy = rng.dirichlet(np.ones(5) * 0.7, size=3)
+    x, i, j, probs, weights = _pair_population(pref, ref, ref)
+    log_ratios = np.stack([np.log(policy[x, i] / ref[x, i]), np.log(policy[x, j] / ref[x, j])], axis=-1)
+    got = np.asarray(mj.pairwise_objective_values(log_ratios, probs, weights=weights))
+    w = win_rates_numpy(pref, ref)
+    exact = np.einsum("xn,kxn->k", policy, w) / 3
+    np.testing.assert_allclose(got, exact, atol=2e-6)
+    h = log_ratios[:, 0] - log_ratios[:, 1]
+    pick = 1 / (1 + np.exp(-h))
+    within_pair = (weights[:, None] * (0.5 + (pick[:, None] - 0.5) * (probs - 0.5))).sum(0) / weights.sum()
+    assert np.max(np.abs(within_pair - exact)) > 0.05
+
+
+def test_pairwise_values_drop_invalid_rows_and_unlabelled_objectives():
+    """Against NumPy on a ragged batch: rows with an empty completion and objectives without a label are left out
+    of each objective's estimate, whatever their log-ratios hold (here: large values that would dominate)."""
+    rng = np.random.default_rng(12)
+    log_ratios = rng.normal(size=(8, 2))
+    probs = rng.uniform(size=(8, 2))
+    labels = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1], [1, 0], [0, 1], [0, 0]], bool)
+    valid = np.array([1, 1, 1, 0, 1, 0, 1, 1], bool)
+    log_ratios[~valid] = 30.0
+    weights = rng.uniform(0.5, 2, size=8)
+    got = np.asarray(mj.pairwise_objective_values(log_ratios, np.where(labels, probs, np.nan), labels, valid,
+                                                  weights))
+    rho = np.exp(log_ratios)
+    for k in range(2):
+        rows = labels[:, k] & valid
+        num = np.sum(weights[rows] * (rho[rows, 0] - rho[rows, 1]) * (probs[rows, k] - 0.5))
+        den = np.sum(weights[rows] * (rho[rows, 0] + rho[rows, 1]))
+        np.testing.assert_allclose(got[k], 0.5 + num / den, rtol=1e-5)
+    none = mj.pairwise_objective_values(log_ratios, probs, np.zeros((8, 2), bool))
+    np.testing.assert_array_equal(np.asarray(none), [0.5, 0.5])
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_pairwise_robust_bound_is_the_worst_case_over_reweighted_pairs(eps):
+    """With eps > 0 the pairwise dual estimate is the KL-robust bound of Eq. 5 over the labelled pairs: the smallest
+    mean of the per-pair samples over distributions within eps of the empirical one (SLSQP), each objective on its
+    own labelled rows."""
+    rng = np.random.default_rng(13)
+    log_ratios = rng.normal(size=(9, 2)) * 0.8
+    probs = rng.uniform(size=(9, 3))
+    labels = rng.random((9, 3)) < 0.7
+    labels[:, 1] = True
+    config = mj.MOPOConfig(eps=eps, refresh_every=None)
+    transformation = mj.mopo(config)
+    samples = mj.pairwise_value_samples(log_ratios, probs, labels)
+    state = transformation.init(jnp.array([0.5, 0.5]))
+    chi = mj.optimal_robust_chi(samples.samples[1:], samples.log_base[1:], eps)
+    state = state._replace(chi=chi)
+    estimate = transformation.estimate_from_pairs(state, log_ratios, probs, labels)
+    for k in (1, 2):
+        rows = labels[:, k]
+        z = np.asarray(samples.samples[k])[rows]
+        direct = _direct_worst_case(z, np.full(rows.sum(), 1.0 / rows.sum()), eps)
+        np.testing.assert_allclose(float(estimate.values[k - 1]), direct, atol=3e-4)
+        assert float(estimate.values[k - 1]) < z.mean()
+    np.testing.assert_array_equal(np.asarray(estimate.counts), labels[:, 1:].sum(0))
+
+
+def test_estimate_window_pools_the_last_steps():
+    """estimate_window = W: the multiplier step uses sum(G_t n_t) / sum(n_t) over the last W steps (n_t the data
+    behind each); an objective with no data in the window keeps its multiplier."""
+    config = mj.MOPOConfig(tau=0.1, multiplier_lr=0.5, eps=0.0, refresh_every=None, estimate_window=3)
+    transformation = mj.mopo(config)
+    state = transformation.init(jnp.array([0.6, 0.4]))
+    estimates = [[0.5, 0.3], [0.7, 0.35], [0.4, 0.5], [0.9, 0.45]]
+    counts = [[4.0, 0.0], [2.0, 0.0], [1.0, 3.0], [5.0, 1.0]]
+    multipliers = np.zeros(2)
+    for t, (g, n) in enumerate(zip(estimates, counts)):
+        state = transformation.update_from_estimates(state, jnp.array(g), counts=jnp.array(n))
+        window = slice(max(0, t - 2), t + 1)
+        g_w, n_w = np.array(estimates[window]), np.array(counts[window])
+        total = n_w.sum(0)
+        pooled = np.where(total > 0, (g_w * n_w).sum(0) / np.where(total > 0, total, 1), [0.6, 0.4])
+        np.testing.assert_allclose(np.asarray(state.secondary_estimates), pooled, rtol=1e-6)
+        multipliers = np.maximum(0, multipliers - 0.5 * (pooled - np.array([0.6, 0.4])))
+        np.testing.assert_allclose(np.asarray(state.multipliers), multipliers, rtol=1e-6, atol=1e-7)

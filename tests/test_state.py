@@ -24,7 +24,7 @@ def test_ratchet_and_lagged_reference_follow_the_period():
     pref, ref = _problem()
     w = mj.win_rates(pref, ref)
     period, beta = 3, 0.9
-    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.2, beta=beta, refresh_every=period))
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.2, eps=0.0, ratchet_beta=beta, refresh_every=period))
     state = transformation.init(jnp.array([0.3]))
     update = jax.jit(transformation.update)
     estimates, thresholds = [], []
@@ -71,7 +71,7 @@ def test_sampled_candidates_use_uniform_base():
     """Without ref_log_probs the closed form is the self-normalised importance weight exp(g/tau) / sum exp(g/tau)."""
     pref, ref = _problem(seed=2)
     w = mj.win_rates(pref, ref)
-    transformation = mj.mopo(mj.MOPOConfig(tau=0.2, refresh_every=None))
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.2, eps=0.0, refresh_every=None))
     state = transformation.init(jnp.array([0.5]), initial_multipliers=jnp.array([0.4]))
     log_weights = transformation.update(state, w).log_weights
     g = np.asarray(w[0] + 0.4 * w[1], np.float64) / 0.2
@@ -83,7 +83,7 @@ def test_sampled_candidates_use_uniform_base():
 def test_log_barrier_variant_keeps_interior():
     pref, ref = _problem(seed=3)
     w = mj.win_rates(pref, ref)
-    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, constraint="log_barrier", barrier_sigma=1e-3,
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, constraint="log_barrier", barrier_sigma=1e-3, eps=0.0,
                                            multiplier_lr=0.5, refresh_every=None))
     threshold = 0.6
     state = transformation.init(jnp.array([threshold]), initial_multipliers=jnp.array([1.0]))
@@ -120,11 +120,18 @@ def test_update_compiles_once_for_new_values_of_the_same_shape():
         (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.ones(1), jnp.array([1.2]), 0.1), "thresholds"),
         (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.array([jnp.nan]), jnp.ones(1) * 0.5, 0.1),
          "secondary_estimates"),
-        (lambda p, r: mj.mopo(mj.MOPOConfig(tau=-1.0)), "tau"),
-        (lambda p, r: mj.mopo(mj.MOPOConfig(eps=-0.5)), "eps"),
+        (lambda p, r: mj.MOPOConfig(tau=-1.0), "tau"),
+        (lambda p, r: mj.MOPOConfig(eps=-0.5), "eps"),
+        (lambda p, r: mj.MOPOConfig(tau="0.1"), "tau"),
+        (lambda p, r: mj.MOPOConfig(refresh_every=2.5), "refresh_every"),
+        (lambda p, r: mj.MOPOConfig(estimate_window=0), "estimate_window"),
+        (lambda p, r: mj.MOPOConfig(ratchet_beta=1.5), "ratchet_beta"),
+        (lambda p, r: mj.MOPOConfig(constraint="barrier"), "constraint"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).update_from_estimates(mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5])),
+                                                                     jnp.array([0.5, 0.5])), "estimates"),
         (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([-0.1])), "thresholds"),
         (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5, 1.1])), "thresholds"),
-        (lambda p, r: mj.ratchet_thresholds(jnp.array([0.5]), jnp.array([0.6]), 1.5), "beta"),
+        (lambda p, r: mj.ratchet_thresholds(jnp.array([0.5]), jnp.array([0.6]), 1.5), "ratchet_beta"),
     ],
 )
 def test_boundary_value_errors(call, fragment):
