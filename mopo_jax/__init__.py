@@ -1,21 +1,25 @@
 """mopo-jax: Multi-Objective Preference Optimization (Agnihotri et al., arXiv 2505.10892) as pure JAX functions.
 
 The public API below is what other JAX pipelines compose with: every function is pure, jittable and vmappable, and
-documents the equation of docs/algorithm.md it implements.
+documents the equation of docs/algorithm.md it implements; the training objectives (:mod:`mopo_jax.policy_objectives`)
+bundle them into objects any trainer can run. Importing this package needs only jax, optax, numpy and flax.
 """
 
 from mopo_jax.losses import (
     LossTerms,
+    completion_log_probs,
     dpo_loss,
     ipo_loss,
     log_ratio_margin,
     mopo_pairwise_loss,
+    pairwise_label_rates,
     pairwise_win_rate_margins,
     weighted_bc_loss,
 )
 from mopo_jax.objectives import (
     MASKED_LOG_WEIGHT,
     MultiplierUpdate,
+    PairwiseValueSamples,
     RobustBound,
     closed_form_log_weights,
     combined_win_rate,
@@ -27,18 +31,35 @@ from mopo_jax.objectives import (
     objective_values,
     optimal_robust_chi,
     pairwise_objective_values,
+    pairwise_value_samples,
     ratchet_thresholds,
     robust_lower_bound,
+    sampled_win_rates,
     secondary_values,
     update_barrier_multipliers,
     update_multipliers,
     win_rates,
+)
+from mopo_jax.policy_objectives import (
+    DPO,
+    IPO,
+    MODPO,
+    MOPOCandidates,
+    MOPOPairwise,
+    Objective,
+    ResponseLogProbs,
+    WeightedDPO,
+    WeightedIPO,
+    objective_class,
+    register_objective,
+    registered_objectives,
 )
 from mopo_jax.state import (
     MOPOConfig,
     MOPOState,
     MOPOTransformation,
     MOPOUpdate,
+    SecondaryEstimate,
     lagged_reference_update,
     mopo,
     reference_refresh_due,
@@ -47,7 +68,25 @@ from mopo_jax.state import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPO",
+    "IPO",
     "LossTerms",
+    "MODPO",
+    "MOPOCandidates",
+    "MOPOPairwise",
+    "Objective",
+    "ResponseLogProbs",
+    "SecondaryEstimate",
+    "WeightedDPO",
+    "WeightedIPO",
+    "completion_log_probs",
+    "objective_class",
+    "pairwise_label_rates",
+    "pairwise_value_samples",
+    "PairwiseValueSamples",
+    "register_objective",
+    "registered_objectives",
+    "sampled_win_rates",
     "MASKED_LOG_WEIGHT",
     "MOPOConfig",
     "MOPOState",

@@ -29,14 +29,23 @@ from mopo_jax.training.checkpoint import (
     abstract_train_state,
 )
 from mopo_jax.training.loop import train
-from mopo_jax.training.train_step import TrainConfig, init_train_state, make_optimizer, train_state_shardings
+from mopo_jax.policy_objectives import DPO, MOPOPairwise
+from mopo_jax.training.train_step import (
+    OptimizerConfig,
+    TrainConfig,
+    init_train_state,
+    make_optimizer,
+    train_state_shardings,
+)
+from mopo_jax.training.trainable import TrainableConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS, LENGTH, OBJECTIVES = 4, 16, 2
 NUM_STEPS, SAVE_EVERY, KILL_AFTER = 6, 2, 3
 MESH = sharding.MeshConfig(fsdp=4, tensor=2)
 MOPO_CONFIG = TrainConfig(
-    loss="mopo_pairwise", thresholds=(0.5,), mopo=MOPOConfig(tau=0.1, refresh_every=2), learning_rate=1e-3
+    objective=MOPOPairwise(MOPOConfig(tau=0.1, eps=0.0, refresh_every=2), thresholds=(0.5,)),
+    optimizer=OptimizerConfig(learning_rate=1e-3),
 )
 
 
@@ -102,7 +111,7 @@ def _assert_trees_equal(actual, expected, atol=0.0):
 
 
 def _sharded_state(model, config, seed=1, key_fn=jax.random.PRNGKey):
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config.optimizer)
     params = init_params(model, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(MESH)
     state = init_train_state(model, config, params, optimizer, key_fn(seed))
@@ -113,8 +122,7 @@ def _sharded_state(model, config, seed=1, key_fn=jax.random.PRNGKey):
     state = state._replace(
         step=state.step + 7,
         opt_state=jax.tree.map(lambda x: x + 0.25 if x.dtype == jnp.float32 else x, state.opt_state),
-        mopo_state=None if state.mopo_state is None else jax.tree.map(
-            lambda x: x + jnp.asarray(0.5, x.dtype), state.mopo_state),
+        objective_state=jax.tree.map(lambda x: x + jnp.asarray(0.5, x.dtype), state.objective_state),
     )
     return jax.device_put(state, shardings), abstract_train_state(shapes, shardings)
 
@@ -123,7 +131,8 @@ def _sharded_state(model, config, seed=1, key_fn=jax.random.PRNGKey):
     "config,key_fn",
     [
         (MOPO_CONFIG, jax.random.PRNGKey),  # reference + snapshot + MOPO state, uint32 key
-        (TrainConfig(loss="dpo", lora_rank=2), jax.random.key),  # LoRA base, no snapshot/MOPO state, typed key
+        (TrainConfig(objective=DPO(), trainable=TrainableConfig(lora_rank=2)), jax.random.key),  # LoRA base,
+        # no snapshot, no objective state, typed key
     ],
     ids=["mopo_pairwise", "dpo_lora_typed_key"],
 )
@@ -139,7 +148,7 @@ def test_round_trip_restores_identical_state_in_its_shardings(tmp_path, config, 
     assert restored is not None
     assert restored.step == 5 and restored.data_position == {"epoch": 1, "batch_index": 9}
     _assert_trees_equal(restored.state, state)
-    for field in ("reference", "snapshot", "base", "mopo_state"):
+    for field in ("reference", "snapshot", "base", "objective_state"):
         assert (getattr(restored.state, field) is None) == (getattr(state, field) is None), field
     for leaf, target in zip(jax.tree.leaves(restored.state), jax.tree.leaves(abstract)):
         assert leaf.sharding == target.sharding
@@ -257,7 +266,7 @@ def test_no_usable_checkpoint_returns_none_and_layout_mismatch_raises(tmp_path):
     with Checkpointer(config) as checkpointer, pytest.warns(CheckpointWarning, match="step 1"):
         assert checkpointer.restore_latest(abstract) is None
 
-    _, dpo_abstract = _sharded_state(model, TrainConfig(loss="dpo"))
+    _, dpo_abstract = _sharded_state(model, TrainConfig(objective=DPO()))
     with Checkpointer(config) as checkpointer:
         checkpointer.save(2, state, {})
         with pytest.raises(ValueError, match="does not match the train state"):

@@ -33,15 +33,17 @@ WORKER = textwrap.dedent(
     import optax
     from jax.experimental import multihost_utils
     from mopo_jax.models import get_preset, init_params
+    from mopo_jax.policy_objectives import MOPOPairwise
     from mopo_jax.state import MOPOConfig
     from mopo_jax.training import sharding
-    from mopo_jax.training.train_step import TrainConfig, compile_train_step, init_train_state, make_optimizer
+    from mopo_jax.training.train_step import (
+        OptimizerConfig, TrainConfig, compile_train_step, init_train_state, make_optimizer)
 
     assert jax.process_count() == num_processes and jax.device_count() == 4, (jax.process_count(), jax.devices())
     model = get_preset("tiny", dtype="float32")
-    config = TrainConfig(loss="mopo_pairwise", thresholds=(0.5,), mopo=MOPOConfig(tau=0.1), learning_rate=1e-4,
-                         max_grad_norm=None)
-    optimizer = make_optimizer(config)
+    config = TrainConfig(objective=MOPOPairwise(MOPOConfig(tau=0.1), thresholds=(0.5,)),
+                         optimizer=OptimizerConfig(learning_rate=1e-4, max_grad_norm=None))
+    optimizer = make_optimizer(config.optimizer)
 
     prompts, length = 8, 16
     rng = np.random.default_rng(0)
@@ -143,7 +145,9 @@ def test_two_processes_match_one_process(tmp_path):
         assert a["dropped_rows"] == ref["dropped_rows"] == 1
         for result in (a, b):
             for key in ("loss", "grad_norm", "multipliers"):
-                np.testing.assert_allclose(result[key], ref[key], rtol=0, atol=1e-6, err_msg=f"{mesh} {key}")
+                # rtol: grad_norm is ~100, where float32's spacing (7.6e-6) exceeds any absolute 1e-6; the two jobs
+                # reduce in different orders.
+                np.testing.assert_allclose(result[key], ref[key], rtol=1e-6, atol=1e-6, err_msg=f"{mesh} {key}")
         # The gradients and updated parameters, gathered on each process of the pair, equal the single process's.
         name = mesh.replace(",", "_")
         for kind in ("grads", "params"):

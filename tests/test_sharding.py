@@ -18,7 +18,15 @@ from jax.sharding import PartitionSpec as P
 from mopo_jax.models import get_preset, init_params
 from mopo_jax.state import MOPOConfig
 from mopo_jax.training import sharding
-from mopo_jax.training.train_step import TrainConfig, compile_train_step, init_train_state, make_optimizer
+from mopo_jax.policy_objectives import DPO, MOPOPairwise
+from mopo_jax.training.train_step import (
+    OptimizerConfig,
+    TrainConfig,
+    compile_train_step,
+    init_train_state,
+    make_optimizer,
+)
+from mopo_jax.training.trainable import TrainableConfig
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
 
@@ -33,10 +41,12 @@ MESHES = {
     "data2_fsdp2_tensor2": (sharding.MeshConfig(data=2, fsdp=2, tensor=2), 8),
     "fsdp4_tensor2": (sharding.MeshConfig(data=1, fsdp=4, tensor=2), 8),
 }
+# refresh_every=500: the state carries a policy snapshot too. eps=0.15 (the paper's): the robust pairwise bound.
+MOPO = MOPOPairwise(MOPOConfig(tau=0.1), thresholds=(0.5,))
 CASES = {
-    "mopo_pairwise": dict(loss="mopo_pairwise"),
-    "dpo": dict(loss="dpo"),
-    "lora": dict(loss="mopo_pairwise", lora_rank=4),
+    "mopo_pairwise": dict(objective=MOPO),
+    "dpo": dict(objective=DPO()),
+    "lora": dict(objective=MOPO, trainable=TrainableConfig(lora_rank=4)),
 }
 
 
@@ -70,10 +80,7 @@ def _params():
 
 def _config(case: str, micro_batches: int = 1) -> TrainConfig:
     return TrainConfig(
-        thresholds=(0.5,),
-        mopo=MOPOConfig(tau=0.1),  # refresh_every=500: the state carries a policy snapshot too
-        learning_rate=1e-4,
-        max_grad_norm=None,  # mu = (1 - b1) * grads exactly
+        optimizer=OptimizerConfig(learning_rate=1e-4, max_grad_norm=None),  # mu = (1 - b1) * grads exactly
         micro_batches=micro_batches,
         **CASES[case],
     )
@@ -91,7 +98,7 @@ def _run(case: str, mesh_name: str, micro_batches: int = 1, rows: tuple | None =
     mesh_config, num_devices = MESHES[mesh_name]
     mesh = sharding.make_mesh(mesh_config, jax.devices()[:num_devices])
     config = _config(case, micro_batches)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config.optimizer)
     batch = _batch(slice(*rows) if rows else slice(None))
     state = init_train_state(MODEL, config, _params(), optimizer, jax.random.PRNGKey(1))
     step, shardings = compile_train_step(MODEL, config, optimizer, mesh, jax.eval_shape(lambda: state), batch)
@@ -141,7 +148,7 @@ def test_sharded_step_matches_single_device(case, mesh_name):
 
 def _trained_initial(case):
     config = _config(case)
-    state = init_train_state(MODEL, config, _params(), make_optimizer(config), jax.random.PRNGKey(1))
+    state = init_train_state(MODEL, config, _params(), make_optimizer(config.optimizer), jax.random.PRNGKey(1))
     return jax.device_get(state.params)
 
 
@@ -200,13 +207,17 @@ def test_micro_batches_accumulate_the_true_mean():
     _assert_trees_close(accumulated["grads"], whole["grads"], "grad")
     _assert_trees_close(accumulated["params"], whole["params"], "updated param")
 
-    # The halves on their own: the whole-batch loss and gradient are their valid-pair-weighted mean, not the mean.
-    halves = [_run("mopo_pairwise", "single", rows=(0, 4)), _run("mopo_pairwise", "single", rows=(4, 8))]
+    # The halves on their own (DPO: fixed per-row terms; MOPO's label rates are the whole batch's, computed before
+    # the split): the whole-batch loss and gradient are their valid-pair-weighted mean, not the mean.
+    whole = _run("dpo", "single")
+    halves = [_run("dpo", "single", rows=(0, 4)), _run("dpo", "single", rows=(4, 8))]
     counts = [h["metrics"]["loss_denominator"] for h in halves]
-    assert counts == [3.0, 4.0] and whole["metrics"]["loss_denominator"] == 7.0
+    assert counts == [2.0, 4.0] and whole["metrics"]["loss_denominator"] == 6.0
     losses = [h["metrics"]["loss"] for h in halves]
-    np.testing.assert_allclose((counts[0] * losses[0] + counts[1] * losses[1]) / 7.0, whole["metrics"]["loss"],
+    np.testing.assert_allclose((counts[0] * losses[0] + counts[1] * losses[1]) / 6.0, whole["metrics"]["loss"],
                                rtol=1e-5)
-    assert abs((losses[0] + losses[1]) / 2 - whole["metrics"]["loss"]) > 1e-3
-    weighted = jax.tree.map(lambda a, b: (counts[0] * a + counts[1] * b) / 7.0, halves[0]["grads"], halves[1]["grads"])
+    weighted = jax.tree.map(lambda a, b: (counts[0] * a + counts[1] * b) / 6.0, halves[0]["grads"], halves[1]["grads"])
     _assert_trees_close(weighted, whole["grads"], "grad (weighted halves)")
+    plain = jax.tree.map(lambda a, b: (a + b) / 2, halves[0]["grads"], halves[1]["grads"])
+    gap = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), plain, whole["grads"])))
+    assert gap > 1e-4  # a mean of per-half means would be wrong

@@ -1,21 +1,24 @@
-"""The LM train step: log-probs against a direct computation, losses against the core functions, reference modes."""
+"""The LM train step against independent NumPy computations: log-probs from the model's logits, the objectives'
+estimators (masked rows, missing labels, multipliers away from 0) over two steps, and the reference modes."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mopo_jax as mj
 from mopo_jax.models import forward, get_preset, init_params
+from mopo_jax.policy_objectives import DPO, MOPOCandidates, MOPOPairwise
 from mopo_jax.state import MOPOConfig
-from mopo_jax.training import sharding
+from mopo_jax.training import TrainableConfig, reference_params, sharding
 from mopo_jax.training.logprobs import sequence_log_probs
 from mopo_jax.training.train_step import (
+    OptimizerConfig,
     TrainConfig,
     compile_train_step,
     init_train_state,
     make_optimizer,
-    merge_lora,
 )
 
 MODEL = get_preset("tiny")
@@ -67,59 +70,105 @@ def test_sequence_log_probs_match_direct_computation_and_chunking(params):
     assert not want_valid[3] and float(got.log_probs[3]) == 0.0
 
 
-def _run(config, params, batch, steps=1, mesh=None):
-    optimizer = make_optimizer(config)
-    state = init_train_state(MODEL, config, params, optimizer, jax.random.PRNGKey(1))
+def _run(config, params, batch, steps=1, mesh=None, multipliers=None, model=MODEL):
+    """``steps`` compiled steps from the initial state (optionally with MOPO's multipliers set); returns the final
+    state, the metrics of every step and the policy's parameters before every step."""
+    optimizer = make_optimizer(config.optimizer)
+    state = init_train_state(model, config, params, optimizer, jax.random.PRNGKey(1))
+    if multipliers is not None:
+        state = state._replace(objective_state=state.objective_state._replace(
+            multipliers=jnp.asarray(multipliers, jnp.float32)))
     mesh = mesh or sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
-    step, shardings = compile_train_step(MODEL, config, optimizer, mesh, jax.eval_shape(lambda: state), batch)
+    step, shardings = compile_train_step(model, config, optimizer, mesh, jax.eval_shape(lambda: state), batch)
     state = jax.device_put(state, shardings)  # placed once, so the first call's trace is the steady-state one
-    history = []
+    history, before = [], []
     for _ in range(steps):
+        before.append(jax.tree.map(np.asarray, jax.device_get(state.params)))
         state, metrics = step(state, batch)
         history.append(jax.tree.map(np.asarray, metrics))
-    return state, history
+    return state, history, before
 
 
-def _core_pair_loss(params, batch, loss):
-    """The step's first loss from the core loss functions and the direct log-probs."""
+def _pair_log_probs(params, batch):
     flat = {k: batch[k].reshape(PROMPTS * 2, LENGTH) for k in ("tokens", "completion_mask", "attention_mask")}
     logps, valid = _direct_log_probs(params, flat["tokens"], flat["completion_mask"], flat["attention_mask"])
-    logps, valid = logps.reshape(PROMPTS, 2), valid.reshape(PROMPTS, 2)
-    pair_valid = valid[:, 0] & valid[:, 1]
-    args = (logps[:, 0], logps[:, 1], logps[:, 0], logps[:, 1])  # policy == reference at step 0
-    labels = batch["label_mask"]
-    if loss == "dpo":
-        return mj.dpo_loss(*args, 0.1, valid_mask=pair_valid & labels[:, 0]).mean()
-    margins = mj.pairwise_win_rate_margins(batch["preference_probs"], labels)
-    return mj.mopo_pairwise_loss(*args, margins, jnp.zeros(1), 0.1, valid_mask=pair_valid & labels.any(-1)).mean()
+    return logps.reshape(PROMPTS, 2), valid.reshape(PROMPTS, 2)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "mopo_pairwise"])
-def test_first_step_loss_equals_core_loss_and_drops_empty_rows(params, loss):
+def test_first_dpo_step_equals_numpy_and_drops_empty_and_unlabelled_rows(params):
     batch = _pair_batch()
-    config = TrainConfig(loss=loss, beta=0.1, mopo=MOPOConfig(tau=0.1, refresh_every=None), learning_rate=1e-3)
-    _, history = _run(config, params, batch)
-    np.testing.assert_allclose(history[0]["loss"], float(_core_pair_loss(params, batch, loss)), rtol=1e-5)
-    assert history[0]["dropped_rows"] == 1 and np.isfinite(history[0]["grad_norm"])
+    batch["preference_probs"] = np.array([[0.9, 1], [1, 0.2], [0.7, 1], [0.3, 0.6]], np.float32)
+    config = TrainConfig(objective=DPO(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
+    _, history, _ = _run(config, params, batch)
+    # Policy == reference at step 0: h = 0 on every row, the loss is log 2 whatever the label.
+    logps, valid = _pair_log_probs(params, batch)
+    keep = valid[:, 0] & valid[:, 1] & batch["label_mask"][:, 0]
+    assert keep.tolist() == [True, False, True, True]
+    np.testing.assert_allclose(history[0]["loss"], np.log(2.0), rtol=1e-6)
+    assert history[0]["loss_denominator"] == 3 and history[0]["dropped_rows"] == 1
+
+
+def _numpy_mopo_pairwise(logps, ref_logps, valid, probs, labels, multipliers, tau):
+    """The pairwise estimator of docs/algorithm.md written out in NumPy: the loss (missing labels left out, each
+    objective renormalised by its label rate) and the self-normalised value estimate of every objective."""
+    kept = valid[:, 0] & valid[:, 1] & labels.any(1)
+    rates = labels[kept].mean(0)
+    c = np.concatenate([[1.0], multipliers])
+    m = np.where(labels, probs - 0.5, 0.0)
+    target = (m / np.where(rates > 0, rates, 1.0) * (rates > 0)) @ c / tau
+    log_ratio = logps - ref_logps
+    h = log_ratio[:, 0] - log_ratio[:, 1]
+    loss = np.mean((h[kept] - target[kept]) ** 2)
+    values = []
+    for k in range(labels.shape[1]):
+        rows = kept & labels[:, k]
+        rho = np.exp(log_ratio[rows] - log_ratio[rows].max())
+        values.append(0.5 + np.sum((rho[:, 0] - rho[:, 1]) * (probs[rows, k] - 0.5)) / np.sum(rho))
+    return loss, np.array(values)
+
+
+def test_mopo_pairwise_step_matches_numpy_estimator(params):
+    """Loss and dual estimate of two steps against NumPy on a batch with an empty completion (row 1: its margin is not
+    0 after a step, so it would bias the estimate if it were counted), disjoint labels (rows 0 and 2 primary only,
+    row 1 secondary only), soft labels, and lambda = 0.7."""
+    batch = _pair_batch()
+    batch["preference_probs"] = np.array([[0.9, 1], [1, 0.2], [0.7, 1], [0.35, 0.8]], np.float32)
+    mopo = MOPOConfig(tau=0.1, multiplier_lr=0.5, eps=0.0, refresh_every=None)
+    config = TrainConfig(objective=MOPOPairwise(mopo, thresholds=(0.6,)), optimizer=OptimizerConfig(learning_rate=3e-2))
+    state, history, before = _run(config, params, batch, steps=2, multipliers=[0.7])
+    probs, labels = batch["preference_probs"].astype(np.float64), batch["label_mask"]
+    multipliers = 0.7
+    for step in range(2):
+        logps, valid = _pair_log_probs(before[step], batch)
+        ref_logps, _ = _pair_log_probs(params, batch)
+        loss, values = _numpy_mopo_pairwise(logps, ref_logps, valid, probs, labels, np.array([multipliers]), 0.1)
+        np.testing.assert_allclose(history[step]["loss"], loss, rtol=2e-4)
+        np.testing.assert_allclose(history[step]["secondary_estimates"], values[1:], rtol=1e-4, atol=1e-5)
+        multipliers = max(0.0, multipliers - 0.5 * (values[1] - 0.6))
+        np.testing.assert_allclose(history[step]["multipliers"], [multipliers], rtol=1e-4, atol=1e-6)
+    assert abs(values[1] - 0.5) > 1e-3  # the second step's estimate is not the reference's 1/2
+    dropped = _pair_log_probs(before[1], batch)[0] - _pair_log_probs(params, batch)[0]
+    assert abs(dropped[1, 0] - dropped[1, 1]) > 1e-3  # the dropped row's margin is not 0 (so it would matter)
 
 
 def test_precomputed_reference_matches_live(params):
     batch = _pair_batch()
     flat = {k: batch[k].reshape(PROMPTS * 2, LENGTH) for k in ("tokens", "completion_mask", "attention_mask")}
     logps = sequence_log_probs(MODEL, params, flat["tokens"], flat["completion_mask"], flat["attention_mask"])
-    live_config = TrainConfig(loss="dpo", learning_rate=1e-3)
-    pre_config = TrainConfig(loss="dpo", learning_rate=1e-3, reference="precomputed")
+    live_config = TrainConfig(objective=DPO(), optimizer=OptimizerConfig(learning_rate=1e-3))
+    pre_config = dataclasses.replace(live_config, reference="precomputed")
     precomputed = {**batch, "ref_log_probs": np.asarray(logps.log_probs).reshape(PROMPTS, 2)}
-    _, live = _run(live_config, params, batch, steps=3)
-    _, pre = _run(pre_config, params, precomputed, steps=3)
+    _, live, _ = _run(live_config, params, batch, steps=3)
+    _, pre, _ = _run(pre_config, params, precomputed, steps=3)
     for a, b in zip(live, pre):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
 
 
 def test_lagged_reference_refreshes_every_period(params):
     batch = _pair_batch(empty_row=False)
-    config = TrainConfig(loss="mopo_pairwise", mopo=MOPOConfig(tau=0.1, refresh_every=2), learning_rate=1e-2)
-    optimizer = make_optimizer(config)
+    config = TrainConfig(objective=MOPOPairwise(MOPOConfig(tau=0.1, refresh_every=2)),
+                         optimizer=OptimizerConfig(learning_rate=1e-2))
+    optimizer = make_optimizer(config.optimizer)
     state = init_train_state(MODEL, config, params, optimizer, jax.random.PRNGKey(1))
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
     step, shardings = compile_train_step(MODEL, config, optimizer, mesh, jax.eval_shape(lambda: state), batch)
@@ -141,55 +190,79 @@ def test_lagged_reference_refreshes_every_period(params):
 
 def test_lora_trains_adapters_only_and_starts_at_base(params):
     batch = _pair_batch()
-    config = TrainConfig(loss="dpo", lora_rank=4, learning_rate=1e-2)
-    state, history = _run(config, params, batch, steps=3)
+    config = TrainConfig(objective=DPO(), trainable=TrainableConfig(lora_rank=4),
+                         optimizer=OptimizerConfig(learning_rate=1e-2))
+    state, history, _ = _run(config, params, batch, steps=3)
     assert set(state.params) == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
     base = jax.tree.map(np.asarray, state.base)
     for original, kept in zip(jax.tree.leaves(params), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(original), kept)
     # The reference is the base: the adapters it holds are the initial ones, whose B factor is zero.
-    merged_reference = merge_lora(config, state.base, state.reference)
+    merged_reference = reference_params(config.trainable, state)
     for original, ref in zip(jax.tree.leaves(params), jax.tree.leaves(merged_reference)):
         np.testing.assert_allclose(np.asarray(original), np.asarray(ref), atol=0)
     assert history[-1]["reward_margin"] > history[0]["reward_margin"]
 
 
-def test_weighted_bc_step_uses_closed_form_weights(params):
+def test_candidate_step_uses_leave_one_out_closed_form_and_no_reference_pass(params, monkeypatch):
+    """MOPO on sampled candidates: win rates are leave-one-out means over the other samples, the weights the closed
+    form at lambda = 0.4 over the valid candidates, the dual estimate its value (NumPy throughout); a candidate with an
+    empty completion is left out of the pool; the step runs the policy forward only (the weighted-BC loss never reads
+    the reference)."""
+    import importlib
+
+    train_step_module = importlib.import_module("mopo_jax.training.train_step")
+
     rng = np.random.default_rng(3)
     candidates = 3
     tokens = rng.integers(0, MODEL.vocab_size, (PROMPTS, candidates, LENGTH)).astype(np.int32)
     completion = np.zeros_like(tokens)
     completion[..., 8:] = 1
+    completion[2, 1] = 0  # prompt 2 has two valid candidates
     prefs = rng.uniform(size=(PROMPTS, OBJECTIVES, candidates, candidates)).astype(np.float32)
     prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
     prefs[..., np.arange(candidates), np.arange(candidates)] = 0.5
     batch = {"tokens": tokens, "completion_mask": completion, "attention_mask": np.ones_like(tokens),
              "candidate_preferences": prefs, "candidate_label_mask": np.ones(prefs.shape, bool)}
-    config = TrainConfig(loss="mopo_weighted_bc", mopo=MOPOConfig(tau=0.2, refresh_every=None), learning_rate=1e-3)
-    _, history = _run(config, params, batch)
-    # Independent recomputation: uniform mu over the sampled candidates, closed form with lambda = 0.
-    w = mj.win_rates(np.moveaxis(prefs, 1, 0), np.full((PROMPTS, candidates), 1 / candidates))
-    log_weights = mj.closed_form_log_weights(w, jnp.zeros(1), 0.2)
+    objective = MOPOCandidates(MOPOConfig(tau=0.2, eps=0.0, refresh_every=None), thresholds=(0.5,))
+    config = TrainConfig(objective=objective, optimizer=OptimizerConfig(learning_rate=1e-3))
+
+    calls = []
+    original = train_step_module.sequence_log_probs
+    monkeypatch.setattr(train_step_module, "sequence_log_probs",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    _, history, _ = _run(config, params, batch, multipliers=[0.4])
+    assert len(calls) == 1  # traced once, for the policy
+
     flat = {k: batch[k].reshape(-1, LENGTH) for k in ("tokens", "completion_mask", "attention_mask")}
-    logps, _ = _direct_log_probs(params, flat["tokens"], flat["completion_mask"], flat["attention_mask"])
-    want = -np.mean(np.sum(np.exp(np.asarray(log_weights)) * logps.reshape(PROMPTS, candidates), -1))
-    np.testing.assert_allclose(history[0]["loss"], want, rtol=1e-5)
-    expected_g = float(mj.secondary_values(log_weights, w)[0])
-    np.testing.assert_allclose(history[0]["secondary_estimates"][0], expected_g, rtol=1e-5)
+    logps, valid = _direct_log_probs(params, flat["tokens"], flat["completion_mask"], flat["attention_mask"])
+    logps, valid = logps.reshape(PROMPTS, candidates), valid.reshape(PROMPTS, candidates)
+    loss, secondary = 0.0, 0.0
+    for x in range(PROMPTS):
+        pool = np.flatnonzero(valid[x])
+        w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
+        g = (w[0] + 0.4 * w[1]) / 0.2
+        weights = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
+        loss -= np.sum(weights * logps[x, pool]) / PROMPTS
+        secondary += np.sum(weights * w[1]) / PROMPTS
+    np.testing.assert_allclose(history[0]["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(history[0]["secondary_estimates"][0], secondary, rtol=1e-5)
+    np.testing.assert_allclose(history[0]["multipliers"][0], max(0.0, 0.4 - 0.5 * (secondary - 0.5)), rtol=1e-5)
 
 
 def test_upper_layers_on_cached_activations_match_full_model_and_freeze_embedding(params):
     from mopo_jax.models import residual_stream, split_layers
 
     batch = _pair_batch(empty_row=False)
-    config = TrainConfig(loss="dpo", learning_rate=1e-2, frozen_params=("embed",))
+    config = TrainConfig(objective=DPO(), optimizer=OptimizerConfig(learning_rate=1e-2),
+                         trainable=TrainableConfig(frozen=("embed",)))
     lower_config, lower, upper_config, upper = split_layers(MODEL, params, 1)
     flat_tokens = batch["tokens"].reshape(-1, LENGTH)
     flat_mask = batch["attention_mask"].reshape(-1, LENGTH)
     cached = np.asarray(residual_stream(lower_config, lower, jnp.asarray(flat_tokens), mask=jnp.asarray(flat_mask)))
     cached_batch = {**batch, "inputs_hidden": cached.reshape(PROMPTS, 2, LENGTH, -1)}
 
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config.optimizer)
     state = init_train_state(upper_config, config, upper, optimizer, jax.random.PRNGKey(1))
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
     step, shardings = compile_train_step(upper_config, config, optimizer, mesh, jax.eval_shape(lambda: state),
@@ -200,7 +273,7 @@ def test_upper_layers_on_cached_activations_match_full_model_and_freeze_embeddin
         state, metrics = step(state, cached_batch)
         history.append(float(metrics["loss"]))
     # At step 0 the upper model on cached activations is the full model: the same loss as the core computation.
-    np.testing.assert_allclose(history[0], float(_core_pair_loss(params, batch, "dpo")), rtol=1e-5)
+    np.testing.assert_allclose(history[0], np.log(2.0), rtol=1e-6)
     assert "embed" not in state.params  # frozen: held in state.base, no gradient or optimizer state
     np.testing.assert_array_equal(np.asarray(state.base["embed"]), np.asarray(upper["embed"]))
     assert not np.allclose(np.asarray(state.params["layers"]["wq"]), np.asarray(upper["layers"]["wq"]))

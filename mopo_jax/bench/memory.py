@@ -96,10 +96,11 @@ def memory_report(
     Args:
       preset: model preset (:data:`mopo_jax.models.PRESETS`); ignored when ``model_config`` is given.
       mesh: ``"fsdp=4,tensor=2"`` style (:func:`mopo_jax.training.sharding.parse_mesh`).
-      global_batch_pairs: prompts per step; each has 2 responses (``2 * global_batch_pairs`` sequences, or that many
-        candidates for ``mopo_weighted_bc``), scored by the policy and, with ``reference="live"``, by the reference.
+      global_batch_pairs: prompts per step; each has 2 responses (``2 * global_batch_pairs`` sequences: a pair, or
+        two candidates for ``mopo_candidates``), scored by the policy and, when the objective reads it and
+        ``reference="live"``, by the reference.
       seq_len: tokens per sequence (prompt + response).
-      loss: a :data:`~mopo_jax.training.train_step.LOSSES` entry.
+      loss: a registered objective name (:func:`mopo_jax.policy_objectives.registered_objectives`).
       compute_dtype: activation / matmul dtype (parameters and optimizer state keep ``param_dtype``).
       remat: ``"none"``, ``"full"`` or ``"dots"`` per-layer rematerialisation.
       lora_rank: 0 trains every parameter; > 0 trains adapters (frozen base).
@@ -120,9 +121,9 @@ def memory_report(
     """
     import jax
 
+    from mopo_jax.bench.step import bench_objective
     from mopo_jax.models import count_params, get_preset, param_shapes
-    from mopo_jax.state import MOPOConfig
-    from mopo_jax.training import sharding
+    from mopo_jax.training import TrainableConfig, sharding
     from mopo_jax.training.train_step import TrainConfig, compile_train_step, init_train_state, make_optimizer
 
     devices = jax.devices(platform) if platform else jax.devices()
@@ -141,17 +142,15 @@ def memory_report(
     if seq_len > model.max_seq_len and model.positional == "learned":
         raise ValueError(f"seq_len={seq_len} exceeds the learned position table ({model.max_seq_len})")
 
-    uses_mopo = loss.startswith("mopo")
+    objective = bench_objective(loss, num_objectives, refresh_every if reference == "live" else None)
     config = TrainConfig(
-        loss=loss,
-        thresholds=(0.5,) * (num_objectives - 1),
-        mopo=MOPOConfig(refresh_every=refresh_every if (uses_mopo and reference == "live") else None),
+        objective=objective,
         micro_batches=micro_batches,
         reference=reference,
-        lora_rank=lora_rank,
+        trainable=TrainableConfig(lora_rank=lora_rank),
         vocab_chunk=vocab_chunk,
     )
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config.optimizer)
 
     # Shapes only: eval_shape traces init_train_state over ShapeDtypeStructs, so no weight is ever allocated.
     weights = param_shapes(model)
@@ -164,13 +163,8 @@ def memory_report(
         "tokens": sds((b, s, t), jax.numpy.int32),
         "completion_mask": sds((b, s, t), jax.numpy.int32),
         "attention_mask": sds((b, s, t), jax.numpy.int32),
+        **objective.batch_shapes(b, s, k),
     }
-    if loss == "mopo_weighted_bc":
-        batch_shapes["candidate_preferences"] = sds((b, k, s, s), jax.numpy.float32)
-        batch_shapes["candidate_label_mask"] = sds((b, k, s, s), jax.numpy.bool_)
-    else:
-        batch_shapes["preference_probs"] = sds((b, k), jax.numpy.float32)
-        batch_shapes["label_mask"] = sds((b, k), jax.numpy.bool_)
     if reference == "precomputed":
         batch_shapes["ref_log_probs"] = sds((b, s), jax.numpy.float32)
 
@@ -216,7 +210,7 @@ def memory_report(
             "vocab_chunk": vocab_chunk,
             "micro_batches": micro_batches,
             "reference": reference,
-            "refresh_every": config.mopo.refresh_every if config.uses_mopo else None,
+            "lagged_reference": config.keeps_snapshot,
         },
         "per_device": {
             "argument": _bytes(argument),
@@ -243,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh", default="fsdp=4,tensor=2", help="e.g. fsdp=8 or data=2,fsdp=2,tensor=2")
     parser.add_argument("--pairs", type=int, default=8, help="prompts per step (2 responses each)")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--loss", default="mopo_pairwise",
-                        choices=["mopo_pairwise", "mopo_weighted_bc", "dpo", "ipo"])
+    parser.add_argument("--loss", default="mopo_pairwise", choices=["mopo_pairwise", "mopo_candidates", "dpo", "ipo"],
+                        help="training objective (mopo_candidates: two on-policy candidates per prompt)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
     parser.add_argument("--param-dtype", default=None, help="parameter storage dtype (default: the preset's)")
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])

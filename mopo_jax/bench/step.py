@@ -11,6 +11,7 @@ Rematerialisation is not counted (model FLOPs, not hardware FLOPs).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -20,9 +21,16 @@ import numpy as np
 
 from mopo_jax.bench.peak import device_peak_flops, measure_matmul_peak
 from mopo_jax.models import ModelConfig, get_preset, init_params
+from mopo_jax.policy_objectives import Objective, objective_class
 from mopo_jax.state import MOPOConfig
 from mopo_jax.training import sharding
-from mopo_jax.training.train_step import TrainConfig, compile_train_step, init_train_state, make_optimizer
+from mopo_jax.training.train_step import (
+    OptimizerConfig,
+    TrainConfig,
+    compile_train_step,
+    init_train_state,
+    make_optimizer,
+)
 
 # The side-by-side workload (the same numbers as mopo_jax.bench.torch_reference.REFERENCE_LLAMA).
 COMPARISON_MODEL = dict(
@@ -57,6 +65,16 @@ def step_flops(config: ModelConfig, sequences: int, length: int, live_reference:
             "total": float(policy + reference)}
 
 
+def bench_objective(name: str, num_objectives: int = 2, refresh_every: int | None = None) -> Objective:
+    """The registered objective ``name`` as the benchmarks run it: its defaults, and for MOPO objectives ``tau``
+    0.1, the plain estimate, ``refresh_every`` and a threshold of 0.5 per secondary objective."""
+    cls = objective_class(name)
+    if "mopo" in {field.name for field in dataclasses.fields(cls)}:
+        return cls(mopo=MOPOConfig(tau=0.1, eps=0.0, refresh_every=refresh_every),
+                   thresholds=(0.5,) * (num_objectives - 1))
+    return cls()
+
+
 def _pair_batch(config: ModelConfig, pairs: int, prompt_len: int, response_len: int, num_objectives: int, seed: int):
     rng = np.random.default_rng(seed)
     length = prompt_len + response_len
@@ -83,11 +101,11 @@ def time_train_step(
 ) -> dict[str, Any]:
     """Compiles the step, runs ``warmup`` steps, then times ``steps`` steps (median)."""
     mesh = sharding.make_mesh(mesh_config)
-    optimizer = make_optimizer(train_config)
+    optimizer = make_optimizer(train_config.optimizer)
     params = init_params(model_config, jax.random.PRNGKey(seed))
     state = init_train_state(model_config, train_config, params, optimizer, jax.random.PRNGKey(seed + 1))
     del params
-    batch = _pair_batch(model_config, pairs, prompt_len, response_len, len(train_config.thresholds) + 1, seed)
+    batch = _pair_batch(model_config, pairs, prompt_len, response_len, 2, seed)
     step, state_shardings = compile_train_step(
         model_config, train_config, optimizer, mesh, jax.eval_shape(lambda: state), batch
     )
@@ -110,9 +128,10 @@ def time_train_step(
     sequences, length = 2 * pairs, prompt_len + response_len
     memory = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
     unembedded = length - max(train_config.completion_start, 1)
-    flops = step_flops(model_config, sequences, length, train_config.reference == "live", unembedded)
+    live_reference = train_config.reference == "live" and train_config.objective.needs_reference
+    flops = step_flops(model_config, sequences, length, live_reference, unembedded)
     return {
-        "loss": train_config.loss,
+        "loss": train_config.objective.name,
         "seconds_per_step": seconds,
         "all_step_seconds": durations,
         "compile_and_first_step_seconds": first,
@@ -147,8 +166,7 @@ def step_report(
     mesh_config = sharding.parse_mesh(mesh) if mesh else sharding.MeshConfig()
     # completion_only: the unembedding skips the prompt columns (TrainConfig.completion_start); the PyTorch side
     # (transformers' full forward) always unembeds every position.
-    common = dict(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=None, beta=0.1,
-                  mopo=MOPOConfig(tau=0.1, refresh_every=None), thresholds=(0.5,),
+    common = dict(optimizer=OptimizerConfig(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=None),
                   completion_start=prompt_len if completion_only else 0)
     device = jax.devices()[0]
     num_devices = int(np.prod(sharding.make_mesh(mesh_config).devices.shape))
@@ -167,7 +185,8 @@ def step_report(
     }
     losses = [loss] if not compare_torch or loss == "dpo" else [loss, "dpo"]
     report["steps"] = {
-        name: time_train_step(model_config, TrainConfig(loss=name, **common), mesh_config, pairs, prompt_len,
+        name: time_train_step(model_config, TrainConfig(objective=bench_objective(name), **common), mesh_config,
+                              pairs, prompt_len,
                               response_len, steps=steps)
         for name in losses
     }

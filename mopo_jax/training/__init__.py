@@ -1,11 +1,12 @@
-"""Training language models with MOPO: sequence log-probs, meshes and sharding rules, the train step, checkpoints,
-and the loop."""
+"""Training language models with any objective of :mod:`mopo_jax.policy_objectives`: sequence log-probs, meshes and
+sharding rules, trainable parameters (LoRA, frozen entries), the train step, checkpoints, and the loop."""
 
 from mopo_jax.training.checkpoint import CheckpointConfig, Checkpointer
 from mopo_jax.training.logprobs import SequenceLogProbs, sequence_log_probs
 from mopo_jax.training.loop import train
 from mopo_jax.training.sharding import MeshConfig, global_batch, make_mesh, parse_mesh
 from mopo_jax.training.train_step import (
+    OptimizerConfig,
     TrainConfig,
     TrainState,
     compile_train_step,
@@ -13,20 +14,25 @@ from mopo_jax.training.train_step import (
     make_optimizer,
     train_step,
 )
+from mopo_jax.training.trainable import TrainableConfig, policy_params, reference_params
 
 __all__ = [
     "CheckpointConfig",
     "Checkpointer",
     "MeshConfig",
+    "OptimizerConfig",
     "SequenceLogProbs",
     "TrainConfig",
     "TrainState",
+    "TrainableConfig",
     "compile_train_step",
     "global_batch",
     "init_train_state",
     "make_mesh",
     "make_optimizer",
     "parse_mesh",
+    "policy_params",
+    "reference_params",
     "sequence_log_probs",
     "train",
     "train_step",

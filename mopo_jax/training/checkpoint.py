@@ -3,8 +3,8 @@
 A checkpoint of step ``s`` is one Orbax step directory ``<directory>/<s>/`` with two items:
 
 * ``state``: every non-``None`` array of the :class:`~mopo_jax.training.train_step.TrainState` (parameters,
-  optimizer state, reference, snapshot, LoRA base, MOPO state, step counter, PRNG key), flattened to a dict keyed by
-  the dotted pytree path (``"params.layers.wq"``, ``"opt_state.1.0.mu.embed"``, ``"mopo_state.multipliers"``); the
+  optimizer state, reference, snapshot, LoRA base, the objective's state, step counter, PRNG key), flattened to a dict keyed by
+  the dotted pytree path (``"params.layers.wq"``, ``"opt_state.1.0.mu.embed"``, ``"objective_state.multipliers"``); the
   structure itself (``None`` fields, optax's empty states, namedtuples) comes back from the abstract state given to
   :meth:`Checkpointer.restore_latest`, so nothing but arrays is stored. Zero-size arrays (Orbax refuses them) are
   recorded in the metadata only, and typed PRNG keys are stored as their ``uint32`` key data;

@@ -123,7 +123,7 @@ def train(
     """
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
-    optimizer = make_optimizer(train_config)
+    optimizer = make_optimizer(train_config.optimizer)
     key = jax.random.PRNGKey(rng) if isinstance(rng, (int, np.integer)) else rng
     state_shapes = jax.eval_shape(
         lambda p, k: init_train_state(model_config, train_config, p, optimizer, k), params, key
@@ -188,6 +188,8 @@ def train(
             except StopIteration:
                 logger.warning("batches_fn ran out of data after step %d (of %d)", step, num_steps)
                 break
+            # The Python boundary: a malformed batch is named here, not inside the compiled step.
+            train_config.objective.check_batch(batch, where=f"batch of step {step + 1}")
             global_batch = sharding.global_batch(batch, mesh)
             data_time = time.perf_counter() - data_start
             if step_fn is None:
