@@ -46,10 +46,50 @@ def test_mopo_converges_to_exact_front(synthetic_run, structure):
         assert result["methods"][method]["hypervolume_ratio"] >= 0.999
 
 
-def test_aligned_structure_keeps_multipliers_at_zero(synthetic_run):
+def test_multipliers_match_the_exact_solver_on_slack_and_binding_thresholds():
+    """bt_aligned: below the unconstrained optimum's secondary value the constraint is slack (lambda* = 0); above it
+    it binds, and MOPO's multiplier and values must be the exact solver's (the built-in sweep only has slack ones)."""
+    problem = problems.ALL_STRUCTURES["bt_aligned"](num_prompts=8, num_candidates=6)
+    w = exact.win_rates_numpy(problem.pref, problem.comparison_policy)
+    free = exact.solve_constrained(w[:1], problem.ref, problem.prompt_weights, problem.tau)
+    secondary_free = float(np.einsum("xn,xn,x->", free.policy, w[1], problem.prompt_weights))
+    best = float(problem.prompt_weights @ w[1].max(-1))  # every prompt's best candidate
+    thresholds = np.array([[secondary_free - 0.05], [secondary_free + 0.3 * (best - secondary_free)],
+                           [secondary_free + 0.6 * (best - secondary_free)]])
+    tabular = make_problem(problem.pref, problem.ref, problem.mu, problem.prompt_weights)
+    config = SyntheticConfig()
+    result = _mopo_sweep(tabular, jnp.asarray(thresholds, jnp.float32), config.mopo_config(problem.tau),
+                         config.settings, "weighted_bc")
+    multipliers = []
+    for i, b in enumerate(thresholds):
+        solution = exact.solve_constrained(w, problem.ref, problem.prompt_weights, problem.tau, b)
+        assert solution.feasible
+        np.testing.assert_allclose(np.asarray(result.values[i]), solution.values, atol=TOLERANCE)
+        np.testing.assert_allclose(float(result.multipliers[i, 0]), solution.multipliers[0], atol=0.02)
+        multipliers.append(solution.multipliers[0])
+    assert multipliers[0] == 0.0 and multipliers[1] > 0.05 and multipliers[2] > multipliers[1]
+
+
+def test_sampled_pairs_variant_reports_its_gap_to_the_exact_front(synthetic_run):
+    """The pairwise variant trained on a sampled pair dataset, with its dual from the pairs (not the closed form),
+    is reported per threshold with its gap to the exact optimum and its violation, recomputed here."""
     _, payload = synthetic_run
-    for entry in payload["structures"]["bt_aligned"]["methods"]["mopo_weighted_bc"]["points"]:
-        assert entry["multipliers"] == [0.0]
+    for structure, result in payload["structures"].items():
+        problem = problems.ALL_STRUCTURES[structure](num_prompts=8, num_candidates=6)
+        w = exact.win_rates_numpy(problem.pref, problem.comparison_policy)
+        method = result["methods"]["mopo_pairwise_sampled"]
+        assert method["kind"] == "estimated" and method["pairs"] == SyntheticConfig().sampled_pairs
+        gaps = []
+        for entry, threshold in zip(method["points"], problem.threshold_grid):
+            solution = exact.solve_constrained(w, problem.ref, problem.prompt_weights, problem.tau, threshold)
+            assert entry["exact_feasible"] == solution.feasible
+            np.testing.assert_allclose(entry["constraint_violation"],
+                                       np.max(np.asarray(threshold) - entry["secondary_values"]), atol=1e-9)
+            if solution.feasible:
+                np.testing.assert_allclose(entry["primary_gap"], solution.values[0] - entry["primary_value"],
+                                           atol=1e-6)
+                gaps.append(entry["primary_gap"])
+        np.testing.assert_allclose(method["estimate_error"]["max_abs_primary_gap"], np.max(np.abs(gaps)), atol=1e-9)
 
 
 def test_outputs_written_and_schema(synthetic_run):
@@ -59,8 +99,8 @@ def test_outputs_written_and_schema(synthetic_run):
     assert set(stored["structures"]) == set(problems.ALL_STRUCTURES)
     for name, result in stored["structures"].items():
         assert os.path.getsize(os.path.join(out, f"pareto_{name}.png")) > 10_000
-        for method in ("mopo_weighted_bc", "mopo_pairwise", "dpo_primary", "ipo_primary", "weighted_dpo",
-                       "weighted_ipo", "modpo", "rewarded_soups"):
+        for method in ("mopo_weighted_bc", "mopo_pairwise", "mopo_pairwise_sampled", "dpo_primary", "ipo_primary",
+                       "weighted_dpo", "weighted_ipo", "modpo", "rewarded_soups"):
             entry = result["methods"][method]
             assert {"hypervolume_ratio", "mean_kl", "threshold_error", "points"} <= set(entry)
     ablation = stored["ablation"]

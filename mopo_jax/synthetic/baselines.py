@@ -6,8 +6,9 @@
   ``alpha_{1:} . (r(y) - r(y'))`` from Bradley-Terry rewards fitted to the secondary labels.
 * Rewarded Soups (Ramé et al. 2023): the logits of the per-objective DPO optima, interpolated with ``alpha``.
 
-All pair losses use the tabular preference dataset of :func:`mopo_jax.synthetic.tabular.pair_data`: every ordered pair
-drawn from ``mu x mu`` with its soft label ``P_k``. ``beta`` of DPO and ``tau`` of IPO are set to MOPO's ``tau`` so every
+Each is an objective of :mod:`mopo_jax.policy_objectives` trained by :func:`mopo_jax.synthetic.tabular.run_objective`
+on the population of pairs of :func:`mopo_jax.synthetic.tabular.pair_data`: every ordered pair drawn from ``mu x mu``
+with its soft label ``P_k``. ``beta`` of DPO and ``tau`` of IPO are set to MOPO's ``tau`` so every
 method pays the same price per unit of KL.
 """
 
@@ -21,20 +22,20 @@ import numpy as np
 import optax
 
 from mopo_jax import losses
+from mopo_jax.policy_objectives import MODPO, WeightedDPO, WeightedIPO
 from mopo_jax.synthetic.tabular import (
-    PairData,
     RunResult,
     TabularProblem,
     TrainSettings,
-    _pair_log_probs,
     pair_data,
     policy_metrics,
-    run_policy_loss,
+    run_objective,
 )
 
 Array = jax.Array
 
-PAIR_LOSSES = {"dpo": losses.dpo_loss, "ipo": losses.ipo_loss}
+SCALARISED = {"dpo": lambda tau, alpha: WeightedDPO(weights=alpha, beta=tau),
+              "ipo": lambda tau, alpha: WeightedIPO(weights=alpha, tau=tau)}
 
 
 def simplex_weights(num_objectives: int, resolution: int) -> np.ndarray:
@@ -49,30 +50,6 @@ def simplex_weights(num_objectives: int, resolution: int) -> np.ndarray:
     return weights[np.argsort(-weights[:, 0], kind="stable")]
 
 
-def scalarised_pair_loss(kind: str, tau: float, problem: TabularProblem, pairs: PairData):
-    """``loss(logits, alpha) = sum_k alpha_k E_pairs[loss_kind(h; P_k)]`` (linear scalarisation of DPO or IPO)."""
-    pair_loss = PAIR_LOSSES[kind]
-
-    def loss_fn(logits, alpha):
-        chosen, rejected, ref_chosen, ref_rejected = _pair_log_probs(logits, problem, pairs)
-        total = 0.0
-        for k in range(pairs.preference_probs.shape[1]):
-            terms = pair_loss(
-                chosen,
-                rejected,
-                ref_chosen,
-                ref_rejected,
-                tau,
-                preference_probs=pairs.preference_probs[:, k],
-                valid_mask=pairs.label_mask[:, k],
-                weights=pairs.weights,
-            )
-            total = total + alpha[k] * terms.mean()
-        return total
-
-    return loss_fn
-
-
 def fit_bradley_terry(
     problem: TabularProblem, objective: int, settings: TrainSettings, ridge: float = 1e-3
 ) -> Array:
@@ -82,19 +59,20 @@ def fit_bradley_terry(
     finite when the labels are deterministic or intransitive (no Bradley-Terry model fits them).
     """
     pairs = pair_data(problem)
+    first, second = pairs.pair_index[:, 0], pairs.pair_index[:, 1]
 
     def loss_fn(rewards):
         flat = rewards.reshape(-1)
-        zeros = jnp.zeros_like(flat[pairs.first])
+        zeros = jnp.zeros_like(flat[first])
         terms = losses.dpo_loss(
-            flat[pairs.first],
-            flat[pairs.second],
+            flat[first],
+            flat[second],
             zeros,
             zeros,
             1.0,
-            preference_probs=pairs.preference_probs[:, objective],
-            valid_mask=pairs.label_mask[:, objective],
-            weights=pairs.weights,
+            preference_probs=pairs.batch["preference_probs"][:, objective],
+            valid_mask=pairs.batch["label_mask"][:, objective],
+            weights=pairs.batch["pair_weights"],
         )
         return terms.mean() + ridge * jnp.mean(jnp.square(rewards))
 
@@ -110,46 +88,26 @@ def fit_bradley_terry(
     return jnp.where(problem.candidate_mask, rewards, 0.0)
 
 
-def modpo_loss(tau: float, problem: TabularProblem, pairs: PairData, secondary_rewards: Array):
-    """MODPO: ``-E[P log sigmoid(m) + (1-P) log sigmoid(-m)]`` on the primary labels with
-    ``m = (tau h - alpha_{1:} . (r(y) - r(y'))) / alpha_0`` (Zhou et al. 2023, Eq. 8, in a soft-label form).
-
-    Its optimum is ``pi ∝ pi_ref exp((alpha_0 r_0 + alpha_{1:} . r_{1:}) / tau)`` with ``r_0`` the Bradley-Terry reading
-    of the primary labels. ``secondary_rewards`` is ``[K-1, X, N]``.
-    """
-    flat_rewards = secondary_rewards.reshape(secondary_rewards.shape[0], -1)
-    reward_margin = flat_rewards[:, pairs.first] - flat_rewards[:, pairs.second]  # [K-1, pairs]
-
-    def loss_fn(logits, alpha):
-        chosen, rejected, ref_chosen, ref_rejected = _pair_log_probs(logits, problem, pairs)
-        terms = losses.dpo_loss(
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            tau / alpha[0],
-            preference_probs=pairs.preference_probs[:, 0],
-            valid_mask=pairs.label_mask[:, 0],
-            weights=pairs.weights,
-            margin_offset=(alpha[1:] @ reward_margin) / alpha[0],
-        )
-        return terms.mean()
-
-    return loss_fn
-
-
 def run_scalarised(kind: str, problem: TabularProblem, alphas: Array, tau: float, settings: TrainSettings) -> RunResult:
-    """Weighted DPO / IPO over ``alphas [M, K]``, ``vmap``-ed."""
-    loss_fn = scalarised_pair_loss(kind, tau, problem, pair_data(problem))
-    return jax.vmap(lambda alpha: run_policy_loss(problem, loss_fn, alpha, settings))(alphas)
+    """Weighted DPO / IPO (:class:`~mopo_jax.policy_objectives.WeightedDPO`, ``WeightedIPO``) over ``alphas [M, K]``
+    on the population of pairs, ``vmap``-ed; a unit vector is DPO / IPO on that objective alone."""
+    data = pair_data(problem)
+    return jax.vmap(lambda alpha: run_objective(problem, SCALARISED[kind](tau, alpha), data, settings))(alphas)
 
 
 def run_modpo(problem: TabularProblem, alphas: Array, tau: float, settings: TrainSettings) -> RunResult:
-    """MODPO over ``alphas [M, K]`` (``alpha_0 > 0``), with the secondary Bradley-Terry fits done once."""
+    """MODPO (:class:`~mopo_jax.policy_objectives.MODPO`) over ``alphas [M, K]`` (``alpha_0 > 0``), with the secondary
+    Bradley-Terry fits done once and supplied as the pairs' ``reward_margins``.
+
+    Its optimum is ``pi ∝ pi_ref exp((alpha_0 r_0 + alpha_{1:} . r_{1:}) / tau)`` with ``r_0`` the Bradley-Terry
+    reading of the primary labels."""
     num_objectives = problem.win_rates.shape[0]
     rewards = jnp.stack([fit_bradley_terry(problem, k, settings) for k in range(1, num_objectives)])
-    loss_fn = modpo_loss(tau, problem, pair_data(problem), rewards)
-    return jax.vmap(lambda alpha: run_policy_loss(problem, loss_fn, alpha, settings))(alphas)
+    data = pair_data(problem)
+    flat = rewards.reshape(rewards.shape[0], -1)
+    margins = (flat[:, data.pair_index[:, 0]] - flat[:, data.pair_index[:, 1]]).T  # [pairs, K-1]
+    data = data._replace(batch={**data.batch, "reward_margins": margins})
+    return jax.vmap(lambda alpha: run_objective(problem, MODPO(beta=tau, weights=alpha), data, settings))(alphas)
 
 
 def rewarded_soups(problem: TabularProblem, expert_logits: Array, alphas: Array) -> dict[str, Array]:

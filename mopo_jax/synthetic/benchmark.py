@@ -17,9 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mopo_jax.policy_objectives import MOPOPairwise
 from mopo_jax.state import MOPOConfig
 from mopo_jax.synthetic import baselines, exact, problems
-from mopo_jax.synthetic.tabular import TabularProblem, TrainSettings, make_problem, policy_metrics, run_mopo
+from mopo_jax.synthetic.tabular import (
+    TrainSettings,
+    make_problem,
+    policy_metrics,
+    run_mopo,
+    run_objective,
+    sampled_pair_data,
+)
 
 
 @dataclasses.dataclass
@@ -30,9 +38,16 @@ class SyntheticConfig:
       structures: names from :data:`mopo_jax.synthetic.problems.ALL_STRUCTURES` (all when empty).
       seed: seed of every problem generator.
       num_prompts, num_candidates: problem size (one shape for every two-objective structure: one compile each).
-      tau: KL temperature; None uses the problem's own (the paper's 0.08 for the built-in structures).
+      tau: KL temperature of the problem, for every method (MOPO's tau, DPO's beta, IPO's tau) and the exact solver;
+        None uses the problem's own (the paper's 0.08 for the built-in structures).
+      mopo: MOPO's configuration (its ``tau`` is replaced by the problem's); the default holds the reference fixed
+        (no refresh) and uses the plain estimate (``eps = 0``), the problem the exact solver solves.
       steps, learning_rate, final_learning_rate: optimisation budget shared by every method.
-      multiplier_lr: step size of MOPO's dual update.
+      sampled_pairs: size of the pair dataset of the ``mopo_pairwise_sampled`` variant (pairs drawn from
+        ``mu x mu`` with one hard label per objective; 0 skips the variant).
+      mopo_pairwise_sampled: MOPO's configuration for that variant (its ``tau`` is the problem's). Its multiplier
+        step reads the *trained* policy's values, not the closed form's, so it is a primal-dual iteration whose dual
+        step must be slower than the policy's: ``multiplier_lr`` 0.1 (0.5 oscillates; docs/synthetic.md).
       num_thresholds: points of the threshold sweep for the exact front and MOPO.
       sweep_resolution: simplex grid resolution of the scalarisation / MODPO / soups weights.
       tolerance: the 1e-3 of the acceptance (value gap, constraint violation, convergence).
@@ -46,10 +61,12 @@ class SyntheticConfig:
     num_prompts: int = 8
     num_candidates: int = 6
     tau: float | None = None
+    mopo: MOPOConfig = MOPOConfig(eps=0.0, refresh_every=None)
     steps: int = 6000
     learning_rate: float = 0.1
     final_learning_rate: float = 1e-3
-    multiplier_lr: float = 0.5
+    sampled_pairs: int = 16384
+    mopo_pairwise_sampled: MOPOConfig = MOPOConfig(eps=0.0, refresh_every=None, multiplier_lr=0.1)
     num_thresholds: int = 10
     sweep_resolution: int = 8
     tolerance: float = 1e-3
@@ -61,10 +78,10 @@ class SyntheticConfig:
 
     @property
     def settings(self) -> TrainSettings:
-        return TrainSettings(self.steps, self.learning_rate, self.final_learning_rate, self.multiplier_lr)
+        return TrainSettings(self.steps, self.learning_rate, self.final_learning_rate)
 
     def mopo_config(self, tau: float) -> MOPOConfig:
-        return MOPOConfig(tau=tau, multiplier_lr=self.multiplier_lr, eps=0.0, refresh_every=None)
+        return dataclasses.replace(self.mopo, tau=tau)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,6 +91,11 @@ class SyntheticConfig:
 @partial(jax.jit, static_argnames=("config", "settings", "policy_step"))
 def _mopo_sweep(problem, thresholds, config, settings, policy_step):
     return jax.vmap(lambda b: run_mopo(problem, b, config, settings, policy_step))(thresholds)
+
+
+@partial(jax.jit, static_argnames=("config", "settings"))
+def _mopo_sampled_pairs_sweep(problem, thresholds, data, config, settings):
+    return jax.vmap(lambda b: run_objective(problem, MOPOPairwise(config, b), data, settings))(thresholds)
 
 
 @partial(jax.jit, static_argnames=("kind", "tau", "settings"))
@@ -94,7 +116,8 @@ def _soups(problem, expert_logits, alphas):
 @partial(jax.jit, static_argnames=("config", "settings"))
 def _ablation_grid(problem, thresholds, betas, periods, config, settings):
     def one(beta, period):
-        return run_mopo(problem, thresholds, config._replace(beta=beta), settings, "weighted_bc", period)
+        return run_mopo(problem, thresholds, dataclasses.replace(config, ratchet_beta=beta), settings, "weighted_bc",
+                        period)
 
     return jax.vmap(one)(betas, periods)
 
@@ -220,6 +243,29 @@ def _mopo_entries(result, run_seconds, steps, exact_solutions, thresholds, toler
     return {"points": points, "attained": np.array(attained).reshape(-1, values.shape[1])}
 
 
+def _estimator_entries(result, exact_solutions, thresholds) -> dict[str, Any]:
+    """Every threshold's final point of a MOPO variant whose values are only estimated (no feasibility verdict):
+    the gap to the exact primary value and the constraint violation, measured with the exact win rates."""
+    values = np.asarray(result.values, np.float64)
+    points, gaps, violations = [], [], []
+    for i, solution in enumerate(exact_solutions):
+        b = np.asarray(thresholds[i], np.float64)
+        violation = float(np.max(b - values[i, 1:]))
+        entry: dict[str, Any] = {"threshold": _float_list(b), "exact_feasible": bool(solution.feasible),
+                                 "primary_value": float(values[i, 0]), "secondary_values": _float_list(values[i, 1:]),
+                                 "constraint_violation": violation, "multipliers": _float_list(result.multipliers[i]),
+                                 "kl": float(result.kl[i])}
+        if solution.feasible:
+            entry["primary_gap"] = float(solution.values[0] - values[i, 0])
+            gaps.append(entry["primary_gap"])
+            violations.append(violation)
+        points.append(entry)
+    summary = {"max_abs_primary_gap": float(np.max(np.abs(gaps))) if gaps else None,
+               "mean_primary_gap": float(np.mean(gaps)) if gaps else None,
+               "max_violation": float(np.max(violations)) if violations else None}
+    return {"points": points, "estimate_error": summary}
+
+
 def _sweep_entries(values, kl, weights, trajectory_values, run_seconds, steps, tolerance) -> list[dict[str, Any]]:
     entries = []
     for i in range(values.shape[0]):
@@ -295,6 +341,30 @@ def run_structure(
         policies[name] = np.exp(np.asarray(jax.vmap(lambda l: l - jax.nn.logsumexp(l, -1, keepdims=True))(result.logits)))
         log(f"  {name}: hypervolume ratio {_ratio_text(methods[name]['hypervolume_ratio'])} "
             f"(compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
+
+    if config.sampled_pairs > 0:
+        name = "mopo_pairwise_sampled"
+        data = sampled_pair_data(tabular, config.sampled_pairs, jax.random.PRNGKey(config.seed))
+        sampled_config = dataclasses.replace(config.mopo_pairwise_sampled, tau=tau)
+        result, compile_seconds, run_seconds = _timed(
+            _mopo_sampled_pairs_sweep, tabular, threshold_array, data, sampled_config, settings)
+        entries = _estimator_entries(result, solutions, thresholds)
+        values = np.asarray(result.values, np.float64)
+        methods[name] = {
+            "kind": "estimated",
+            **entries,
+            "pairs": config.sampled_pairs,
+            "hypervolume_ratio": _hypervolume_ratio(values, exact_points, reference_values),
+            "mean_kl": float(np.mean(np.asarray(result.kl))),
+            "threshold_error": threshold_errors(values, solutions, config.tolerance),
+            "compile_seconds": compile_seconds,
+            "run_seconds": run_seconds,
+            "steps": settings.steps,
+        }
+        policies[name] = np.asarray(jax.nn.softmax(result.logits, axis=-1))
+        error = entries["estimate_error"]
+        log(f"  {name}: {config.sampled_pairs} pairs, max |primary gap| {error['max_abs_primary_gap']:.4f}, "
+            f"max violation {error['max_violation']:.4f} (compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
 
     weight_points = _weight_points(num_objectives, config.sweep_resolution)
     expert_logits = None
@@ -457,8 +527,8 @@ def run_ablation(problem: problems.PreferenceProblem, config: SyntheticConfig, l
 # Drivers.
 
 
-METHOD_ORDER = ("mopo_weighted_bc", "mopo_pairwise", "dpo_primary", "ipo_primary", "weighted_dpo", "weighted_ipo",
-                "modpo", "rewarded_soups")
+METHOD_ORDER = ("mopo_weighted_bc", "mopo_pairwise", "mopo_pairwise_sampled", "dpo_primary", "ipo_primary",
+                "weighted_dpo", "weighted_ipo", "modpo", "rewarded_soups")
 
 
 def summary_table(structures: dict[str, Any]) -> str:
@@ -468,8 +538,11 @@ def summary_table(structures: dict[str, Any]) -> str:
 
     lines = ["| structure | method | hypervolume ratio | mean KL | thresholds met | mean primary gap |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    estimated = []
     for name, result in structures.items():
         for method in METHOD_ORDER:
+            if method not in result["methods"]:
+                continue
             entry = result["methods"][method]
             error = entry["threshold_error"]
             lines.append(
@@ -477,6 +550,15 @@ def summary_table(structures: dict[str, Any]) -> str:
                 f"{error['thresholds_met']}/{error['thresholds_feasible']} | "
                 f"{fmt(error['mean_primary_gap'], '.2e')} |"
             )
+            if "estimate_error" in entry:
+                e = entry["estimate_error"]
+                estimated.append(f"| {name} | {method} ({entry['pairs']} pairs) | "
+                                 f"{fmt(e['max_abs_primary_gap'], '.4f')} | {fmt(e['mean_primary_gap'], '.4f')} | "
+                                 f"{fmt(e['max_violation'], '.4f')} |")
+    if estimated:
+        lines += ["", "Estimated duals (gap to the exact front at each feasible threshold, measured with the exact "
+                  "win rates):", "", "| structure | method | max abs primary gap | mean primary gap | max violation |",
+                  "| --- | --- | ---: | ---: | ---: |", *estimated]
     return "\n".join(lines)
 
 

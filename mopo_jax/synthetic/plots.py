@@ -8,7 +8,9 @@ import numpy as np
 
 _STYLES = {
     "mopo_weighted_bc": dict(marker="o", color="tab:red", label="MOPO (weighted BC)", s=46, zorder=5),
-    "mopo_pairwise": dict(marker="x", color="black", label="MOPO (pairwise)", s=40, zorder=6),
+    "mopo_pairwise": dict(marker="x", color="black", label="MOPO (pairwise, closed-form dual)", s=40, zorder=6),
+    "mopo_pairwise_sampled": dict(marker="1", color="tab:brown", label="MOPO (pairwise, sampled pairs)", s=60,
+                                  zorder=6),
     "dpo_primary": dict(marker="s", color="tab:blue", label="DPO (primary)", s=50),
     "ipo_primary": dict(marker="D", color="tab:cyan", label="IPO (primary)", s=46),
     "weighted_dpo": dict(marker="^", color="tab:green", label="weighted DPO", s=34),
