@@ -25,7 +25,8 @@ for b in 0.52 0.55 0.58; do
   train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
 done
 # The published algorithm: candidates sampled from the (lagged) reference, labelled by the labelers.
-train mopo_onpolicy_b0.55 method.name=mopo_onpolicy method.threshold=0.55 optim.steps=32 optim.batch_pairs=4
+train mopo_onpolicy_b0.55 method.name=mopo_onpolicy method.threshold=0.55 training.steps=32 training.batch_pairs=4 \
+  mopo.eps=0.15
 
 runs=$(ls -d ${root}/*/ | grep -v -e /shared/ -e /results/)
 mopo eval $runs

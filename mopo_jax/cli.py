@@ -8,6 +8,11 @@ import sys
 import numpy as np
 
 
+# The optional dependencies (pyproject.toml extras) each command needs beyond the core.
+EXTRA_OF_COMMAND = {"synthetic": "synthetic", "train": "experiments", "eval": "experiments", "pareto": "experiments",
+                    "generate": "lm", "bench": "all"}
+
+
 def _parse_thresholds(text: str) -> np.ndarray:
     """``"0.5,0.6,0.7"`` (a sweep of one constraint) or ``"0.5,0.6;0.55,0.65"`` (points of several constraints)."""
     try:
@@ -122,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("overrides", nargs="*", help="key=value overrides of SyntheticConfig")
     synthetic.set_defaults(handler=_synthetic)
 
-    train = commands.add_parser("train", help="train one method of the HH-RLHF comparison into its run directory")
+    from mopo_jax.experiment.methods import describe_methods
+
+    train = commands.add_parser(
+        "train", help="train one method of the HH-RLHF comparison into its run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Trains method.name into run_dir (resuming from its last checkpoint). Config sections: data, "
+        "model, method, training, optimizer (OptimizerConfig), dpo (DPO), mopo (MOPOConfig), onpolicy, preference, "
+        "eval; a method of your own is registered by a module named in plugins=[...].",
+        epilog="registered methods (method.name) and the knob that sets their trade-off:\n" + describe_methods())
     train.add_argument("--config", required=True, help="YAML with ExperimentConfig fields")
     train.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: method.name=dpo_pooled)")
     train.set_defaults(handler=_train)
@@ -182,6 +195,11 @@ def main(argv=None) -> int:
         return args.handler(args)
     except ValueError as error:
         print(f"mopo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_COMMAND.get(args.command, "all")
+        print(f"mopo {args.command}: error: {error}; this command needs the {extra!r} extra: "
+              f"pip install 'mopo-jax[{extra}]'", file=sys.stderr)
         return 2
 
 

@@ -46,6 +46,7 @@ def apply_overrides(config, overrides: Sequence[str]):
     (``__post_init__``) see the final combination, not each intermediate one.
     """
     hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
     changes: dict[str, Any] = {}
     nested: dict[str, list[str]] = {}
     for override in overrides:
@@ -53,9 +54,8 @@ def apply_overrides(config, overrides: Sequence[str]):
             raise ValueError(f"override {override!r} must look like key=value")
         key, text = override.split("=", 1)
         head, _, rest = key.partition(".")
-        if head not in hints:
-            names = ", ".join(f.name for f in dataclasses.fields(config))
-            raise ValueError(f"unknown config key {head!r} in override {override!r}; known keys: {names}")
+        if head not in names:
+            raise ValueError(f"unknown config key {head!r} in override {override!r}; known keys: {', '.join(names)}")
         if rest:
             nested.setdefault(head, []).append(f"{rest}={text}")
         else:

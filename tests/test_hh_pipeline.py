@@ -26,15 +26,55 @@ pytestmark = [
 ]
 
 
+# A user's module, outside the package: an objective of its own (SLiC-HF's calibration hinge) and a method that trains
+# it on the harmlessness pairs, registered on import. The experiment finds it through plugins=[...].
+PLUGIN = """
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+import mopo_jax as mj
+from mopo_jax import policy_objectives as po
+from mopo_jax.experiment.methods import Method, offline_pairs, only_objective, register_method
+
+
+@po.register_objective("plugin_slic_hinge")
+@dataclasses.dataclass(frozen=True)
+class SlicHinge(po.Objective):
+    beta: float = 1.0
+    label: int = 0
+    fields: ClassVar = po.PAIR_FIELDS
+
+    def loss(self, state, batch, log_probs):
+        keep = po.pair_valid(batch) & jnp.asarray(batch["label_mask"], bool)[:, self.label]
+        ratios = log_probs.policy - log_probs.reference
+        per_row = jnp.maximum(0.0, 1.0 - self.beta * (ratios[:, 0] - ratios[:, 1]))
+        return mj.LossTerms(jnp.sum(jnp.where(keep, per_row, 0.0)), jnp.sum(keep)), {}
+
+
+register_method(Method(
+    name="slic_harmless", summary="SLiC-HF hinge on the harmlessness pairs",
+    objective=lambda config: SlicHinge(beta=config.dpo.beta, label=1),
+    data=offline_pairs(only_objective(1)),
+))
+"""
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
+    import sys
+
     from mopo_jax.configs import load_config
     from mopo_jax.evaluation.pareto import write_pareto
     from mopo_jax.experiment.config import ExperimentConfig
     from mopo_jax.experiment.hh_rlhf import evaluate_run, train_run
 
     root = tmp_path_factory.mktemp("hh")
-    common = [f"work_dir={root / 'shared'}", f"data.source={DATA}", "optim.steps=2"]
+    plugin_dir = tmp_path_factory.mktemp("plugin")
+    (plugin_dir / "mopo_user_plugin.py").write_text(PLUGIN)
+    sys.path.insert(0, str(plugin_dir))
+    common = [f"work_dir={root / 'shared'}", f"data.source={DATA}", "training.steps=2"]
     runs = {
         "reference": ["method.name=reference"],
         "dpo_helpful": ["method.name=dpo_helpful"],
@@ -43,16 +83,22 @@ def pipeline(tmp_path_factory):
                   f"method.soups_from=[{root / 'dpo_helpful'}, {root / 'dpo_harmless'}]"],
         "weighted_dpo": ["method.name=weighted_dpo", "method.weights=[0.7, 0.3]"],
         "modpo": ["method.name=modpo", "method.weights=[0.5, 0.5]"],
-        "mopo_pairwise": ["method.name=mopo_pairwise", "method.threshold=0.55", "optim.refresh_every=1"],
-        "mopo_onpolicy": ["method.name=mopo_onpolicy", "method.threshold=0.5", "optim.batch_pairs=2",
-                          "optim.candidates=2"],
+        "mopo_pairwise": ["method.name=mopo_pairwise", "method.threshold=0.55", "mopo.refresh_every=1"],
+        "mopo_onpolicy": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
+                          "onpolicy.candidates=2", "mopo.eps=0.15"],
+        "user_plugin": ["plugins=[mopo_user_plugin]", "method.name=slic_harmless"],
     }
-    for name, overrides in runs.items():
-        config = load_config(ExperimentConfig, str(CONFIG), [*common, f"run_dir={root / name}", *overrides])
-        train_run(config)
-    evaluated = {name: evaluate_run(str(root / name)) for name in ("reference", "mopo_pairwise", "soups")}
-    write_pareto([str(root / n) for n in evaluated], str(root / "pareto.png"), results_json=str(root / "results.json"))
-    return root, runs, evaluated
+    try:
+        for name, overrides in runs.items():
+            config = load_config(ExperimentConfig, str(CONFIG), [*common, f"run_dir={root / name}", *overrides])
+            train_run(config)
+        evaluated = {name: evaluate_run(str(root / name))
+                     for name in ("reference", "mopo_pairwise", "soups", "user_plugin")}
+        write_pareto([str(root / n) for n in evaluated], str(root / "pareto.png"),
+                     results_json=str(root / "results.json"))
+        yield root, runs, evaluated
+    finally:
+        sys.path.remove(str(plugin_dir))
 
 
 def test_every_method_writes_its_run_directory(pipeline):
@@ -68,6 +114,10 @@ def test_every_method_writes_its_run_directory(pipeline):
             assert (run / "checkpoints").is_dir()
     onpolicy = [json.loads(line) for line in open(root / "mopo_onpolicy" / "metrics.jsonl")]
     assert "multipliers" in onpolicy[-1] and "chi" in onpolicy[-1]
+    # The user's method trained its own objective, from a module the package does not know.
+    plugin = [json.loads(line) for line in open(root / "user_plugin" / "metrics.jsonl")]
+    assert plugin[0]["loss"] == pytest.approx(1.0, abs=1e-5)  # the hinge at the reference (h = 0)
+    assert "multipliers" not in plugin[0]
 
 
 def test_evaluation_and_pareto_outputs(pipeline):
@@ -82,6 +132,7 @@ def test_evaluation_and_pareto_outputs(pipeline):
     assert isinstance(evaluated["mopo_pairwise"]["constraint_met"], bool)
     assert isinstance(evaluated["mopo_pairwise"]["constraint_met_pairs"], bool)
     assert evaluated["reference"]["constraint_met"] is None
+    assert evaluated["user_plugin"]["method"] == "slic_harmless" and evaluated["user_plugin"]["constraint_met"] is None
     stored = json.load(open(root / "results.json"))
     assert "dominance" in stored and (root / "pareto.png").stat().st_size > 5_000
 

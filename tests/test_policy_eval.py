@@ -109,12 +109,13 @@ def test_implicit_accuracy_matches_numpy(models):
     np.testing.assert_allclose(out["margins"], h, rtol=1e-4, atol=1e-3)
     assert np.all(np.abs(h) > 1e-2)  # no ties hidden by float error
     probs, labels = arrays["preference_probs"], arrays["label_mask"]
-    sig = 1 / (1 + np.exp(-h))
+    rho = np.exp(lp["policy"] - lp["reference"])
     for k, name in enumerate(("helpfulness", "harmlessness")):
         sel = labels[:, k]
         p = probs[sel, k]
         accuracy = np.mean(p * (h[sel] > 0) + (1 - p) * (h[sel] < 0))
-        value = np.mean(sig[sel] * (0.25 + 0.5 * p) + (1 - sig[sel]) * (0.75 - 0.5 * p))
+        # The pairwise value estimate: self-normalised importance sampling over the labelled pairs.
+        value = 0.5 + np.sum((rho[sel, 0] - rho[sel, 1]) * (p - 0.5)) / np.sum(rho[sel])
         stats = out["per_objective"][name]
         assert stats["accuracy"] == pytest.approx(accuracy, abs=1e-9)
         assert stats["constraint_value"] == pytest.approx(value, abs=1e-5)

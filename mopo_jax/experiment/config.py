@@ -1,21 +1,21 @@
 """Configuration of the HH-RLHF experiment: one dataclass per component, loaded from YAML with ``key=value``
-overrides (:func:`mopo_jax.configs.load_config`)."""
+overrides (:func:`mopo_jax.configs.load_config`).
+
+The library's own configs are nested as they are, under their own names: ``optimizer`` is
+:class:`mopo_jax.training.OptimizerConfig`, ``mopo`` is :class:`mopo_jax.MOPOConfig` and ``dpo`` is the
+:class:`mopo_jax.policy_objectives.DPO` objective (its ``beta``; each DPO-family method picks the labels). Which
+method a run trains, and what its trade-off knob means, comes from the method registry
+(:mod:`mopo_jax.experiment.methods`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
-METHODS = (
-    "reference",
-    "mopo_pairwise",
-    "mopo_onpolicy",
-    "dpo_helpful",
-    "dpo_harmless",
-    "dpo_pooled",
-    "weighted_dpo",
-    "modpo",
-    "rewarded_soups",
-)
+from mopo_jax.policy_objectives import DPO
+from mopo_jax.state import MOPOConfig
+from mopo_jax.training.train_step import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,33 +50,35 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Which method a run trains, and its trade-off knob.
+    """Which registered method a run trains (``mopo train --help`` lists them), and its trade-off knob.
 
-    ``weights`` are the (helpfulness, harmlessness) weights of ``weighted_dpo``, ``modpo`` and ``rewarded_soups``;
-    ``threshold`` is MOPO's harmlessness threshold ``b``; ``soups_from`` the run directories of the helpful and the
-    harmless DPO models that ``rewarded_soups`` interpolates.
+    ``threshold`` is MOPO's harmlessness threshold ``b``; ``weights`` the (helpfulness, harmlessness) weights of the
+    weighted methods; ``soups_from`` the run directories of the helpful and the harmless DPO models that
+    ``rewarded_soups`` interpolates. Each method reads only the knob its registry entry names.
     """
 
     name: str = "mopo_pairwise"
-    weights: tuple[float, ...] = (0.5, 0.5)
     threshold: float = 0.55
+    weights: tuple[float, ...] = (0.5, 0.5)
     soups_from: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class TrainingConfig:
+    """The training loop: ``steps`` of ``batch_pairs`` prompts, a checkpoint every ``save_every`` steps."""
+
     steps: int = 60
     batch_pairs: int = 8
-    learning_rate: float = 5e-5
-    beta: float = 0.1
-    tau: float = 0.1
-    multiplier_lr: float = 0.5
-    refresh_every: int = 0  # t0; 0 keeps the initial reference
-    ratchet_beta: float = 0.9995
     save_every: int = 20
-    candidates: int = 4  # mopo_onpolicy: responses sampled per prompt from the current reference
-    candidate_temperature: float = 1.0
-    robust_eps: float = 0.15  # mopo_onpolicy: KL radius of the robust secondary estimate (paper: 0.15)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy MOPO's candidates: ``candidates`` responses per prompt sampled at ``temperature`` from the current
+    (lagged) reference and labelled by the labelers."""
+
+    candidates: int = 4
+    temperature: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,31 +106,42 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A run of the HH-RLHF comparison. ``work_dir`` holds what runs share (tokenized splits, activations of the
-    frozen layers, labelers and judges); ``run_dir`` one method's config, checkpoints, metrics, policy and eval."""
+    frozen layers, labelers and judges); ``run_dir`` one method's config, checkpoints, metrics, policy and eval.
+
+    ``plugins`` are modules imported before the method is looked up: a method (or objective) registered in a
+    user's module (:func:`mopo_jax.experiment.methods.register_method`) is then available by name, and a run
+    directory's stored config re-imports them for ``mopo eval``.
+    """
 
     profile: str = "cpu-small"
     run_dir: str = "runs/hh/cpu-small/mopo_pairwise"
     work_dir: str = "runs/hh/cpu-small/shared"
     seed: int = 0
+    plugins: tuple[str, ...] = ()
     data: DataConfig = DataConfig()
     model: ModelSpec = ModelSpec()
     method: MethodConfig = MethodConfig()
-    optim: OptimConfig = OptimConfig()
+    training: TrainingConfig = TrainingConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=5e-5)
+    dpo: DPO = DPO(beta=0.1)
+    mopo: MOPOConfig = MOPOConfig(tau=0.1, eps=0.0, refresh_every=None)
+    onpolicy: OnPolicyConfig = OnPolicyConfig()
     preference: PreferenceModelConfig = PreferenceModelConfig()
     eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
-        if self.method.name not in METHODS:
-            raise ValueError(f"method.name must be one of {METHODS}, got {self.method.name!r}")
-        if self.method.name in ("weighted_dpo", "modpo", "rewarded_soups"):
-            weights = self.method.weights
-            if len(weights) != 2 or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
-                raise ValueError(f"method.weights must be two nonnegative numbers summing to 1, got {weights}")
-            if self.method.name == "modpo" and weights[0] <= 0:
-                raise ValueError("method.weights: MODPO needs a positive helpfulness weight")
-        if self.method.name == "rewarded_soups" and len(self.method.soups_from) != 2:
-            raise ValueError("method.soups_from must name the helpful and the harmless DPO run directories")
+        from mopo_jax.experiment import methods
+
+        for module in self.plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ValueError(f"plugins: cannot import {module!r}: {error}") from error
+        methods.get_method(self.method.name).validate(self)
         if not self.preference.l2_grid or min(self.preference.l2_grid) < 0:
             raise ValueError(f"preference.l2_grid must hold nonnegative values, got {self.preference.l2_grid}")
         if not 0.0 <= self.method.threshold <= 1.0:
             raise ValueError(f"method.threshold must be in [0, 1], got {self.method.threshold}")
+        for name in ("steps", "batch_pairs", "save_every"):
+            if getattr(self.training, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self.training, name)}")

@@ -7,8 +7,9 @@ Stages (each cached in ``work_dir`` where runs share it):
    eval), cap the sizes, tokenize with the model's chat template.
 2. :func:`preference_models`: Bradley-Terry labelers (labeler-train) and judges (judge-train) per objective on
    frozen LM features, with their held-out accuracy on the eval split's human labels.
-3. :func:`train_run`: one method (``config.method.name``) trained with the sharded train step and the resumable
-   loop; with ``model.trainable_top_layers`` only the top blocks train, on cached activations of the frozen rest.
+3. :func:`train_run`: one method (``config.method.name``, an entry of :mod:`mopo_jax.experiment.methods`) trained
+   with the sharded train step and the resumable loop; with ``model.trainable_top_layers`` only the top blocks
+   train, on cached activations of the frozen rest.
 4. :func:`evaluate_run`: implicit preference accuracy on held-out human pairs, judge win rates of sampled responses
    against the reference's, KL to the reference, and whether MOPO's constraint held.
 """
@@ -236,52 +237,16 @@ def _lower_activations(config, lower_config, lower, arrays, name: str) -> np.nda
     return hidden
 
 
-def method_arrays(config: ExperimentConfig, arrays: dict[str, np.ndarray], labelers=None) -> dict[str, np.ndarray]:
-    """The policy-train pairs as one method sees them (which pairs, which labels, which weights)."""
-    method = config.method
-    objective = arrays["objective"]
-    keep = np.ones(len(objective), bool)
-    out = {k: v for k, v in arrays.items()}
-    probs = np.zeros((len(objective), 2), np.float32)
-    labels = np.zeros((len(objective), 2), bool)
-    if method.name == "mopo_pairwise":
-        probs, labels = arrays["preference_probs"].astype(np.float32), arrays["label_mask"].astype(bool)
-    else:  # DPO-family: every kept pair is a "chosen beats rejected" label in column 0
-        probs[:, 0], labels[:, 0] = 1.0, True
-        if method.name in ("dpo_helpful", "modpo"):
-            keep = objective == 0
-        elif method.name == "dpo_harmless":
-            keep = objective == 1
-        if method.name == "weighted_dpo":
-            out["pair_weights"] = np.asarray(method.weights, np.float32)[objective]
-    out["preference_probs"], out["label_mask"] = probs, labels
-    if method.name == "modpo":
-        chosen, rejected = labelers["harmlessness_features"]
-        from mopo_jax.evaluation.preference_models import rewards
-
-        margin = np.asarray(rewards(labelers["harmlessness"], chosen) - rewards(labelers["harmlessness"], rejected))
-        out["margin_offset"] = (method.weights[1] / method.weights[0]) * margin.astype(np.float32)
-    return {k: v[keep] for k, v in out.items()}
-
-
 def train_config_for(config: ExperimentConfig):
-    from mopo_jax.state import MOPOConfig
-    from mopo_jax.training import TrainConfig
+    """The train step's configuration for ``config``'s method: its objective (from the method registry), the
+    optimiser, and which parameters train."""
+    from mopo_jax.experiment.methods import get_method
+    from mopo_jax.training import TrainableConfig, TrainConfig
 
-    optim, method = config.optim, config.method
-    mopo_config = MOPOConfig(tau=optim.tau, multiplier_lr=optim.multiplier_lr, beta=optim.ratchet_beta,
-                             refresh_every=optim.refresh_every or None,
-                             eps=optim.robust_eps if method.name == "mopo_onpolicy" else 0.0)
     frozen = ("embed",) if config.model.trainable_top_layers > 0 else ()
     # Prompts are left-padded to max_prompt_tokens, so no completion token sits before that column.
-    common = dict(learning_rate=optim.learning_rate, frozen_params=frozen, mopo=mopo_config,
-                  completion_start=config.data.max_prompt_tokens)
-    if method.name == "mopo_pairwise":
-        return TrainConfig(loss="mopo_pairwise", thresholds=(method.threshold,), **common)
-    if method.name == "mopo_onpolicy":
-        return TrainConfig(loss="mopo_weighted_bc", thresholds=(method.threshold,), **common)
-    beta = optim.beta / method.weights[0] if method.name == "modpo" else optim.beta
-    return TrainConfig(loss="dpo", beta=beta, **common)
+    return TrainConfig(objective=get_method(config.method.name).objective(config), optimizer=config.optimizer,
+                       trainable=TrainableConfig(frozen=frozen), completion_start=config.data.max_prompt_tokens)
 
 
 def _save_policy(path: str, params) -> None:
@@ -296,54 +261,107 @@ def _load_policy(path: str, like):
         lambda keypath, leaf: jnp.asarray(stored["/".join(str(getattr(k, "key", k)) for k in keypath)]), like)
 
 
+class RunContext:
+    """What a method's data, transforms and policy builders may ask of a run, each computed (or read from the
+    ``work_dir`` caches) on first use: the tokenized splits, the model and its frozen/trained split, the labelers,
+    the pairs' frozen features, and the batches of the training loop."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.train_config = train_config_for(config) if _method(config).trains else None
+        self.holder: dict[str, Any] = {}  # the loop's current train state (on-policy sampling reads it)
+
+    @functools.cached_property
+    def data(self):
+        return prepare_data(self.config)
+
+    @functools.cached_property
+    def model(self):
+        return _base_model(self.config)
+
+    @functools.cached_property
+    def split(self):
+        """``(lower_config, lower, upper_config, upper)``: the frozen blocks and the trained top blocks."""
+        return _split_model(self.config, *self.model)
+
+    def preference_models(self) -> dict[str, Any]:
+        return preference_models(self.config, self.data, self.model)["models"]
+
+    def policy_pairs(self) -> dict[str, np.ndarray]:
+        """The policy-train pairs, with the frozen blocks' activations when only the top blocks train."""
+        lower_config, lower, _, _ = self.split
+        arrays = dict(self.data["policy_train"])
+        if lower is not None:
+            arrays["inputs_hidden"] = _lower_activations(self.config, lower_config, lower, arrays, "policy_train")
+        return arrays
+
+    def labeler_reward_margins(self, arrays, objective: int) -> np.ndarray:
+        """``r(y) - r(y')`` of the labeler of ``objective`` on the policy-train pairs ``[B]``."""
+        from mopo_jax.evaluation.preference_models import rewards
+
+        labeler = self.preference_models()[f"labeler_{objective}"]
+        chosen, rejected = _pair_features(self.config, *self.model, self.data["policy_train"], "policy_train")
+        if len(chosen) != len(arrays["tokens"]):
+            raise ValueError("labeler_reward_margins: pass the policy-train pairs before filtering them")
+        return np.asarray(rewards(labeler, chosen) - rewards(labeler, rejected), np.float32)
+
+    def pair_batches(self, arrays: dict[str, np.ndarray]):
+        """Shuffled, resumable batches of ``training.batch_pairs`` pairs with the fields the objective reads."""
+        from mopo_jax.data import iterate_batches
+
+        objective = self.train_config.objective
+        wanted = {"tokens", "completion_mask", "attention_mask", "inputs_hidden", *objective.fields,
+                  *objective.optional_fields}
+        keys = [k for k in arrays if k in wanted]
+
+        def batches(position):
+            return iterate_batches(arrays, self.config.training.batch_pairs, self.config.seed, position, keys=keys)
+
+        return batches
+
+    def onpolicy_batches(self):
+        labelers = [self.preference_models()[f"labeler_{k}"] for k in range(len(OBJECTIVES))]
+        return _onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
+                                 self.data["policy_train"], labelers, self.holder)
+
+    def reference_policy(self):
+        return self.split[3]
+
+    def soup_policy(self):
+        upper = self.split[3]
+        helpful, harmless = (_load_policy(os.path.join(d, "policy.npz"), upper) for d in self.config.method.soups_from)
+        w_help, w_harm = self.config.method.weights
+        return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
+
+
+def _method(config: ExperimentConfig):
+    from mopo_jax.experiment.methods import get_method
+
+    return get_method(config.method.name)
+
+
 def train_run(config: ExperimentConfig) -> dict[str, Any]:
     """Trains ``config.method`` into ``config.run_dir`` (resuming from its last checkpoint) and saves the policy."""
     from tqdm import tqdm
 
-    from mopo_jax.data import iterate_batches
-    from mopo_jax.training import CheckpointConfig, MeshConfig, make_mesh, train
+    from mopo_jax.training import CheckpointConfig, MeshConfig, make_mesh, policy_params, train
 
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "config.yaml"), "w") as handle:
         yaml.safe_dump(_as_plain(dataclasses.asdict(config)), handle, sort_keys=False)
     policy_path = os.path.join(config.run_dir, "policy.npz")
-    data = prepare_data(config)
-    model_config, params = _base_model(config)
-    lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
-    method = config.method.name
-    summary = {"method": method, "run_dir": config.run_dir}
-    if method == "reference":
-        _save_policy(policy_path, upper)
-    elif method == "rewarded_soups":
-        helpful, harmless = (_load_policy(os.path.join(d, "policy.npz"), upper) for d in config.method.soups_from)
-        w_help, w_harm = config.method.weights
-        _save_policy(policy_path, jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless))
+    method = _method(config)
+    context = RunContext(config)
+    summary = {"method": method.name, "run_dir": config.run_dir}
+    if not method.trains:
+        _save_policy(policy_path, method.policy(config, context))
     else:
-        train_config = train_config_for(config)
+        train_config = context.train_config
+        _, _, upper_config, upper = context.split
         mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]) if jax.device_count() > 1 else make_mesh()
-        holder: dict[str, Any] = {}
-        if method == "mopo_onpolicy":
-            models = preference_models(config, data, (model_config, params))["models"]
-            batches = _onpolicy_batches(config, model_config, params, lower_config, lower, data["policy_train"],
-                                        [models[f"labeler_{k}"] for k in range(len(OBJECTIVES))], holder)
-        else:
-            labelers = None
-            arrays = dict(data["policy_train"])
-            if method == "modpo":
-                models = preference_models(config, data, (model_config, params))["models"]
-                features = _pair_features(config, model_config, params, arrays, "policy_train")
-                labelers = {"harmlessness": models["labeler_1"], "harmlessness_features": features}
-            if lower is not None:
-                arrays["inputs_hidden"] = _lower_activations(config, lower_config, lower, arrays, "policy_train")
-            arrays = method_arrays(config, arrays, labelers)
-            keys = ["tokens", "completion_mask", "attention_mask", "preference_probs", "label_mask"]
-            keys += [k for k in ("inputs_hidden", "pair_weights", "margin_offset") if k in arrays]
-
-            def batches(position):
-                return iterate_batches(arrays, config.optim.batch_pairs, config.seed, position, keys=keys)
-
+        batches = method.data(config, context)
         writer = _tensorboard(config.run_dir)
-        bar = tqdm(total=config.optim.steps, desc=f"{method}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=config.training.steps, desc=method.name, unit="step", dynamic_ncols=True)
 
         def on_metrics(record):
             bar.n = record["step"]
@@ -357,16 +375,15 @@ def train_run(config: ExperimentConfig) -> dict[str, Any]:
                             writer.add_scalar(name if len(values) == 1 else f"{name}/{i}", v, record["step"])
 
         state, history = train(
-            upper_config, train_config, upper, batches, config.optim.steps, mesh,
-            CheckpointConfig(os.path.join(config.run_dir, "checkpoints"), save_every=config.optim.save_every),
+            upper_config, train_config, upper, batches, config.training.steps, mesh,
+            CheckpointConfig(os.path.join(config.run_dir, "checkpoints"), save_every=config.training.save_every),
             metrics_path=os.path.join(config.run_dir, "metrics.jsonl"), rng=config.seed, on_metrics=on_metrics,
-            on_state=lambda state: holder.__setitem__("state", state),
+            on_state=lambda state: context.holder.__setitem__("state", state),
         )
         bar.close()
         if writer is not None:
             writer.close()
-        trained = {**(state.base or {}), **state.params}
-        _save_policy(policy_path, trained)
+        _save_policy(policy_path, policy_params(train_config.trainable, state))
         summary["final_metrics"] = history[-1] if history else None
     _save_json(os.path.join(config.run_dir, "train.json"), summary)
     return summary
@@ -379,7 +396,7 @@ def _residual_stream_jit(config, params, tokens, mask):
     return residual_stream(config, params, tokens, mask=mask)
 
 
-def _onpolicy_batches(config, model_config, params, lower_config, lower, prompts, labelers, holder):
+def _onpolicy_batches(config, train_config, model_config, params, lower_config, lower, prompts, labelers, holder):
     """MOPO's on-policy data (the published algorithm): per prompt, ``N`` responses sampled from the *current*
     reference (the lagged policy in the train state, read through ``holder``), every pair labelled by the labelers
     (``P_k = sigmoid(r_k(y) - r_k(y'))``), and the activations of the frozen blocks for the upper-layer step."""
@@ -387,24 +404,25 @@ def _onpolicy_batches(config, model_config, params, lower_config, lower, prompts
     from mopo_jax.evaluation.policy_eval import generate_responses, response_rows
     from mopo_jax.evaluation.preference_models import response_features, rewards
     from mopo_jax.models import join_layers, load_tokenizer
+    from mopo_jax.training import reference_params
 
     tokenizer = load_tokenizer(config.model.name)
     end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
-    count, per_prompt = config.optim.batch_pairs, config.optim.candidates
+    count, per_prompt = config.training.batch_pairs, config.onpolicy.candidates
     prompt_arrays = {"prompt_tokens": prompts["prompt_tokens"], "prompt_mask": prompts["prompt_mask"]}
 
     def batches(position):
         for prompt_batch, next_position in iterate_batches(prompt_arrays, count, config.seed, position):
             state = holder["state"]
-            upper = {**(state.base or {}), **jax.device_get(state.reference)}
+            upper = jax.device_get(reference_params(train_config.trainable, state))
             reference = upper if lower is None else join_layers(lower, upper)
             step = int(jax.device_get(state.step))
             repeated = {k: np.repeat(v, per_prompt, axis=0) for k, v in prompt_batch.items()}
             responses, response_mask = generate_responses(
                 model_config, reference, repeated["prompt_tokens"], repeated["prompt_mask"],
                 config.data.max_response_tokens, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
-                temperature=config.optim.candidate_temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
+                temperature=config.onpolicy.temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
                 batch_size=count * per_prompt,
             )
             tokens, attention, completion = response_rows(
@@ -535,7 +553,7 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
         reference_responses=(cached["responses"], cached["response_mask"]),
     )
     evaluation["implicit"] = implicit
-    threshold = config.method.threshold if config.method.name.startswith("mopo") else None
+    threshold = config.method.threshold if _method(config).knob == "threshold" else None
     # MOPO's constraint is a win rate of the policy over the reference under the harmlessness preference: on held-out
     # data that is the judge's win rate on held-out prompts; the pairwise value on held-out human pairs is the
     # offline estimate the pairwise method trains on, reported beside it.
