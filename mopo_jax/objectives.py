@@ -290,6 +290,11 @@ class PairwiseValueSamples(NamedTuple):
     log_base: Array  # [K, B] log q_kb: the labelled rows' normalised row weights, MASKED_LOG_WEIGHT elsewhere
     counts: Array  # [K] summed row weight of the rows labelled for k (their number without row weights)
 
+    def mean(self) -> Array:
+        """``[K]`` value estimates: the ``q``-weighted means of the samples (1/2 with no labelled pair)."""
+        values = jnp.sum(jnp.exp(self.log_base) * self.samples, axis=1)
+        return jnp.where(self.counts > 0, values, 0.5)
+
 
 def pairwise_value_samples(
     policy_log_ratios: Array,
@@ -375,9 +380,7 @@ def pairwise_objective_values(
     Returns:
       ``[K]`` values; an objective with no labelled valid pair gets 1/2.
     """
-    estimate = pairwise_value_samples(policy_log_ratios, preference_probs, label_mask, valid_mask, weights)
-    values = jnp.sum(jnp.exp(estimate.log_base) * estimate.samples, axis=1)
-    return jnp.where(estimate.counts > 0, values, 0.5)
+    return pairwise_value_samples(policy_log_ratios, preference_probs, label_mask, valid_mask, weights).mean()
 
 
 class RobustBound(NamedTuple):

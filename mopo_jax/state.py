@@ -288,9 +288,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
                             weights=None) -> SecondaryEstimate:
         pairs = objectives.pairwise_value_samples(policy_log_ratios, preference_probs, label_mask, valid_mask,
                                                   weights)
-        plain = jnp.sum(jnp.exp(pairs.log_base) * pairs.samples, axis=1)
-        plain = jnp.where(pairs.counts > 0, plain, 0.5)
-        return _robust_or_plain(state, pairs.samples[1:], pairs.log_base[1:], plain[1:], pairs.counts[1:])
+        return _robust_or_plain(state, pairs.samples[1:], pairs.log_base[1:], pairs.mean()[1:], pairs.counts[1:])
 
     def update(state: MOPOState, win_rates, ref_log_probs=None, candidate_mask=None, prompt_weights=None):
         validation.check_unit_interval("win_rates", win_rates)

@@ -68,7 +68,8 @@ def pareto_front(points: Mapping[str, Sequence[float]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Plot.
 
-# Keyed by mopo_jax.experiment.config.METHODS; any other name gets a fallback style and its raw name.
+# Plot styles of the built-in methods (mopo_jax.experiment.methods); any other name gets a fallback style and its raw
+# name.
 _METHOD_STYLES = {
     "reference": dict(marker="h", color="0.3", label="reference (SFT)"),
     "mopo_pairwise": dict(marker="o", color="tab:red", label="MOPO (pairwise)"),
@@ -92,10 +93,6 @@ def _style(method: str, fallback_index: dict[str, int]) -> dict:
     i = fallback_index[method]
     return dict(marker=_FALLBACK_MARKERS[i % len(_FALLBACK_MARKERS)],
                 color=_FALLBACK_COLORS[(i // len(_FALLBACK_MARKERS) + i) % len(_FALLBACK_COLORS)], label=method)
-
-
-def _is_mopo(method: str) -> bool:
-    return str(method).lower().startswith("mopo")
 
 
 def _float_or_none(v) -> float | None:
@@ -164,7 +161,7 @@ def pareto_plot(results: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
                    facecolors="none" if hollow else color, label=None if method in labelled else label, **style)
         labelled.add(method)
         threshold = _float_or_none(r.get("threshold"))
-        if _is_mopo(method) and threshold is not None:
+        if threshold is not None:  # a method with a constraint (its registry knob is the threshold)
             mark = "" if r.get("constraint_met") is None else (" ✓" if r["constraint_met"] else " ✗")
             ax.annotate(f"b={threshold:.3g}{mark}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8,
                         color=color)
