@@ -39,7 +39,7 @@ def _coerce(text: str, annotation: Any, key: str) -> Any:
     raise ValueError(f"override {key}={text!r}: expected {annotation}")
 
 
-def apply_overrides(config, overrides: Sequence[str]):
+def apply_overrides(config, overrides: Sequence[str], _prefix: str = ""):
     """Returns a copy of the dataclass ``config`` with ``key=value`` overrides applied (nested keys use dots).
 
     All overrides of one level are applied in a single ``dataclasses.replace``, so a config's cross-field checks
@@ -55,13 +55,15 @@ def apply_overrides(config, overrides: Sequence[str]):
         key, text = override.split("=", 1)
         head, _, rest = key.partition(".")
         if head not in names:
-            raise ValueError(f"unknown config key {head!r} in override {override!r}; known keys: {', '.join(names)}")
+            where = f"section {_prefix.rstrip('.')!r}" if _prefix else "the config"
+            raise ValueError(f"unknown config key {_prefix + head!r} in override {_prefix}{override}; known keys of "
+                             f"{where}: {', '.join(names)}")
         if rest:
             nested.setdefault(head, []).append(f"{rest}={text}")
         else:
-            changes[head] = _coerce(text, hints[head], key)
+            changes[head] = _coerce(text, hints[head], _prefix + key)
     for head, items in nested.items():
-        changes[head] = apply_overrides(changes.get(head, getattr(config, head)), items)
+        changes[head] = apply_overrides(changes.get(head, getattr(config, head)), items, f"{_prefix}{head}.")
     return dataclasses.replace(config, **changes) if changes else config
 
 

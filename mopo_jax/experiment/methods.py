@@ -11,7 +11,7 @@ call, from this module or from a user's (``plugins:`` in the config imports it):
 
     register_method(Method(
         name="ipo_helpful", summary="IPO on the helpfulness pairs",
-        objective=lambda config: IPO(tau=config.mopo.tau, label=0),
+        objective=lambda config: IPO(tau=0.1, label=0),  # IPO's own KL strength, not MOPO's tau
         data=offline_pairs(only_objective(0)),
     ))
 
