@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU check (H100/H200): the gpt-1.3b MOPO pairwise step, bfloat16 compute, full remat, policy + live reference,
 # 8 pairs x (512 prompt + 512 response) tokens = 16 sequences of 1024. Prints tokens/s, MFU against the published
-# dense bf16 peak, and peak device memory. Usage: bash benchmarks/gpu_check.sh  (after: pip install -e . "jax[cuda12]")
+# dense bf16 peak, and peak device memory. Usage: bash benchmarks/gpu_check.sh  (after: pip install -e ".[lm]" "jax[cuda12]")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m mopo_jax.cli bench step --preset gpt-1.3b --dtype bfloat16 --remat full --loss mopo_pairwise \
