@@ -16,8 +16,9 @@ Rows (one per kept pair):
   here: a pair can prefer the first response for one objective and the second for another. The losses read the
   probabilities (see the note below).
 * ``turns``: the prompt as ``[{"role", "content"}]`` (roles ``system``/``user``/``assistant``; a ``system`` column
-  comes first); ``prompt``: the non-system turns rendered in HH-RLHF's text form (``"\\n\\nHuman: ...\\n\\nAssistant:"``)
-  so that the same question hashes alike in both loaders; ``prompt_hash``: :func:`mopo_jax.data.prompt_hash` of it.
+  comes first); ``prompt``: the non-system turns rendered in HH-RLHF's text form
+  (``"\\n\\nHuman: ...\\n\\nAssistant:"``) so that the same question hashes alike in both loaders;
+  ``prompt_hash``: :func:`mopo_jax.data.prompt_hash` of it.
 * ``objective``: the LOWEST objective the pair is labelled for (PKU-SafeRLHF pairs labelled for both objectives all
   get 0). HH rows carry exactly one label, so there ``objective`` says everything; here it does not: code that
   selects or balances pairs per objective must read ``label_mask[:, k]``, not ``objective == k``.
@@ -59,6 +60,7 @@ import csv
 import dataclasses
 import glob
 import gzip
+import io
 import json
 import math
 import os
@@ -640,8 +642,7 @@ def _csv_value(text: str | None, is_label: bool) -> Any:
 
 
 def _csv_rows(path: Path, columns: PreferenceColumns, report: PreferenceFileReport) -> tuple[list[str], Iterator]:
-    lines = _read_text(path).splitlines(keepends=True)
-    reader = csv.reader(lines)
+    reader = csv.reader(io.StringIO(_read_text(path), newline="\n"))  # line numbers count "\n" only
     try:
         header = next(reader)
     except StopIteration:
