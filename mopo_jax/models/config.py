@@ -19,6 +19,7 @@ _POSITIONAL = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu")
 _REMAT = ("none", "full", "dots")
 _ROPE_SCALING = (None, "linear", "llama3")
+_ATTENTION = ("xla", "reference", "cudnn", "auto")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -61,6 +62,11 @@ class ModelConfig:
       remat: per-layer rematerialisation: ``"none"``, ``"full"`` (save nothing
         but the layer input) or ``"dots"`` (save weight matmul outputs, i.e.
         ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+      attention: attention kernel (:func:`mopo_jax.models.transformer.attention_implementation`):
+        ``"xla"`` (default: ``jax.nn.dot_product_attention(implementation="xla")``, any backend; on CPU bit-identical
+        to the reference), ``"reference"`` (the explicit einsum/softmax path, kept as the reference), ``"cudnn"``
+        (cuDNN flash attention; NVIDIA GPU with a bfloat16/float16 compute dtype only, an error elsewhere) or
+        ``"auto"`` (cuDNN where it applies, the XLA path elsewhere, including TPU).
       scan_unroll: layers per iteration of the ``lax.scan`` over blocks (``n_layers`` unrolls fully: faster steps
         for shallow models, longer compiles for deep ones).
       init_std: standard deviation of the normal initialiser.
@@ -92,6 +98,7 @@ class ModelConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: str = "none"
+    attention: str = "xla"
     scan_unroll: int = 1
     init_std: float = 0.02
     bos_id: int | None = None
@@ -117,7 +124,7 @@ class ModelConfig:
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         for name, allowed in (("norm", _NORMS), ("positional", _POSITIONAL),
                               ("activation", _ACTIVATIONS), ("remat", _REMAT),
-                              ("rope_scaling", _ROPE_SCALING)):
+                              ("rope_scaling", _ROPE_SCALING), ("attention", _ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.positional == "rope" and self.head_dim % 2:

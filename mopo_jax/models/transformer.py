@@ -212,8 +212,12 @@ def _dense(x, w, b=None):
     return y
 
 
-def _attention(cfg: ModelConfig, q, k, v, mask):
-    """q [B,T,Hq,hd], k/v [B,S,Hkv,hd], mask [B,T,S] bool -> [B,T,Hq*hd]."""
+def _attention_reference(cfg: ModelConfig, q, k, v, mask):
+    """The explicit einsum/softmax attention (``ModelConfig.attention="reference"``).
+
+    q [B,T,Hq,hd], k/v [B,S,Hkv,hd], mask [B,T,S] bool -> [B,T,Hq*hd]. Scores and softmax in float32; masked scores are
+    a finite -1e30, so a query row with no visible key averages all values uniformly (never NaN).
+    """
     B, T, _, hd = q.shape
     G = cfg.n_heads // cfg.n_kv_heads
     q = q.reshape(B, T, cfg.n_kv_heads, G, hd)
@@ -225,7 +229,85 @@ def _attention(cfg: ModelConfig, q, k, v, mask):
     return out.reshape(B, T, cfg.n_heads * hd)
 
 
-def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_index=None):
+def _gpu_compute_capability() -> tuple[int, int] | None:
+    """``(major, minor)`` of the first device when the default backend is an NVIDIA GPU, else None."""
+    if jax.default_backend() != "gpu":
+        return None
+    text = str(getattr(jax.devices()[0], "compute_capability", ""))
+    try:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:  # ROCm reports no CUDA compute capability: no cuDNN
+        return None
+
+
+def _cudnn_unsupported(cfg: ModelConfig) -> str | None:
+    """Why cuDNN flash attention cannot run this model here (None when it can): backend, dtype and head width.
+
+    Sequence-length limits depend on the call (see :func:`attention_implementation`).
+    """
+    capability = _gpu_compute_capability()
+    if capability is None:
+        return (f"cuDNN flash attention needs an NVIDIA GPU, but the JAX backend is {jax.default_backend()!r}; "
+                "use attention='xla' (any backend) or 'auto' (cuDNN where it applies, XLA elsewhere)")
+    if capability < (8, 0):
+        return (f"cuDNN flash attention needs compute capability >= 8.0 (Ampere), this GPU has "
+                f"{capability[0]}.{capability[1]}; use attention='xla'")
+    if cfg.dtype not in ("bfloat16", "float16"):
+        return (f"cuDNN flash attention needs a bfloat16 or float16 compute dtype, the model computes in "
+                f"ModelConfig.dtype={cfg.dtype!r}; use attention='xla' or a half-precision dtype")
+    max_head_dim = 256 if capability >= (9, 0) else 128
+    if cfg.head_dim % 8 or cfg.head_dim > max_head_dim:
+        return (f"cuDNN flash attention needs head_dim a multiple of 8 and <= {max_head_dim} on this GPU, got "
+                f"{cfg.head_dim}; use attention='xla'")
+    return None
+
+
+def attention_implementation(cfg: ModelConfig, query_len: int, key_len: int) -> str:
+    """The attention kernel a call with ``query_len`` queries over ``key_len`` keys runs: ``"reference"``, ``"xla"``
+    or ``"cudnn"`` (resolves ``ModelConfig.attention="auto"``; raises for ``"cudnn"`` where cuDNN cannot run).
+
+    ``"auto"`` is cuDNN flash attention on an NVIDIA GPU (compute capability >= 8.0) when the compute dtype is
+    bfloat16/float16, the head width is supported and both lengths are even (cuDNN's limit for a masked backward
+    pass; a single-token decode step therefore runs XLA), and the XLA path everywhere else. On TPU it is the XLA path:
+    Pallas splash attention is not wired in (no TPU was available to test it), and XLA's TPU compiler fuses the
+    masked softmax of this path.
+    """
+    choice = cfg.attention
+    if choice in ("reference", "xla"):
+        return choice
+    reason = _cudnn_unsupported(cfg)
+    if choice == "cudnn":
+        if reason is not None:
+            raise ValueError(f"ModelConfig.attention='cudnn': {reason}")
+        return "cudnn"
+    if reason is None and query_len % 2 == 0 and key_len % 2 == 0:
+        return "cudnn"
+    return "xla"
+
+
+def _attention(cfg: ModelConfig, q, k, v, mask, *, causal: bool = False):
+    """q [B,T,Hq,hd], k/v [B,S,Hkv,hd], mask [B,T,S] bool -> [B,T,Hq*hd], by ``cfg.attention``.
+
+    ``causal`` says that ``mask`` already contains the (top-left aligned, T == S) causal mask, so a kernel may skip
+    the blocks above the diagonal. Query rows without any visible key (padding queries) never give NaN: the reference
+    and XLA paths average the values uniformly; the cuDNN path lets such rows see every key (they are padding, their
+    output is unspecified, but it is finite, and so are the gradients through it).
+    """
+    B, T, _, hd = q.shape
+    impl = attention_implementation(cfg, T, k.shape[1])
+    if impl == "reference":
+        return _attention_reference(cfg, q, k, v, mask)
+    if impl == "cudnn":
+        mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+    # Layout [B, T, N, H]; grouped-query attention by K/V having fewer heads. Scores and softmax are float32 in both
+    # implementations (XLA: float32 logits and softmax, probabilities cast to the value dtype, as the reference).
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], is_causal=causal and impl == "cudnn",
+                                       implementation=impl)
+    return out.reshape(B, T, cfg.n_heads * hd)
+
+
+def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_index=None, causal=False):
     """One pre-norm transformer block. Returns (h, (k, v)) where k/v are the
     (updated) cache tensors if ``cache_kv`` is given, else the fresh k/v."""
     B, T, _ = h.shape
@@ -242,7 +324,7 @@ def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_i
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
         attn = _attention(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
     else:
-        attn = _attention(cfg, q, k, v, mask)
+        attn = _attention(cfg, q, k, v, mask, causal=causal)
     h = h + _dense(attn, lp["wo"], lp.get("bo"))
 
     x = _norm(cfg, lp["mlp_norm"], h)
@@ -362,7 +444,7 @@ def residual_stream(config: ModelConfig, params: Params, tokens: jax.Array,
         return h if activation_sharding is None else jax.lax.with_sharding_constraint(h, activation_sharding)
 
     def layer(h, lp):
-        h, _ = _block(cfg, lp, constrain(h), cos, sin, attn_mask)
+        h, _ = _block(cfg, lp, constrain(h), cos, sin, attn_mask, causal=True)
         return h, None
 
     h, _ = jax.lax.scan(_remat(cfg, layer), constrain(h), params["layers"], unroll=cfg.scan_unroll)
