@@ -259,7 +259,9 @@ main() {
   trap on_exit EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  local summary="# $type: $hosts host(s) in $zone, runtime $runtime; profile $profile, root $root"
+  local hosts_text="1 host"
+  if (( hosts > 1 )); then hosts_text="$hosts hosts"; fi
+  local summary="# $type: $hosts_text in $zone, runtime $runtime; profile $profile, root $root"
   if (( dry_run )); then summary+="; dry run: nothing runs"; fi
   echo "$summary"
   pack
