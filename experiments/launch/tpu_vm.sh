@@ -159,6 +159,8 @@ check_args() {
 }
 
 # Step functions. Commands on the workers run from the home directory; the checkout lands in ~/mopo-jax.
+# Arrays that may be empty expand as ${a[@]+"${a[@]}"}: under set -u, bash < 4.4 (macOS's /bin/bash is 3.2) rejects
+# "${a[@]}" of an empty array.
 gcloud_flags=()
 tpu_flags=()
 created=0
@@ -185,7 +187,7 @@ create_slice() {
   # A gs:// root is written by the workers: give the slice's service account the storage scope.
   if [[ $root == gs://* ]]; then extra+=(--scopes=https://www.googleapis.com/auth/cloud-platform); fi
   run gcloud compute tpus tpu-vm create "$name" "${tpu_flags[@]}" "--accelerator-type=$type" "--version=$runtime" \
-    "${extra[@]}"
+    ${extra[@]+"${extra[@]}"}
   created=1
 }
 
@@ -220,7 +222,7 @@ run_experiment() {
 fetch_results() {
   run mkdir -p "$out"
   if [[ $root == gs://* ]]; then
-    run gcloud storage cp --recursive "${root%/}/results" "$out" "${gcloud_flags[@]}"
+    run gcloud storage cp --recursive "${root%/}/results" "$out" ${gcloud_flags[@]+"${gcloud_flags[@]}"}
   else
     local remote=$root
     [[ $remote == /* ]] || remote=mopo-jax/$remote
@@ -255,7 +257,7 @@ main() {
     die "gcloud not found: install the Google Cloud CLI (or use --dry-run)"
   fi
   if [[ -n $project ]]; then gcloud_flags+=("--project=$project"); fi
-  tpu_flags=("--zone=$zone" "${gcloud_flags[@]}")
+  tpu_flags=("--zone=$zone" ${gcloud_flags[@]+"${gcloud_flags[@]}"})
   trap on_exit EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
