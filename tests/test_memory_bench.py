@@ -59,3 +59,27 @@ def test_main_prints_json_and_reexecs_for_more_devices(capfd):
     assert memory.main(["--preset", "tiny", "--mesh", "fsdp=16", "--seq-len", "32", "--pairs", "16"]) == 0
     report = json.loads(capfd.readouterr().out)
     assert report["devices"] == 16 and report["per_device"]["total"]["bytes"] > 0
+
+
+def test_prompt_and_response_lengths_lora_base_dtype_and_loss_flags(capfd):
+    # 16 prompt + 16 response columns: 32-token sequences, only the response columns unembedded; a bfloat16 frozen
+    # base under float32 LoRA adapters; the DPO step; the command that made the report.
+    argv = ["--preset", "tiny", "--mesh", "fsdp=2", "--pairs", "4", "--prompt-len", "16", "--response-len", "16",
+            "--loss", "dpo", "--lora-rank", "4", "--param-dtype", "bfloat16", "--dtype", "float32",
+            "--attention", "reference"]
+    assert memory.main(argv) == 0
+    report = json.loads(capfd.readouterr().out)
+    config = report["config"]
+    assert (config["seq_len"], config["completion_start"], config["prompt_len"], config["response_len"]) == (
+        32, 16, 16, 16)
+    assert (config["loss"], config["lora_rank"], config["param_dtype"], config["attention"]) == (
+        "dpo", 4, "bfloat16", "reference")
+    assert config["lora_targets"] == ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]
+    assert report["command"] == "python -m mopo_jax.bench.memory " + " ".join(argv)
+    # Frozen base in bfloat16 (2 bytes a parameter, about halved by fsdp=2); adapters in float32 (more than 2 bytes a
+    # parameter on a device even if none were sharded).
+    state = report["state_per_device"]
+    assert report["params"] // 2 <= state["base"]["bytes"] <= report["params"] * 2 // 2 + 1024
+    assert state["params"]["bytes"] > report["trained_params"] * 2
+    with pytest.raises(SystemExit):
+        memory.main(["--preset", "tiny", "--prompt-len", "16"])

@@ -15,6 +15,11 @@ state and batch) are exact.
 Command line (prints one JSON object)::
 
     python -m mopo_jax.bench.memory --preset gpt-1.3b --mesh fsdp=4,tensor=2
+    python -m mopo_jax.bench.memory --preset smollm2-1.7b --mesh fsdp=8 --pairs 32 --prompt-len 256 \
+        --response-len 256 --lora-rank 16 --loss dpo
+
+``--prompt-len``/``--response-len`` lay the sequences out as the training data does (prompt columns, then response
+columns) and unembed only the response columns (``TrainConfig.completion_start``), as ``mopo train`` does.
 
 :func:`main` sets ``XLA_FLAGS`` itself when JAX has not initialised a backend yet, and re-runs itself in a fresh
 interpreter when it has, with too few devices.
@@ -26,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -83,7 +89,9 @@ def memory_report(
     *,
     vocab_chunk: int | None = None,
     micro_batches: int = 1,
+    completion_start: int = 0,
     param_dtype: str | None = None,
+    attention: str | None = None,
     reference: str = "live",
     refresh_every: int | None = 500,
     num_objectives: int = 2,
@@ -106,7 +114,11 @@ def memory_report(
       lora_rank: 0 trains every parameter; > 0 trains adapters (frozen base).
       vocab_chunk: chunk the log-softmax over the vocabulary (must divide the vocabulary size).
       micro_batches: gradient-accumulation steps.
-      param_dtype: parameter storage dtype (default: the preset's, float32 for the built-in presets).
+      completion_start: first column that can hold a response token (the prompt width); earlier columns skip the
+        unembedding (``TrainConfig.completion_start``).
+      param_dtype: parameter storage dtype (default: the preset's, float32 for the built-in presets). With LoRA this
+        is the frozen base's dtype; the adapters (and their optimizer state) are float32.
+      attention: ``ModelConfig.attention`` override (default: the preset's).
       reference: ``"live"`` or ``"precomputed"``.
       refresh_every: MOPO's lagged-reference period (a snapshot of the policy lives in the state); None: none.
       num_objectives: objectives per pair label (primary + secondaries).
@@ -137,10 +149,14 @@ def memory_report(
     overrides = {"dtype": compute_dtype, "remat": remat}
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
+    if attention is not None:
+        overrides["attention"] = attention
     base_config = model_config if model_config is not None else get_preset(preset)
     model = base_config.replace(**overrides)
     if seq_len > model.max_seq_len and model.positional == "learned":
         raise ValueError(f"seq_len={seq_len} exceeds the learned position table ({model.max_seq_len})")
+    if not 0 <= completion_start < seq_len:
+        raise ValueError(f"completion_start={completion_start} must be in [0, seq_len={seq_len})")
 
     objective = bench_objective(loss, num_objectives, refresh_every if reference == "live" else None)
     config = TrainConfig(
@@ -149,6 +165,7 @@ def memory_report(
         reference=reference,
         trainable=TrainableConfig(lora_rank=lora_rank),
         vocab_chunk=vocab_chunk,
+        completion_start=completion_start,
     )
     optimizer = make_optimizer(config.optimizer)
 
@@ -203,10 +220,13 @@ def memory_report(
             "global_batch_pairs": b,
             "sequences": b * s,
             "seq_len": t,
+            "completion_start": completion_start,
             "compute_dtype": model.dtype,
             "param_dtype": model.param_dtype,
             "remat": remat,
+            "attention": model.attention,
             "lora_rank": lora_rank,
+            "lora_targets": list(config.trainable.lora_targets) if lora_rank else [],
             "vocab_chunk": vocab_chunk,
             "micro_batches": micro_batches,
             "reference": reference,
@@ -227,6 +247,10 @@ def memory_report(
     }
 
 
+#: Objectives the command line sizes (registered objectives whose batch the benchmark can build).
+_LOSSES = ["mopo_pairwise", "mopo_candidates", "dpo", "ipo", "weighted_dpo", "weighted_ipo"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mopo bench memory",
@@ -235,14 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="gpt-1.3b")
     parser.add_argument("--mesh", default="fsdp=4,tensor=2", help="e.g. fsdp=8 or data=2,fsdp=2,tensor=2")
-    parser.add_argument("--pairs", type=int, default=8, help="prompts per step (2 responses each)")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--loss", default="mopo_pairwise", choices=["mopo_pairwise", "mopo_candidates", "dpo", "ipo"],
+    parser.add_argument("--pairs", type=int, default=8, help="prompts per step, global (2 responses each)")
+    parser.add_argument("--seq-len", type=int, default=1024,
+                        help="tokens per response sequence (ignored when --prompt-len and --response-len are given)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="prompt columns; with --response-len: seq-len = prompt + response, and only the response "
+                        "columns are unembedded (TrainConfig.completion_start = prompt length)")
+    parser.add_argument("--response-len", type=int, default=None, help="response columns (see --prompt-len)")
+    parser.add_argument("--loss", default="mopo_pairwise", choices=_LOSSES,
                         help="training objective (mopo_candidates: two on-policy candidates per prompt)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    parser.add_argument("--param-dtype", default=None, help="parameter storage dtype (default: the preset's)")
+    parser.add_argument("--param-dtype", default=None,
+                        help="parameter storage dtype (default: the preset's); with --lora-rank the frozen base's "
+                        "dtype (the adapters stay float32)")
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
-    parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--attention", default=None, choices=["xla", "reference", "cudnn", "auto"],
+                        help="attention kernel (ModelConfig.attention; default: the preset's)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train rank-r adapters on the attention and MLP matrices over a frozen base (0: all)")
     parser.add_argument("--vocab-chunk", type=int, default=None)
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--reference", default="live", choices=["live", "precomputed"])
@@ -277,7 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     or re-runs this module in a fresh interpreter (with ``XLA_FLAGS`` set) when one is, with too few devices.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.prompt_len is None) != (args.response_len is None):
+        parser.error("--prompt-len and --response-len go together")
+    seq_len, completion_start = args.seq_len, 0
+    if args.prompt_len is not None:
+        if args.prompt_len < 1 or args.response_len < 1:
+            parser.error("--prompt-len and --response-len must be >= 1")
+        seq_len, completion_start = args.prompt_len + args.response_len, args.prompt_len
     need = _required_devices(args.mesh, default=args.devices)
 
     if not _backends_initialized():
@@ -300,19 +342,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         preset=args.preset,
         mesh=args.mesh,
         global_batch_pairs=args.pairs,
-        seq_len=args.seq_len,
+        seq_len=seq_len,
         loss=args.loss,
         compute_dtype=args.dtype,
         remat=args.remat,
         lora_rank=args.lora_rank,
         vocab_chunk=args.vocab_chunk,
         micro_batches=args.micro_batches,
+        completion_start=completion_start,
         param_dtype=args.param_dtype,
+        attention=args.attention,
         reference=args.reference,
         refresh_every=None if args.no_refresh else 500,
         budget_gib=args.budget_gib,
         platform=args.platform,
     )
+    if args.prompt_len is not None:
+        report["config"].update(prompt_len=args.prompt_len, response_len=args.response_len)
+    report["command"] = shlex.join(["python", "-m", "mopo_jax.bench.memory", *argv])
     print(json.dumps(report, indent=1))
     return 0
 
