@@ -69,25 +69,73 @@ def _bench_memory(args) -> int:
     return memory_main(args.memory_args)
 
 
+def _mesh_overrides(text: str | None) -> list[str]:
+    """``--mesh fsdp=4,tensor=2`` as config overrides of the ``mesh`` section (unnamed axes are 1)."""
+    if text is None:
+        return []
+    from mopo_jax.training.sharding import parse_mesh
+
+    mesh = parse_mesh(text)
+    return [f"mesh.data={mesh.data}", f"mesh.fsdp={mesh.fsdp}", f"mesh.tensor={mesh.tensor}"]
+
+
+def _join_job(args) -> None:
+    """Joins the multi-process job (explicit flags or the detected cluster) before anything touches a backend."""
+    from mopo_jax.training.distributed import initialize_from_arguments
+
+    job = initialize_from_arguments(args.coordinator, args.num_processes, args.process_id,
+                                    auto=not args.single_process)
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"mopo {args.command}: {job}, {jax.device_count()} devices ({jax.local_device_count()} local, "
+              f"{jax.devices()[0].platform})", file=sys.stderr, flush=True)
+
+
 def _train(args) -> int:
     from mopo_jax.configs import load_config
     from mopo_jax.experiment.config import ExperimentConfig
+
+    # The config is checked before joining the job: a bad key fails at once on every process.
+    config = load_config(ExperimentConfig, args.config, [*args.overrides, *_mesh_overrides(args.mesh)])
+    _join_job(args)
     from mopo_jax.experiment.hh_rlhf import train_run
 
-    train_run(load_config(ExperimentConfig, args.config, args.overrides))
+    train_run(config)
     return 0
 
 
 def _eval(args) -> int:
     import json
 
+    _mesh_overrides(args.mesh)  # a malformed --mesh fails before joining the job
+    _join_job(args)
+    from mopo_jax import storage
     from mopo_jax.experiment.hh_rlhf import evaluate_run
 
     for run_dir in args.run_dirs:
-        result = evaluate_run(run_dir)
-        print(json.dumps({"run": run_dir, "win_rate": result["evaluation"]["win_rate"],
-                          "kl": result["evaluation"]["kl"], "constraint_met": result["constraint_met"]}))
+        result = evaluate_run(run_dir, _mesh_overrides(args.mesh))
+        if storage.is_primary():
+            print(json.dumps({"run": run_dir, "win_rate": result["evaluation"]["win_rate"],
+                              "kl": result["evaluation"]["kl"], "constraint_met": result["constraint_met"]}))
     return 0
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mesh and the multi-process job of ``mopo train`` / ``mopo eval``."""
+    group = parser.add_argument_group(
+        "mesh and processes",
+        "One process per host (TPU VM worker, GPU node); every process runs the same command. On a Cloud TPU VM "
+        "and under srun (SLURM) the job is detected; elsewhere pass all three of --coordinator, --num-processes "
+        "and --process-id.")
+    group.add_argument("--mesh", default=None,
+                       help="device mesh, e.g. fsdp=4,tensor=2 or data=2,fsdp=-1 (axes data, fsdp, tensor; -1 = the "
+                       "remaining devices; unnamed axes are 1); default: the config's mesh section")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N")
+    group.add_argument("--process-id", type=int, default=None, metavar="I")
+    group.add_argument("--single-process", action="store_true",
+                       help="do not join a detected cluster (run this process alone)")
 
 
 def _pareto(args) -> int:
@@ -138,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="registered methods (method.name) and the knob that sets their trade-off:\n" + describe_methods())
     train.add_argument("--config", required=True, help="YAML with ExperimentConfig fields")
     train.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: method.name=dpo_pooled)")
+    _add_job_arguments(train)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate trained runs (writes RUN_DIR/eval.json)")
     evaluate.add_argument("run_dirs", nargs="+")
+    _add_job_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     pareto = commands.add_parser("pareto", help="Pareto plot and dominance table of evaluated runs")
@@ -191,8 +241,13 @@ def main(argv=None) -> int:
         return memory_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+
     try:
         return args.handler(args)
+    except Preempted as stop:
+        print(f"mopo {args.command}: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except ValueError as error:
         print(f"mopo {args.command}: error: {error}", file=sys.stderr)
         return 2

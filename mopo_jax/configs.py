@@ -67,29 +67,36 @@ def apply_overrides(config, overrides: Sequence[str], _prefix: str = ""):
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def config_from_mapping(cls, data: Any, source: str = "config", overrides: Sequence[str] = ()):
+    """Builds ``cls`` from defaults, then the (nested) mapping ``data`` read from ``source``, then the overrides."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {source} must hold a mapping of keys to values")
+    flat = []
+
+    def walk(prefix, mapping):
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                flat.append(f"{prefix}{key}={text}")
+
+    walk("", data)
+    try:
+        return apply_overrides(cls(), [*flat, *overrides])
+    except ValueError as error:
+        raise ValueError(f"{source} (with overrides {list(overrides)}): {error}") from error
+
+
 def load_config(cls, path: str | None = None, overrides: Sequence[str] = ()):
     """Builds ``cls`` from defaults, then the YAML file at ``path``, then the overrides."""
-    config = cls()
-    if path is not None:
-        try:
-            with open(path) as handle:
-                data = yaml.safe_load(handle) or {}
-        except FileNotFoundError as error:
-            raise ValueError(f"config file {path} does not exist") from error
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys to values")
-        flat = []
-        def walk(prefix, mapping):
-            for key, value in mapping.items():
-                if isinstance(value, dict):
-                    walk(f"{prefix}{key}.", value)
-                else:
-                    flat.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-        walk("", data)
-        try:
-            return apply_overrides(config, [*flat, *overrides])
-        except ValueError as error:
-            raise ValueError(f"{path} (with overrides {list(overrides)}): {error}") from error
-    return apply_overrides(config, overrides)
+    if path is None:
+        return apply_overrides(cls(), overrides)
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError as error:
+        raise ValueError(f"config file {path} does not exist") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+    return config_from_mapping(cls, data, path, overrides)

@@ -173,3 +173,29 @@ def test_single_process_helpers():
     # Joining a job after the backend is up cannot work: a clear error, before any connection attempt.
     with pytest.raises(RuntimeError, match="before JAX initialises a backend"):
         distributed.initialize("127.0.0.1:1", num_processes=2, process_id=0)
+
+
+def _clear_slurm(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+
+
+def test_slurm_one_task_per_node_gets_every_gpu(monkeypatch):
+    _clear_slurm(monkeypatch)
+    assert distributed.slurm_node_devices() is None and distributed.detect_cluster() in (None, "cloud-tpu")
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2",
+                       "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "1",
+                       "SLURM_GPUS_ON_NODE": "8"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.detect_cluster() == "slurm"
+    assert distributed.slurm_node_devices() == list(range(8))
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")  # one task per GPU: JAX's own choice (SLURM_LOCALID) stands
+    assert distributed.slurm_node_devices() is None
+
+
+def test_explicit_job_flags_go_together():
+    with pytest.raises(ValueError, match="go together"):
+        distributed.initialize_from_arguments("127.0.0.1:1234", None, 0)
+    with pytest.raises(ValueError, match="--process-id 2 is not in"):
+        distributed.initialize_from_arguments("127.0.0.1:1234", 2, 2)

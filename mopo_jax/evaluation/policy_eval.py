@@ -29,6 +29,7 @@ import numpy as np
 
 from mopo_jax.models import ModelConfig, generate
 from mopo_jax.objectives import pairwise_objective_values
+from mopo_jax.training import sharding
 from mopo_jax.training.logprobs import sequence_log_probs
 
 from .preference_models import BradleyTerryModel, response_features, rewards
@@ -76,12 +77,15 @@ def batched_sequence_log_probs(
     vocab_chunk: int | None = None,
     inputs_hidden=None,
     completion_start: int = 0,
+    mesh=None,
 ) -> np.ndarray:
     """``log pi(completion | context)`` of ``[N, T]`` rows in fixed ``[batch_size, T]`` batches; float32 ``[N]``.
 
     The last batch is padded with all-masked rows so the jitted kernel compiles once per ``T``. With
     ``inputs_hidden`` (``[N, T, D]`` residual stream of frozen lower blocks) ``params`` are the upper blocks of
-    :func:`mopo_jax.models.split_layers`, as in :func:`mopo_jax.training.sequence_log_probs`.
+    :func:`mopo_jax.models.split_layers`, as in :func:`mopo_jax.training.sequence_log_probs`. With ``mesh`` each
+    batch is split over its batch axes (``params`` placed on it, :func:`mopo_jax.training.sharding.put_params`;
+    every process passes the same rows and gets every row back).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -101,14 +105,16 @@ def batched_sequence_log_probs(
         chunk = [_pad_rows(a, batch_size - n) for a in chunk]
         hidden = None if inputs_hidden is None else _pad_rows(np.asarray(inputs_hidden[rows], np.float32),
                                                               batch_size - n)
+        chunk, hidden = sharding.put_batch((chunk, hidden), mesh)
         values = _sequence_log_probs_jit(config, params, *chunk, vocab_chunk=vocab_chunk, inputs_hidden=hidden,
                                          completion_start=completion_start)
-        out.append(np.asarray(values, np.float32)[:n])
+        out.append(sharding.to_host(values).astype(np.float32)[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def pair_log_probs(config: ModelConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int = 16,
-                   vocab_chunk: int | None = None, inputs_hidden=None, completion_start: int = 0) -> np.ndarray:
+                   vocab_chunk: int | None = None, inputs_hidden=None, completion_start: int = 0,
+                   mesh=None) -> np.ndarray:
     """Sequence log-probabilities ``[B, 2]`` (chosen, rejected) of ``format_and_tokenize`` arrays.
 
     Cache the reference model's values once and pass them to :func:`implicit_preference_accuracy` when evaluating
@@ -122,7 +128,8 @@ def pair_log_probs(config: ModelConfig, params, arrays: Mapping[str, np.ndarray]
     flat = [np.asarray(arrays[k]).reshape(B * S, T) for k in ("tokens", "completion_mask", "attention_mask")]
     hidden = None if inputs_hidden is None else np.asarray(inputs_hidden).reshape(B * S, T, -1)
     return batched_sequence_log_probs(config, params, *flat, batch_size=batch_size, vocab_chunk=vocab_chunk,
-                                      inputs_hidden=hidden, completion_start=completion_start).reshape(B, S)
+                                      inputs_hidden=hidden, completion_start=completion_start,
+                                      mesh=mesh).reshape(B, S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +193,7 @@ def implicit_preference_accuracy(
     return_margins: bool = False,
     inputs_hidden=None,
     completion_start: int = 0,
+    mesh=None,
 ) -> dict:
     """Held-out DPO implicit-reward accuracy and MOPO constraint values.
 
@@ -202,6 +210,7 @@ def implicit_preference_accuracy(
       inputs_hidden: optional ``[B, 2, T, D]`` residual stream of frozen lower blocks shared by policy and reference;
         both parameter sets are then the upper blocks (policies that train only the top blocks).
       completion_start: first column that can hold a response token (see :func:`batched_sequence_log_probs`).
+      mesh: run the forward passes on this mesh (see :func:`batched_sequence_log_probs`).
 
     Returns:
       ``{"num_pairs", "mean_margin", "constraint_values": [K], "per_objective": {name: {"accuracy", "count",
@@ -209,7 +218,7 @@ def implicit_preference_accuracy(
     """
     log_probs = functools.partial(pair_log_probs, model_config, arrays=arrays, batch_size=batch_size,
                                   vocab_chunk=vocab_chunk, inputs_hidden=inputs_hidden,
-                                  completion_start=completion_start)
+                                  completion_start=completion_start, mesh=mesh)
     policy = log_probs(policy_params)
     if reference_log_probs is None:
         reference = log_probs(reference_params)
@@ -242,12 +251,15 @@ def generate_responses(
     pad_id: int | None = None,
     batch_size: int = 16,
     top_k: int | None = None,
+    mesh=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample (or, with ``temperature=0``, greedily decode) one response per left-padded prompt.
 
     Prompts go through :func:`mopo_jax.models.generate` in fixed ``[batch_size, P]`` batches (the last batch is
     padded with copies of its first row and cut), so generation compiles once. Batch ``i`` uses the key
-    ``fold_in(rng, i)``: the result depends only on ``rng``, the prompts and ``batch_size``.
+    ``fold_in(rng, i)``: the result depends only on ``rng``, the prompts and ``batch_size``, not on the mesh (with
+    ``mesh`` the prompts of a batch are split over its batch axes; sampling draws the same numbers whatever the
+    sharding, ``jax_threefry_partitionable``).
 
     Returns:
       ``(response_tokens int32 [N, max_new_tokens], response_mask bool [N, max_new_tokens])``; the mask is a prefix
@@ -273,11 +285,13 @@ def generate_responses(
         if n < batch_size:
             fill = np.zeros(batch_size - n, np.int64)  # copies of the chunk's first row (a real prompt)
             toks, mask = np.concatenate([toks, toks[fill]]), np.concatenate([mask, mask[fill]])
+        toks, mask = sharding.put_batch((toks, mask), mesh)
         out = generate(model_config, params, toks, R, prompt_mask=mask, temperature=0.0 if greedy else temperature,
                        top_p=None if greedy else top_p, top_k=None if greedy else top_k,
                        rng=jax.random.fold_in(rng, i), eos_id=eos_id, pad_id=pad_id)
-        tokens_out.append(np.asarray(out.tokens, np.int32)[:n])
-        mask_out.append(np.asarray(out.mask, bool)[:n])
+        out_tokens, out_mask = sharding.to_host((out.tokens, out.mask))
+        tokens_out.append(out_tokens.astype(np.int32)[:n])
+        mask_out.append(out_mask.astype(bool)[:n])
     if not tokens_out:
         return np.zeros((0, R), np.int32), np.zeros((0, R), bool)
     return np.concatenate(tokens_out), np.concatenate(mask_out)
@@ -313,14 +327,14 @@ def response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask) ->
 
 def sequence_kl_terms(model_config: ModelConfig, policy_params, reference_params, prompt_tokens, prompt_mask,
                       response_tokens, response_mask, batch_size: int = 16,
-                      vocab_chunk: int | None = None) -> np.ndarray:
+                      vocab_chunk: int | None = None, mesh=None) -> np.ndarray:
     """Per-prompt ``sum_t [log pi(y_t) - log pi_ref(y_t)]`` over the response tokens; float64 ``[N]``."""
     rows = response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask)
     tokens, attention, completion = rows
     policy = batched_sequence_log_probs(model_config, policy_params, tokens, completion, attention, batch_size,
-                                        vocab_chunk)
+                                        vocab_chunk, mesh=mesh)
     reference = batched_sequence_log_probs(model_config, reference_params, tokens, completion, attention, batch_size,
-                                           vocab_chunk)
+                                           vocab_chunk, mesh=mesh)
     return policy.astype(np.float64) - reference.astype(np.float64)
 
 
@@ -443,6 +457,7 @@ def evaluate_policy(
     vocab_chunk: int | None = None,
     objective_names: Sequence[str] | None = None,
     return_responses: bool = False,
+    mesh=None,
 ) -> dict:
     """Implicit accuracy on held-out pairs, judge win rates against the reference and the sequence KL, in one dict.
 
@@ -465,6 +480,8 @@ def evaluate_policy(
       reference_log_probs: cached reference :func:`pair_log_probs` on ``eval_arrays``.
       vocab_chunk: vocabulary chunk of the log-softmax.
       return_responses: also return the generated responses (numpy arrays) under ``"responses"``.
+      mesh: generate and score on this mesh, the prompts of each batch split over its batch axes (parameters placed
+        on it by the caller, :func:`mopo_jax.training.sharding.put_params`); the results do not depend on the mesh.
 
     Returns:
       ``{"implicit": ..., "win_rate": {name: float}, "win_rate_stderr": {name: float}, "judges": {name: {...}},
@@ -483,14 +500,16 @@ def evaluate_policy(
     if eval_arrays is not None:
         result["implicit"] = implicit_preference_accuracy(
             model_config, policy_params, reference_params, eval_arrays, batch_size,
-            reference_log_probs=reference_log_probs, vocab_chunk=vocab_chunk, objective_names=objective_names)
+            reference_log_probs=reference_log_probs, vocab_chunk=vocab_chunk, objective_names=objective_names,
+            mesh=mesh)
     if prompt_tokens is None:
         return result
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.ones(prompt_tokens.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
     result["num_prompts"] = int(prompt_tokens.shape[0])
     gen = functools.partial(generate_responses, model_config, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, batch_size=batch_size)
+                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, batch_size=batch_size,
+                            mesh=mesh)
     policy_responses = gen(policy_params, rng=sample_key, temperature=temperature, top_p=top_p)
     responses = {"policy": policy_responses}
     if judges:
@@ -511,7 +530,7 @@ def evaluate_policy(
         kl_responses = gen(policy_params, rng=kl_key, temperature=kl_temperature, top_p=None)
         responses["policy_kl"] = kl_responses
     terms = sequence_kl_terms(model_config, policy_params, reference_params, prompt_tokens, prompt_mask,
-                              *kl_responses, batch_size=batch_size, vocab_chunk=vocab_chunk)
+                              *kl_responses, batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh)
     result["kl"] = float(terms.mean()) if terms.size else float("nan")
     result["kl_stderr"] = _stderr(terms)
     result["response_length"] = {name: float(np.asarray(r[1]).sum(axis=1).mean()) for name, r in responses.items()}

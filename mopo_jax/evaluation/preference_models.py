@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from mopo_jax.models import ModelConfig, forward
+from mopo_jax.training import sharding
 
 
 class BradleyTerryModel(NamedTuple):
@@ -171,6 +172,7 @@ def response_features(
     completion_mask,
     layer: int | None = None,
     batch_size: int = 32,
+    mesh=None,
 ) -> np.ndarray:
     """Mean over response tokens of the (final-normed) hidden states after ``layer`` blocks (default: all).
 
@@ -179,6 +181,8 @@ def response_features(
       tokens, attention_mask, completion_mask: ``[B, T]`` prompt + response rows.
       layer: use the first ``layer`` blocks (earlier layers are cheaper and often as informative).
       batch_size: rows per forward pass.
+      mesh: split each batch over the mesh's batch axes (``params`` placed on it,
+        :func:`mopo_jax.training.sharding.put_params`; every process passes the same rows and gets every row back).
 
     Returns:
       ``[B, D]`` float32 features; rows without response tokens get zeros.
@@ -197,5 +201,6 @@ def response_features(
         short = batch_size - chunk[0].shape[0]
         if short:  # pad the last chunk to the compiled shape
             chunk = [np.concatenate([a, np.zeros((short,) + a.shape[1:], a.dtype)]) for a in chunk]
-        out.append(np.asarray(_pooled_features(config, params, *chunk))[: batch_size - short])
+        out.append(sharding.to_host(_pooled_features(config, params, *sharding.put_batch(chunk, mesh)))
+                   [: batch_size - short])
     return np.concatenate(out) if out else np.zeros((0, config.d_model), np.float32)

@@ -15,7 +15,9 @@ import importlib
 
 from mopo_jax.policy_objectives import DPO
 from mopo_jax.state import MOPOConfig
+from mopo_jax.training.sharding import MeshConfig
 from mopo_jax.training.train_step import OptimizerConfig
+from mopo_jax.training.trainable import LORA_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +42,37 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The pretrained policy. ``trainable_top_layers > 0`` trains only the top blocks on cached activations of the
-    frozen lower blocks (the CPU lever); 0 trains every parameter."""
+    """The pretrained policy (a preset, a local directory or a hub name) and which of its parameters train.
+
+    * ``trainable_top_layers > 0``: only the top blocks train, on cached activations of the frozen lower blocks (the
+      CPU lever);
+    * ``lora_rank > 0``: rank-``lora_rank`` adapters (scale ``lora_alpha / lora_rank``) on ``lora_targets`` train
+      over the frozen model, which is also the reference;
+    * both 0: every parameter trains.
+
+    ``dtype`` is the compute dtype; ``param_dtype`` the storage dtype of the pretrained weights (``bfloat16`` halves
+    a frozen LoRA base; trained parameters and optimizer moments of a full run should stay ``float32``).
+    """
 
     name: str = "smollm2-135m"
     trainable_top_layers: int = 2
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str | None = None
+
+    def __post_init__(self):
+        if self.trainable_top_layers < 0 or self.lora_rank < 0:
+            raise ValueError(f"model.trainable_top_layers and model.lora_rank must be >= 0, got "
+                             f"{self.trainable_top_layers} and {self.lora_rank}")
+        if self.trainable_top_layers and self.lora_rank:
+            raise ValueError("model: choose trainable_top_layers (top blocks on cached activations) or lora_rank "
+                             "(adapters over the whole model), not both")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"model.lora_targets: unknown matrices {sorted(unknown)}; choose from {LORA_TARGETS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +92,17 @@ class MethodConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
-    """The training loop: ``steps`` of ``batch_pairs`` prompts, a checkpoint every ``save_every`` steps."""
+    """The training loop: ``steps`` of ``batch_pairs`` prompts (the global batch, whatever the number of processes),
+    each split into ``micro_batches`` for gradient accumulation, a checkpoint every ``save_every`` steps.
+    ``reference``: ``"live"`` (the reference model runs in the step) or ``"precomputed"`` (its log-probabilities of
+    the training pairs are computed once, before training, and read from the batch; pair methods without a lagged
+    reference only)."""
 
     steps: int = 60
     batch_pairs: int = 8
+    micro_batches: int = 1
     save_every: int = 20
+    reference: str = "live"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +161,7 @@ class ExperimentConfig:
     onpolicy: OnPolicyConfig = OnPolicyConfig()
     preference: PreferenceModelConfig = PreferenceModelConfig()
     eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         from mopo_jax.experiment import methods
@@ -142,6 +176,8 @@ class ExperimentConfig:
             raise ValueError(f"preference.l2_grid must hold nonnegative values, got {self.preference.l2_grid}")
         if not 0.0 <= self.method.threshold <= 1.0:
             raise ValueError(f"method.threshold must be in [0, 1], got {self.method.threshold}")
-        for name in ("steps", "batch_pairs", "save_every"):
+        if self.training.reference not in ("live", "precomputed"):
+            raise ValueError(f"training.reference must be 'live' or 'precomputed', got {self.training.reference!r}")
+        for name in ("steps", "batch_pairs", "save_every", "micro_batches"):
             if getattr(self.training, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self.training, name)}")

@@ -12,13 +12,17 @@ Stages (each cached in ``work_dir`` where runs share it):
    train, on cached activations of the frozen rest.
 4. :func:`evaluate_run`: implicit preference accuracy on held-out human pairs, judge win rates of sampled responses
    against the reference's, KL to the reference, and whether MOPO's constraint held.
+
+Every stage runs on the experiment's device mesh (``config.mesh``) and in multi-process jobs: host stages
+(tokenisation) run on process 0 while the others wait; device stages (features, activations, evaluation) run on
+every process together, their batches split over the mesh's batch axes; only process 0 writes files and logs. All
+files go through :mod:`mopo_jax.storage`, so ``run_dir`` and ``work_dir`` may be ``gs://`` URLs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from functools import partial
@@ -29,36 +33,37 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from mopo_jax import storage
 from mopo_jax.experiment.config import ExperimentConfig
+from mopo_jax.training import sharding
 
 OBJECTIVES = ("helpfulness", "harmlessness")
 
 
 def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    if storage.is_primary():
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.ndarray, jax.Array)):
-        return np.asarray(value).tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def experiment_mesh(config: ExperimentConfig, check_training_batch: bool = True):
+    """The device mesh of ``config.mesh`` over every process's devices; the global training batch must split over
+    its batch axes (and the micro-batches)."""
+    from mopo_jax.training import make_mesh
 
-
-def _save_json(path: str, payload: Any) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(_jsonable(payload), handle, indent=1)
-
-
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+    try:
+        mesh = make_mesh(config.mesh)
+    except ValueError as error:
+        raise ValueError(f"mesh: {error} (JAX sees {jax.device_count()} devices in {jax.process_count()} "
+                         "process(es))") from error
+    shards = sharding.batch_size_multiple(mesh)
+    if check_training_batch and config.training.batch_pairs % (shards * config.training.micro_batches):
+        raise ValueError(f"training.batch_pairs={config.training.batch_pairs} must be divisible by data x fsdp x "
+                         f"micro_batches = {shards} x {config.training.micro_batches} on mesh "
+                         f"{dict(mesh.shape)}")
+    if config.eval.batch_size % shards:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} must be divisible by data x fsdp = {shards} on "
+                         f"mesh {dict(mesh.shape)}")
+    return mesh
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,14 +83,19 @@ def _balanced(dataset, cap: int) -> list[dict]:
 
 
 def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
-    """Tokenized arrays per split (cached in ``work_dir/data``)."""
+    """Tokenized arrays per split (cached in ``work_dir/data``; built by process 0, read by every process)."""
+    directory = storage.path(config.work_dir) / "data"
+    paths = {split: directory / f"{split}.npz" for split in SPLIT_CAPS}
+    return storage.cached_stage(
+        "data", lambda: all(p.exists() for p in paths.values()),
+        lambda write: _tokenize_splits(config, directory, paths),
+        lambda: {split: storage.load_arrays(p) for split, p in paths.items()})
+
+
+def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
     from mopo_jax.data import format_and_tokenize, load_hh_rlhf, split_by_prompt
     from mopo_jax.models import load_tokenizer
 
-    directory = os.path.join(config.work_dir, "data")
-    paths = {split: os.path.join(directory, f"{split}.npz") for split in SPLIT_CAPS}
-    if all(os.path.exists(p) for p in paths.values()):
-        return {split: _load_npz(p) for split, p in paths.items()}
     _log(f"loading HH-RLHF from {config.data.source}")
     loaded = load_hh_rlhf(config.data.source, config.data.subsets)
     splits = split_by_prompt(loaded.subsets, salt=config.data.split_salt)
@@ -101,11 +111,9 @@ def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
         )
         reports[split] = dataclasses.asdict(report)
         _log(f"  {split}: {len(arrays[split]['tokens'])} pairs")
-    os.makedirs(directory, exist_ok=True)
+    storage.save_json(directory / "reports.json", reports)
     for split, path in paths.items():
-        np.savez(path, **arrays[split])
-    _save_json(os.path.join(directory, "reports.json"), reports)
-    return arrays
+        storage.save_arrays(path, arrays[split])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,40 +121,72 @@ def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_model(name: str, dtype: str):
+def _load_model(name: str, dtype: str, param_dtype: str, attention: str | None, mesh):
     from mopo_jax.models import load_pretrained
 
-    return load_pretrained(name, dtype=dtype)
+    overrides = {} if attention is None else {"attention": attention}
+    model_config, params = load_pretrained(name, dtype=dtype, param_dtype=param_dtype, **overrides)
+    return model_config, sharding.put_params(model_config, params, mesh)
 
 
-def _base_model(config: ExperimentConfig):
-    """The pretrained model (loaded once per process: parameters are immutable arrays)."""
-    return _load_model(config.model.name, config.model.dtype)
+def _base_model(config: ExperimentConfig, mesh):
+    """The pretrained model, its parameters placed on ``mesh`` (loaded once per process and mesh: parameters are
+    immutable arrays)."""
+    spec = config.model
+    return _load_model(spec.name, spec.dtype, spec.param_dtype, spec.attention, mesh)
 
 
-def _pair_features(config, model_config, params, arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _feature_batch_size(mesh, preferred: int = 32) -> int:
+    """``preferred`` rounded up to a multiple of the mesh's batch shards."""
+    shards = sharding.batch_size_multiple(mesh)
+    return -(-preferred // shards) * shards
+
+
+def _pair_features(config, model_config, params, arrays, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:
     """Frozen features of the first and second response of every pair of ``split``: ``([B, D], [B, D])``, cached
     in ``work_dir`` (labelers, judges and MODPO runs all read them)."""
     from mopo_jax.evaluation.preference_models import response_features
 
-    path = os.path.join(config.work_dir, f"features_{split}_layer{config.preference.feature_layer}.npz")
-    if os.path.exists(path):
-        stored = _load_npz(path)
-        return stored["first"], stored["second"]
-    _log(f"features of {split} (layer {config.preference.feature_layer})")
-    out = []
-    for side in range(2):
-        out.append(response_features(
+    path = storage.path(config.work_dir) / f"features_{split}_layer{config.preference.feature_layer}.npz"
+
+    def build(write):
+        _log(f"features of {split} (layer {config.preference.feature_layer})")
+        first, second = (response_features(
             model_config, params, arrays["tokens"][:, side], arrays["attention_mask"][:, side],
             arrays["completion_mask"][:, side], layer=config.preference.feature_layer,
-        ))
-    os.makedirs(config.work_dir, exist_ok=True)
-    np.savez(path, first=out[0], second=out[1])
-    return out[0], out[1]
+            batch_size=_feature_batch_size(mesh), mesh=mesh) for side in range(2))
+        if write:
+            storage.save_arrays(path, {"first": first, "second": second})
+        return {"first": first, "second": second}
+
+    stored = storage.cached_stage(f"features-{split}", path.exists, build, lambda: storage.load_arrays(path),
+                                  everywhere=True)
+    return stored["first"], stored["second"]
 
 
-def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[str, Any]:
-    """Per objective: a labeler (labeler-train) and a judge (judge-train), and their held-out accuracies."""
+def preference_models(config: ExperimentConfig, data, model, mesh) -> dict[str, Any]:
+    """Per objective: a labeler (labeler-train) and a judge (judge-train), and their held-out accuracies (fitted
+    identically on every process, written by process 0)."""
+    from mopo_jax.evaluation.preference_models import BradleyTerryModel
+
+    path = storage.path(config.work_dir) / "preference_models.npz"
+    summary_path = storage.path(config.work_dir) / "preference_models.json"
+
+    def load():
+        stored = storage.load_arrays(path)
+        models = {
+            f"{role}_{k}": BradleyTerryModel(*(jnp.asarray(stored[f"{role}_{k}_{f}"]) for f in BradleyTerryModel._fields))
+            for role in ("labeler", "judge") for k in range(len(OBJECTIVES))
+        }
+        return {"models": models, "summary": storage.load_json(summary_path)}
+
+    return storage.cached_stage(
+        "preference-models", lambda: path.exists() and summary_path.exists(),
+        lambda write: _fit_preference_models(config, data, model, mesh, path if write else None, summary_path),
+        load, everywhere=True)
+
+
+def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dict[str, Any]:
     from mopo_jax.evaluation.preference_models import (
         BradleyTerryModel,
         accuracy,
@@ -155,20 +195,10 @@ def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[s
         select_ridge,
     )
 
-    path = os.path.join(config.work_dir, "preference_models.npz")
-    summary_path = os.path.join(config.work_dir, "preference_models.json")
-    if os.path.exists(path) and os.path.exists(summary_path):
-        stored = _load_npz(path)
-        models = {
-            f"{role}_{k}": BradleyTerryModel(*(jnp.asarray(stored[f"{role}_{k}_{f}"]) for f in BradleyTerryModel._fields))
-            for role in ("labeler", "judge") for k in range(len(OBJECTIVES))
-        }
-        return {"models": models, "summary": json.load(open(summary_path))}
-    data = data if data is not None else prepare_data(config)
-    model_config, params = model if model is not None else _base_model(config)
+    model_config, params = model
     features = {}
     for split in ("labeler_train", "judge_train", "eval"):
-        features[split] = _pair_features(config, model_config, params, data[split], split)
+        features[split] = _pair_features(config, model_config, params, data[split], split, mesh)
     models, summary, arrays = {}, {"feature_layer": config.preference.feature_layer}, {}
     for role, split in (("labeler", "labeler_train"), ("judge", "judge_train")):
         for k, name in enumerate(OBJECTIVES):
@@ -195,8 +225,9 @@ def preference_models(config: ExperimentConfig, data=None, model=None) -> dict[s
                 arrays[f"{role}_{k}_{field}"] = np.asarray(getattr(fitted, field))
             _log(f"  {role} {name}: l2 {summary[f'{role}_{name}']['l2']:g}, held-out accuracy "
                  f"{summary[f'{role}_{name}']['heldout_accuracy']:.3f} on {int(held.sum())} pairs")
-    np.savez(path, **arrays)
-    _save_json(summary_path, summary)
+    if path is not None:
+        storage.save_json(summary_path, summary)
+        storage.save_arrays(path, arrays)
     return {"models": models, "summary": summary}
 
 
@@ -214,27 +245,36 @@ def _split_model(config: ExperimentConfig, model_config, params):
     return split_layers(model_config, params, model_config.n_layers - top)
 
 
-def _lower_activations(config, lower_config, lower, arrays, name: str) -> np.ndarray:
+def _lower_activations(config, lower_config, lower, arrays, name: str, mesh) -> np.ndarray:
     """Residual stream after the frozen blocks for every response of ``arrays`` (cached): ``[B, 2, T, D]``."""
-    path = os.path.join(config.work_dir, f"activations_{name}_top{config.model.trainable_top_layers}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
-    tokens = arrays["tokens"].reshape(-1, arrays["tokens"].shape[-1])
-    mask = arrays["attention_mask"].reshape(tokens.shape)
-    batch = 16
-    out = []
-    for start in range(0, len(tokens), batch):
-        t, m = tokens[start:start + batch], mask[start:start + batch]
-        short = batch - len(t)
-        if short:
-            t = np.concatenate([t, np.zeros((short,) + t.shape[1:], t.dtype)])
-            m = np.concatenate([m, np.ones((short,) + m.shape[1:], m.dtype)])
-        out.append(np.asarray(_residual_stream_jit(lower_config, lower, t, m), np.float32)[: batch - short])
-    hidden = np.concatenate(out).reshape(arrays["tokens"].shape + (-1,))
-    os.makedirs(config.work_dir, exist_ok=True)
-    np.save(path, hidden)
-    return hidden
+    path = storage.path(config.work_dir) / f"activations_{name}_top{config.model.trainable_top_layers}.npz"
+
+    def build(write):
+        _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
+        tokens = arrays["tokens"].reshape(-1, arrays["tokens"].shape[-1])
+        mask = arrays["attention_mask"].reshape(tokens.shape)
+        batch = _feature_batch_size(mesh, 16)
+        out = []
+        for start in range(0, len(tokens), batch):
+            t, m = tokens[start:start + batch], mask[start:start + batch]
+            short = batch - len(t)
+            if short:
+                t = np.concatenate([t, np.zeros((short,) + t.shape[1:], t.dtype)])
+                m = np.concatenate([m, np.ones((short,) + m.shape[1:], m.dtype)])
+            out.append(_residual_stream(lower_config, lower, t, m, mesh)[: batch - short])
+        hidden = {"hidden": np.concatenate(out).reshape(arrays["tokens"].shape + (-1,))}
+        if write:
+            storage.save_arrays(path, hidden)
+        return hidden
+
+    return storage.cached_stage(f"activations-{name}", path.exists, build, lambda: storage.load_arrays(path),
+                                everywhere=True)["hidden"]
+
+
+def _residual_stream(lower_config, lower, tokens, mask, mesh) -> np.ndarray:
+    """The frozen blocks' output ``[N, T, D]`` (float32, on the host) of rows split over the mesh's batch axes."""
+    hidden = _residual_stream_jit(lower_config, lower, *sharding.put_batch((tokens, mask), mesh))
+    return sharding.to_host(hidden).astype(np.float32)
 
 
 def train_config_for(config: ExperimentConfig):
@@ -243,22 +283,31 @@ def train_config_for(config: ExperimentConfig):
     from mopo_jax.experiment.methods import get_method
     from mopo_jax.training import TrainableConfig, TrainConfig
 
-    frozen = ("embed",) if config.model.trainable_top_layers > 0 else ()
+    spec = config.model
+    frozen = ("embed",) if spec.trainable_top_layers > 0 else ()
+    trainable = TrainableConfig(lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_targets=spec.lora_targets,
+                                frozen=frozen)
     # Prompts are left-padded to max_prompt_tokens, so no completion token sits before that column.
     return TrainConfig(objective=get_method(config.method.name).objective(config), optimizer=config.optimizer,
-                       trainable=TrainableConfig(frozen=frozen), completion_start=config.data.max_prompt_tokens)
+                       trainable=trainable, micro_batches=config.training.micro_batches,
+                       reference=config.training.reference, completion_start=config.data.max_prompt_tokens)
 
 
-def _save_policy(path: str, params) -> None:
-    flat = {"/".join(str(getattr(k, "key", k)) for k in keypath): np.asarray(leaf)
-            for keypath, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(path, **flat)
+def _save_policy(path, params) -> None:
+    """Writes the policy's parameters (gathered from the mesh on every process; process 0 writes)."""
+    host = sharding.to_host(params)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in keypath): leaf
+            for keypath, leaf in jax.tree_util.tree_leaves_with_path(host)}
+    if storage.is_primary():
+        storage.save_arrays(path, flat)
+    storage.barrier("policy-saved")
 
 
-def _load_policy(path: str, like):
-    stored = _load_npz(path)
+def _load_policy(path, like):
+    """Host arrays of a saved policy, in the structure of ``like``."""
+    stored = storage.load_arrays(path)
     return jax.tree_util.tree_map_with_path(
-        lambda keypath, leaf: jnp.asarray(stored["/".join(str(getattr(k, "key", k)) for k in keypath)]), like)
+        lambda keypath, leaf: stored["/".join(str(getattr(k, "key", k)) for k in keypath)], like)
 
 
 class RunContext:
@@ -266,8 +315,9 @@ class RunContext:
     ``work_dir`` caches) on first use: the tokenized splits, the model and its frozen/trained split, the labelers,
     the pairs' frozen features, and the batches of the training loop."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, mesh):
         self.config = config
+        self.mesh = mesh
         self.train_config = train_config_for(config) if _method(config).trains else None
         self.holder: dict[str, Any] = {}  # the loop's current train state (on-policy sampling reads it)
 
@@ -277,7 +327,7 @@ class RunContext:
 
     @functools.cached_property
     def model(self):
-        return _base_model(self.config)
+        return _base_model(self.config, self.mesh)
 
     @functools.cached_property
     def split(self):
@@ -285,51 +335,86 @@ class RunContext:
         return _split_model(self.config, *self.model)
 
     def preference_models(self) -> dict[str, Any]:
-        return preference_models(self.config, self.data, self.model)["models"]
+        return preference_models(self.config, self.data, self.model, self.mesh)["models"]
+
+    def process_rows(self, global_rows: int) -> slice:
+        """The rows of a global batch of ``global_rows`` that this process feeds to the mesh."""
+        from mopo_jax.training.distributed import process_batch_slice
+
+        return process_batch_slice(global_rows, self.mesh)
 
     def policy_pairs(self) -> dict[str, np.ndarray]:
-        """The policy-train pairs, with the frozen blocks' activations when only the top blocks train."""
-        lower_config, lower, _, _ = self.split
+        """The policy-train pairs, with the frozen blocks' activations when only the top blocks train and the
+        reference's log-probabilities when they are precomputed."""
+        lower_config, lower, upper_config, upper = self.split
         arrays = dict(self.data["policy_train"])
         if lower is not None:
-            arrays["inputs_hidden"] = _lower_activations(self.config, lower_config, lower, arrays, "policy_train")
+            arrays["inputs_hidden"] = _lower_activations(self.config, lower_config, lower, arrays, "policy_train",
+                                                         self.mesh)
+        if self.config.training.reference == "precomputed":
+            arrays["ref_log_probs"] = self._reference_log_probs(arrays, upper_config, upper)
         return arrays
+
+    def _reference_log_probs(self, arrays, upper_config, upper) -> np.ndarray:
+        from mopo_jax.evaluation.policy_eval import pair_log_probs
+
+        path = storage.path(self.config.work_dir) / (
+            f"reference_log_probs_policy_train_top{self.config.model.trainable_top_layers}.npz")
+
+        def build(write):
+            _log("precomputing the reference's log-probabilities of the policy-train pairs")
+            values = {"log_probs": pair_log_probs(
+                upper_config, upper, arrays, _feature_batch_size(self.mesh, 16),
+                inputs_hidden=arrays.get("inputs_hidden"), completion_start=self.config.data.max_prompt_tokens,
+                mesh=self.mesh)}
+            if write:
+                storage.save_arrays(path, values)
+            return values
+
+        return storage.cached_stage("reference-log-probs", path.exists, build, lambda: storage.load_arrays(path),
+                                    everywhere=True)["log_probs"]
 
     def labeler_reward_margins(self, arrays, objective: int) -> np.ndarray:
         """``r(y) - r(y')`` of the labeler of ``objective`` on the policy-train pairs ``[B]``."""
         from mopo_jax.evaluation.preference_models import rewards
 
         labeler = self.preference_models()[f"labeler_{objective}"]
-        chosen, rejected = _pair_features(self.config, *self.model, self.data["policy_train"], "policy_train")
+        chosen, rejected = _pair_features(self.config, *self.model, self.data["policy_train"], "policy_train",
+                                          self.mesh)
         if len(chosen) != len(arrays["tokens"]):
             raise ValueError("labeler_reward_margins: pass the policy-train pairs before filtering them")
         return np.asarray(rewards(labeler, chosen) - rewards(labeler, rejected), np.float32)
 
     def pair_batches(self, arrays: dict[str, np.ndarray]):
-        """Shuffled, resumable batches of ``training.batch_pairs`` pairs with the fields the objective reads."""
+        """Shuffled, resumable batches of ``training.batch_pairs`` pairs with the fields the objective reads; each
+        process yields only its rows of every global batch (the same global batches whatever the process count)."""
         from mopo_jax.data import iterate_batches
 
         objective = self.train_config.objective
-        wanted = {"tokens", "completion_mask", "attention_mask", "inputs_hidden", *objective.fields,
+        wanted = {"tokens", "completion_mask", "attention_mask", "inputs_hidden", "ref_log_probs", *objective.fields,
                   *objective.optional_fields}
         keys = [k for k in arrays if k in wanted]
+        rows = self.process_rows(self.config.training.batch_pairs)
 
         def batches(position):
-            return iterate_batches(arrays, self.config.training.batch_pairs, self.config.seed, position, keys=keys)
+            for batch, next_position in iterate_batches(arrays, self.config.training.batch_pairs, self.config.seed,
+                                                        position, keys=keys):
+                yield {k: v[rows] for k, v in batch.items()}, next_position
 
         return batches
 
     def onpolicy_batches(self):
         labelers = [self.preference_models()[f"labeler_{k}"] for k in range(len(OBJECTIVES))]
         return _onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
-                                 self.data["policy_train"], labelers, self.holder)
+                                 self.data["policy_train"], labelers, self.holder, self.mesh,
+                                 self.process_rows(self.config.training.batch_pairs))
 
     def reference_policy(self):
         return self.split[3]
 
     def soup_policy(self):
         upper = self.split[3]
-        helpful, harmless = (_load_policy(os.path.join(d, "policy.npz"), upper) for d in self.config.method.soups_from)
+        helpful, harmless = (_load_policy(storage.path(d) / "policy.npz", upper) for d in self.config.method.soups_from)
         w_help, w_harm = self.config.method.weights
         return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
 
@@ -341,52 +426,70 @@ def _method(config: ExperimentConfig):
 
 
 def train_run(config: ExperimentConfig) -> dict[str, Any]:
-    """Trains ``config.method`` into ``config.run_dir`` (resuming from its last checkpoint) and saves the policy."""
-    from tqdm import tqdm
+    """Trains ``config.method`` into ``config.run_dir`` (resuming from its last checkpoint) and saves the policy.
 
-    from mopo_jax.training import CheckpointConfig, MeshConfig, make_mesh, policy_params, train
+    Runs on ``config.mesh`` over every process's devices; each process feeds its rows of every batch. Raises
+    :class:`mopo_jax.training.preemption.Preempted` after saving a checkpoint when SIGTERM arrives.
+    """
+    from mopo_jax.training import CheckpointConfig, policy_params, train
 
-    os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "config.yaml"), "w") as handle:
-        yaml.safe_dump(_as_plain(dataclasses.asdict(config)), handle, sort_keys=False)
-    policy_path = os.path.join(config.run_dir, "policy.npz")
     method = _method(config)
-    context = RunContext(config)
-    summary = {"method": method.name, "run_dir": config.run_dir}
+    mesh = experiment_mesh(config)
+    run_dir = storage.path(config.run_dir)
+    if storage.is_primary():
+        storage.save_text(run_dir / "config.yaml", yaml.safe_dump(_as_plain(dataclasses.asdict(config)),
+                                                                  sort_keys=False))
+    policy_path = run_dir / "policy.npz"
+    context = RunContext(config, mesh)
+    summary = {"method": method.name, "run_dir": config.run_dir, "mesh": dict(mesh.shape),
+               "processes": jax.process_count()}
     if not method.trains:
         _save_policy(policy_path, method.policy(config, context))
     else:
         train_config = context.train_config
         _, _, upper_config, upper = context.split
-        mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]) if jax.device_count() > 1 else make_mesh()
         batches = method.data(config, context)
-        writer = _tensorboard(config.run_dir)
-        bar = tqdm(total=config.training.steps, desc=method.name, unit="step", dynamic_ncols=True)
-
-        def on_metrics(record):
-            bar.n = record["step"]
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            bar.refresh()
-            if writer is not None:
-                for name, value in record.items():
-                    values = value if isinstance(value, list) else [value]
-                    for i, v in enumerate(values):
-                        if isinstance(v, (int, float)) and name not in ("step", "time"):
-                            writer.add_scalar(name if len(values) == 1 else f"{name}/{i}", v, record["step"])
-
+        progress = _Progress(config, method.name) if storage.is_primary() else None
         state, history = train(
             upper_config, train_config, upper, batches, config.training.steps, mesh,
-            CheckpointConfig(os.path.join(config.run_dir, "checkpoints"), save_every=config.training.save_every),
-            metrics_path=os.path.join(config.run_dir, "metrics.jsonl"), rng=config.seed, on_metrics=on_metrics,
+            CheckpointConfig(os.fspath(run_dir / "checkpoints"), save_every=config.training.save_every),
+            metrics_path=os.fspath(run_dir / "metrics.jsonl"), rng=config.seed,
+            on_metrics=progress.update if progress else None,
             on_state=lambda state: context.holder.__setitem__("state", state),
         )
-        bar.close()
-        if writer is not None:
-            writer.close()
+        if progress:
+            progress.close()
         _save_policy(policy_path, policy_params(train_config.trainable, state))
         summary["final_metrics"] = history[-1] if history else None
-    _save_json(os.path.join(config.run_dir, "train.json"), summary)
+    if storage.is_primary():
+        storage.save_json(run_dir / "train.json", summary)
     return summary
+
+
+class _Progress:
+    """Process 0's progress bar and TensorBoard scalars (TensorBoard only for a local run directory)."""
+
+    def __init__(self, config: ExperimentConfig, name: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=config.training.steps, desc=name, unit="step", dynamic_ncols=True)
+        self.writer = _tensorboard(config.run_dir) if storage.is_local(config.run_dir) else None
+
+    def update(self, record: dict) -> None:
+        self.bar.n = record["step"]
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        self.bar.refresh()
+        if self.writer is not None:
+            for name, value in record.items():
+                values = value if isinstance(value, list) else [value]
+                for i, v in enumerate(values):
+                    if isinstance(v, (int, float)) and name not in ("step", "time"):
+                        self.writer.add_scalar(name if len(values) == 1 else f"{name}/{i}", v, record["step"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -396,10 +499,14 @@ def _residual_stream_jit(config, params, tokens, mask):
     return residual_stream(config, params, tokens, mask=mask)
 
 
-def _onpolicy_batches(config, train_config, model_config, params, lower_config, lower, prompts, labelers, holder):
+def _onpolicy_batches(config, train_config, model_config, params, lower_config, lower, prompts, labelers, holder,
+                      mesh, rows: slice):
     """MOPO's on-policy data (the published algorithm): per prompt, ``N`` responses sampled from the *current*
     reference (the lagged policy in the train state, read through ``holder``), every pair labelled by the labelers
-    (``P_k = sigmoid(r_k(y) - r_k(y'))``), and the activations of the frozen blocks for the upper-layer step."""
+    (``P_k = sigmoid(r_k(y) - r_k(y'))``), and the activations of the frozen blocks for the upper-layer step.
+
+    Sampling and features run on the mesh for the whole global batch (every process gets every row back); each
+    process then yields its ``rows`` of prompts."""
     from mopo_jax.data import end_of_turn_text, iterate_batches
     from mopo_jax.evaluation.policy_eval import generate_responses, response_rows
     from mopo_jax.evaluation.preference_models import response_features, rewards
@@ -415,7 +522,7 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
     def batches(position):
         for prompt_batch, next_position in iterate_batches(prompt_arrays, count, config.seed, position):
             state = holder["state"]
-            upper = jax.device_get(reference_params(train_config.trainable, state))
+            upper = reference_params(train_config.trainable, state)
             reference = upper if lower is None else join_layers(lower, upper)
             step = int(jax.device_get(state.step))
             repeated = {k: np.repeat(v, per_prompt, axis=0) for k, v in prompt_batch.items()}
@@ -423,12 +530,13 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
                 model_config, reference, repeated["prompt_tokens"], repeated["prompt_mask"],
                 config.data.max_response_tokens, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
                 temperature=config.onpolicy.temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
-                batch_size=count * per_prompt,
+                batch_size=count * per_prompt, mesh=mesh,
             )
             tokens, attention, completion = response_rows(
                 repeated["prompt_tokens"], repeated["prompt_mask"], responses, response_mask)
             features = response_features(model_config, params, tokens, attention, completion,
-                                         layer=config.preference.feature_layer, batch_size=count * per_prompt)
+                                         layer=config.preference.feature_layer, batch_size=count * per_prompt,
+                                         mesh=mesh)
             scores = np.stack([np.asarray(rewards(m, features)) for m in labelers]).reshape(len(labelers), count,
                                                                                               per_prompt)
             preferences = 1.0 / (1.0 + np.exp(-(scores[..., :, None] - scores[..., None, :])))
@@ -441,9 +549,9 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
                 "candidate_label_mask": np.ones((count, len(labelers), per_prompt, per_prompt), bool),
             }
             if lower is not None:
-                hidden = _residual_stream_jit(lower_config, lower, tokens, attention)
-                batch["inputs_hidden"] = np.asarray(hidden, np.float32).reshape(shape + (-1,))
-            yield batch, next_position
+                batch["inputs_hidden"] = _residual_stream(lower_config, lower, tokens, attention,
+                                                          mesh).reshape(shape + (-1,))
+            yield {k: v[rows] for k, v in batch.items()}, next_position
 
     return batches
 
@@ -468,10 +576,15 @@ def _as_plain(value):
 # 4. Evaluation.
 
 
-def load_run_config(run_dir: str) -> ExperimentConfig:
-    from mopo_jax.configs import load_config
+def load_run_config(run_dir: str, overrides=()) -> ExperimentConfig:
+    """The config stored in ``run_dir`` (with ``overrides``, e.g. another mesh for evaluation)."""
+    from mopo_jax.configs import config_from_mapping
 
-    return load_config(ExperimentConfig, os.path.join(run_dir, "config.yaml"), [f"run_dir={run_dir}"])
+    path = storage.path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: {run_dir} is not a trained run directory")
+    return config_from_mapping(ExperimentConfig, yaml.safe_load(path.read_text()) or {}, os.fspath(path),
+                               [f"run_dir={run_dir}", *overrides])
 
 
 def eval_prompt_rows(objective: np.ndarray, count: int) -> np.ndarray:
@@ -484,7 +597,7 @@ def eval_prompt_rows(objective: np.ndarray, count: int) -> np.ndarray:
 
 
 def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt_mask, eos_id: int, pad_id: int,
-                          eval_pairs, eval_hidden, upper_config, upper):
+                          eval_pairs, eval_hidden, upper_config, upper, mesh):
     """What every run's evaluation shares, computed once per evaluation setting: the reference's responses to the
     eval prompts (sampled with the win-rate key of :func:`policy_eval.sampling_keys`, the policies' common random
     numbers) and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over
@@ -493,38 +606,45 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
 
     settings = dict(seed=config.seed, prompts=len(prompt_tokens), **dataclasses.asdict(config.eval))
     tag = "_".join(f"{k}{v}" for k, v in sorted(settings.items()))
-    path = os.path.join(config.work_dir, f"eval_reference_{tag}.npz")
-    if os.path.exists(path):
-        cached = _load_npz(path)
-    else:
+    path = storage.path(config.work_dir) / f"eval_reference_{tag}.npz"
+
+    def build(write):
         model_config, params = model
         _log("reference responses and held-out log-probabilities for evaluation")
         responses, response_mask = policy_eval.generate_responses(
             model_config, params, prompt_tokens, prompt_mask, config.eval.max_new_tokens,
             policy_eval.sampling_keys(jax.random.PRNGKey(config.seed))[0], temperature=config.eval.temperature,
-            top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size)
+            top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size, mesh=mesh)
         cached = {"responses": responses, "response_mask": response_mask}
         cached["pair_log_probs"] = policy_eval.pair_log_probs(
             upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=eval_hidden,
-            completion_start=config.data.max_prompt_tokens)
-        np.savez(path, **cached)
-    return cached
+            completion_start=config.data.max_prompt_tokens, mesh=mesh)
+        if write:
+            storage.save_arrays(path, cached)
+        return cached
+
+    return storage.cached_stage("eval-reference", path.exists, build, lambda: storage.load_arrays(path),
+                                everywhere=True)
 
 
-def evaluate_run(run_dir: str) -> dict[str, Any]:
-    """Evaluates a trained run and writes ``RUN_DIR/eval.json``."""
+def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
+    """Evaluates a trained run and writes ``RUN_DIR/eval.json`` (``overrides`` of the stored config, e.g.
+    ``mesh.fsdp=4``: generation and scoring split the prompts over the mesh's batch axes; the numbers do not depend
+    on the mesh)."""
     from mopo_jax.data import end_of_turn_text
     from mopo_jax.evaluation import policy_eval
     from mopo_jax.evaluation.preference_models import response_features
     from mopo_jax.models import join_layers, load_tokenizer
 
-    config = load_run_config(run_dir)
+    config = load_run_config(run_dir, overrides)
+    mesh = experiment_mesh(config, check_training_batch=False)
     data = prepare_data(config)
-    model = _base_model(config)
-    judges = preference_models(config, data, model)
+    model = _base_model(config, mesh)
+    judges = preference_models(config, data, model, mesh)
     model_config, params = model
     lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
-    trained = _load_policy(os.path.join(config.run_dir, "policy.npz"), upper)
+    trained = sharding.put_params(upper_config, _load_policy(storage.path(config.run_dir) / "policy.npz", upper),
+                                  mesh)
     policy = trained if lower is None else join_layers(lower, trained)
 
     tokenizer = load_tokenizer(config.model.name)
@@ -533,24 +653,25 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
     eval_pairs = data["eval"]
     rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts)
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
-    hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval")
+    hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval", mesh)
     cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
-                                   eval_pairs, hidden, upper_config, upper)
+                                   eval_pairs, hidden, upper_config, upper, mesh)
     implicit = policy_eval.implicit_preference_accuracy(
         upper_config, trained, upper, eval_pairs, config.eval.batch_size,
         reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
-        completion_start=config.data.max_prompt_tokens)
+        completion_start=config.data.max_prompt_tokens, mesh=mesh)
     feature_layer = config.preference.feature_layer
 
     def feature_fn(tokens, attention, completion):
-        return response_features(model_config, params, tokens, attention, completion, layer=feature_layer)
+        return response_features(model_config, params, tokens, attention, completion, layer=feature_layer,
+                                 batch_size=_feature_batch_size(mesh), mesh=mesh)
 
     evaluation = policy_eval.evaluate_policy(
         model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
         judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
         rng=jax.random.PRNGKey(config.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
-        reference_responses=(cached["responses"], cached["response_mask"]),
+        reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
     )
     evaluation["implicit"] = implicit
     threshold = config.method.threshold if _method(config).knob == "threshold" else None
@@ -572,5 +693,6 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
         "constraint_met_pairs": constraint_met_pairs,
         "preference_models": judges["summary"],
     }
-    _save_json(os.path.join(run_dir, "eval.json"), payload)
+    if storage.is_primary():
+        storage.save_json(storage.path(run_dir) / "eval.json", payload)
     return payload

@@ -52,6 +52,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mopo_jax.training.distributed import barrier, broadcast_from_primary
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "mopo_manifest.json"
@@ -286,27 +288,12 @@ def verify_step_dir(step_dir: epath.Path, verify_checksums: bool = True) -> str 
 # Multi-process agreement (no-ops on one process).
 
 
-def _broadcast_from_primary(value: int) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
 def _all_processes(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +402,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until the last save is written, committed and has its manifest."""
         self._join_commit()
-        _barrier("mopo_checkpoint_wait")
+        barrier("mopo_checkpoint_wait")
 
     def close(self) -> None:
         if self._closed:
@@ -439,7 +426,7 @@ class Checkpointer:
         problem = None
         if jax.process_index() == 0:
             problem = verify_step_dir(self.step_dir(step), self.config.checksums)
-        bad = _broadcast_from_primary(int(problem is not None))
+        bad = broadcast_from_primary(int(problem is not None))
         if bad and problem is None:
             problem = "the primary process found it corrupt or incomplete"
         return problem
@@ -457,7 +444,7 @@ class Checkpointer:
                     target = target_root / f"{source.name}-{stamp}"
                     source.rename(target)
                     logger.warning("moved the unusable checkpoint %s to %s", source, target)
-        _barrier("mopo_checkpoint_quarantine")
+        barrier("mopo_checkpoint_quarantine")
         self._manager.reload()
 
     def restore_latest(self, abstract_state) -> Restored | None:

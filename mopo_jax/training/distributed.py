@@ -15,6 +15,7 @@ jitted step, and feeds only the rows of the global batch that its own devices ho
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Sequence
 
@@ -98,6 +99,53 @@ def initialize(
     return True
 
 
+def detect_cluster() -> str | None:
+    """The multi-process environment this process runs in, if any: ``"slurm"`` (a step launched by ``srun`` with
+    more than one task), ``"cloud-tpu"`` (a Cloud TPU VM, where JAX reads the slice's workers from the metadata
+    server), or None (a single process)."""
+    if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")) and \
+            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    try:
+        from jax._src.clusters import cloud_tpu_cluster
+    except ImportError:  # private module moved: only explicit arguments then
+        return None
+    return "cloud-tpu" if cloud_tpu_cluster.running_in_cloud_tpu_vm else None
+
+
+def initialize_from_arguments(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                              auto: bool = True) -> str:
+    """What the command line asked for: explicit ``--coordinator/--num-processes/--process-id`` (all three), or,
+    with ``auto``, the environment's (:func:`detect_cluster`). Returns a one-line description of the job."""
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("--coordinator, --num-processes and --process-id go together; give all three")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} is not in [0, --num-processes {num_processes})")
+        initialize(coordinator, num_processes, process_id, local_device_ids=slurm_node_devices())
+        return f"process {process_id} of {num_processes} (coordinator {coordinator})"
+    cluster = detect_cluster() if auto else None
+    if cluster is None:
+        return "single process"
+    initialize(auto=True, local_device_ids=slurm_node_devices())
+    return f"{cluster}: process {jax.process_index()} of {jax.process_count()}"
+
+
+def slurm_node_devices() -> list[int] | None:
+    """Every GPU of the node when SLURM runs one task per node (our launcher's layout), else None.
+
+    JAX's SLURM detection gives each task the one device ``SLURM_LOCALID`` (one task per GPU); with one task per
+    node that would leave 7 of 8 GPUs idle."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE")
+    if tasks_per_node.split("(")[0] != "1" or not (gpus or "").isdigit():
+        return None
+    return list(range(int(gpus)))
+
+
 def process_batch_slice(global_batch_size: int, mesh=None) -> slice:
     """The rows of a global batch (leading axis) that this process loads.
 
@@ -125,3 +173,35 @@ def process_batch_slice(global_batch_size: int, mesh=None) -> slice:
         raise ValueError("this process's devices hold a non-contiguous part of the batch; order the mesh's devices "
                          "so that each process's devices are adjacent along the batch axes")
     return slice(int(held[0]), int(held[-1]) + 1)
+
+
+_BARRIER_COUNT = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 4 * 3600) -> None:
+    """Every process waits here until all have arrived (a no-op for one process).
+
+    Goes through the coordination service (a key-value barrier with a timeout long enough for one process to build
+    a preparation stage while the others wait), not through a device collective, whose transport may time out
+    sooner. Every process must pass the same barriers in the same order (the count keeps reused names apart).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:  # a runtime that joined processes some other way
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"mopo-{next(_BARRIER_COUNT)}-{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
+def broadcast_from_primary(value: int) -> int:
+    """Process 0's ``value`` on every process (an integer; the identity for one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

@@ -12,7 +12,6 @@ fresh run starts from ``initial_position`` (default ``{}``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -21,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mopo_jax import storage
 from mopo_jax.models import ModelConfig
 from mopo_jax.training import sharding
 from mopo_jax.training.checkpoint import CheckpointConfig, Checkpointer, abstract_train_state
+from mopo_jax.training.preemption import Preempted, PreemptionGuard
 from mopo_jax.training.train_step import (
     TrainConfig,
     TrainState,
@@ -73,8 +74,10 @@ def _to_json(value):
     return value.tolist()
 
 
-def _initial_state(model_config, train_config, optimizer, params, key, state_shardings) -> TrainState:
-    """The initial state built directly in its shardings (no full copy on one device)."""
+def _initial_state(model_config, train_config, optimizer, params, key, mesh, state_shardings) -> TrainState:
+    """The initial state built directly in its shardings: each device receives only its shard of ``params`` (host
+    arrays, the same on every process), and the state's copies are made in place."""
+    params = sharding.put_params(model_config, params, mesh)
     init = jax.jit(
         lambda p, k: init_train_state(model_config, train_config, p, optimizer, k), out_shardings=state_shardings
     )
@@ -105,7 +108,7 @@ def train(
       num_steps: total number of train steps (counting those of the restored checkpoint).
       mesh: the device mesh (:func:`mopo_jax.training.sharding.make_mesh`).
       checkpoint_config: where and how often to checkpoint; ``None`` disables checkpointing and resuming.
-      metrics_path: append one JSON line per step to this file (process 0 only).
+      metrics_path: append one JSON line per step to this file (process 0 only; a local path or a URL).
       log_every: fetch metrics from the devices (and write and log them) every this many steps; with ``> 1``
         the steps of one window share its average step time.
       rng: seed or PRNG key of the train state (only for a fresh start).
@@ -113,6 +116,10 @@ def train(
       on_metrics: called with each step's metrics record as it is fetched (progress bars, TensorBoard).
       on_state: called with the (restored or initial) state and after every step, before the next batch is
         drawn: on-policy data (candidates sampled from the current reference) reads the state through it.
+
+    Raises:
+      Preempted: SIGTERM arrived (on any process); the state after the current step was checkpointed (every
+        process stops after the same step) and the run can be resumed by calling ``train`` again.
 
     Returns:
       ``(state, history)``: the final state and one metrics dict per step this call ran, with ``step`` (the
@@ -131,9 +138,13 @@ def train(
     state_shardings = train_state_shardings(model_config, train_config, optimizer, mesh, state_shapes)
 
     checkpointer = Checkpointer(checkpoint_config) if checkpoint_config is not None else None
-    metrics_file = open(metrics_path, "a") if metrics_path and jax.process_index() == 0 else None
+    metrics_log = storage.AppendLog(metrics_path) if metrics_path and storage.is_primary() else None
     history: list[dict] = []
+    # Without checkpoints there is nothing to save on SIGTERM: leave its default (terminate) in place.
+    guard = PreemptionGuard() if checkpointer is not None else None
     try:
+        if guard is not None:
+            guard.__enter__()
         restored = None
         if checkpointer is not None:
             restored = checkpointer.restore_latest(abstract_train_state(state_shapes, state_shardings))
@@ -141,7 +152,7 @@ def train(
             state, position, start = restored.state, dict(restored.data_position), restored.step
             logger.info("resuming at step %d from data position %s", start, position)
         else:
-            state = _initial_state(model_config, train_config, optimizer, params, key, state_shardings)
+            state = _initial_state(model_config, train_config, optimizer, params, key, mesh, state_shardings)
             position, start = dict(initial_position or {}), 0
 
         step_fn = None
@@ -153,9 +164,10 @@ def train(
             nonlocal window_start
             if not pending:
                 return
-            fetched = jax.device_get([(metrics, tokens) for _, metrics, tokens, _ in pending])
+            fetched = sharding.to_host([(metrics, tokens) for _, metrics, tokens, _ in pending])
             now = time.perf_counter()
             step_time = (now - window_start) / len(pending)
+            records = []
             for (step, _, _, data_time), (metrics, tokens) in zip(pending, fetched):
                 record = {
                     "step": step,
@@ -169,12 +181,11 @@ def train(
                 history.append(record)
                 if on_metrics is not None:
                     on_metrics(record)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
+                records.append(record)
                 logger.info("step %d: loss %.6g, %.1f tokens/s", step, record.get("loss", float("nan")),
                             record["tokens_per_s"])
-            if metrics_file is not None:
-                metrics_file.flush()
+            if metrics_log is not None:
+                metrics_log.append(records)
             pending.clear()
             window_start = time.perf_counter()
 
@@ -202,6 +213,10 @@ def train(
             pending.append((step + 1, metrics, _count_tokens(global_batch), data_time))
             if len(pending) >= log_every:
                 flush()
+            if guard is not None and guard.reached(step + 1):
+                flush()
+                checkpointer.save(step + 1, state, position, force=True)
+                raise Preempted(step + 1)
             if checkpointer is not None and checkpointer.should_save(step + 1):
                 flush()  # metrics reach the file before the checkpoint that covers them
                 checkpointer.save(step + 1, state, position)
@@ -211,8 +226,8 @@ def train(
         if checkpointer is not None and final_step > start and last_saved != final_step:
             checkpointer.save(final_step, state, position, force=True)
     finally:
+        if guard is not None:
+            guard.__exit__()
         if checkpointer is not None:
             checkpointer.close()  # waits for the last save to be committed
-        if metrics_file is not None:
-            metrics_file.close()
     return state, history

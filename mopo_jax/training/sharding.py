@@ -146,6 +146,55 @@ def activation_sharding(mesh: Mesh, logical_axes: Sequence[str]) -> NamedShardin
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def param_shardings(model_config, params, mesh: Mesh):
+    """NamedShardings of a model's parameters (or of a subset of its top-level entries, e.g. the upper blocks)."""
+    from mopo_jax.models import param_logical_axes
+
+    axes = param_logical_axes(model_config)
+    return tree_shardings({k: axes[k] for k in params}, params, mesh)
+
+
+def put_params(model_config, params, mesh: Mesh | None):
+    """``params`` placed on ``mesh`` by the parameter rules (unchanged without a mesh)."""
+    return params if mesh is None else put_tree(params, param_shardings(model_config, params, mesh))
+
+
+def batch_size_multiple(mesh: Mesh | None) -> int:
+    """The number of shards of the batch axes: every batch on ``mesh`` has a multiple of it as its leading size."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def put_batch(arrays, mesh: Mesh | None):
+    """Host arrays, the same whole batch on every process, placed on ``mesh`` along the batch axes (unchanged
+    without a mesh). For batches of which each process holds only its rows, use :func:`global_batch`."""
+    if mesh is None:
+        return arrays
+    size = batch_size_multiple(mesh)
+    for leaf in jax.tree.leaves(arrays):
+        if np.shape(leaf)[0] % size:
+            raise ValueError(f"a batch of {np.shape(leaf)[0]} rows does not split over the mesh's {size} batch shards "
+                             f"(data x fsdp); use a batch size that is a multiple of {size}")
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), batch_sharding(mesh, np.ndim(a))), arrays)
+
+
+def put_tree(tree, shardings):
+    """``tree`` (host arrays, or arrays on one process's devices, the same on every process) placed in ``shardings``
+    (global arrays: each device receives only its shard)."""
+    return jax.device_put(jax.tree.map(np.asarray, tree), shardings)
+
+
+def to_host(tree):
+    """NumPy copies of (possibly multi-process, sharded) arrays, the whole array on every process."""
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(fetch, tree)
+
+
 def global_batch(local_batch, mesh: Mesh):
     """Global arrays from each process's slice of the batch (``jax.make_array_from_process_local_data``).
 

@@ -1,0 +1,137 @@
+"""Where run and work directories live: one path layer (``etils.epath``, as Orbax uses) for every artifact, so a
+``gs://bucket/run`` directory holds config, metrics, caches, policies and evaluations as well as checkpoints.
+
+Multi-process jobs: every process reads; only the primary process (``jax.process_index() == 0``) writes the files
+of this module (``primary_only`` guards), so no two processes ever write the same file; :func:`barrier` makes the
+others wait until a stage's files exist. Checkpoints are the exception: Orbax writes them collectively.
+
+Writes are atomic: a file is written under a temporary name beside its destination and renamed, so a crash leaves
+either the old file or the new one, never a truncated one that a later run would read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+from etils import epath
+
+from mopo_jax.training.distributed import barrier, broadcast_from_primary
+
+T = TypeVar("T")
+
+
+def path(location: str | os.PathLike) -> epath.Path:
+    """The path object of a local path or a URL (``gs://``, ...)."""
+    return epath.Path(location)
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    return "://" not in os.fspath(location)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; always True for a single process)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _write_bytes(destination: epath.Path, payload: bytes) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.write_bytes(payload)
+    temporary.replace(destination)
+
+
+def jsonable(value):
+    """``value`` with arrays and NumPy scalars turned into lists and Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "__array__") and not isinstance(value, np.generic):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save_json(location, payload: Any) -> None:
+    _write_bytes(path(location), json.dumps(jsonable(payload), indent=1).encode())
+
+
+def load_json(location) -> Any:
+    return json.loads(path(location).read_text())
+
+
+def save_text(location, text: str) -> None:
+    _write_bytes(path(location), text.encode())
+
+
+def save_arrays(location, arrays: dict[str, np.ndarray]) -> None:
+    """A ``.npz`` of named arrays."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    _write_bytes(path(location), buffer.getvalue())
+
+
+def load_arrays(location) -> dict[str, np.ndarray]:
+    with path(location).open("rb") as handle, np.load(io.BytesIO(handle.read())) as data:
+        return {k: data[k] for k in data.files}
+
+
+def exists(location) -> bool:
+    return path(location).exists()
+
+
+def cached_stage(name: str, exists: Callable[[], bool], build: Callable[[bool], T], load: Callable[[], T], *,
+                 everywhere: bool = False) -> T:
+    """A preparation stage whose result is cached in files: done once, then read by every later run.
+
+    When process 0 does not find the files (``exists``), the stage is built: by process 0 alone (host work such as
+    tokenisation; the others wait at a barrier, then ``load``), or, with ``everywhere``, by every process together
+    (device work on the mesh, whose collectives need all processes; ``build`` gets whether this process writes, and
+    its return value is used directly). ``build(write)`` writes the files when ``write`` is True.
+    """
+    if broadcast_from_primary(int(exists())):
+        return load()
+    if everywhere:
+        value = build(is_primary())
+        barrier(f"stage-{name}")
+        return value
+    if is_primary():
+        build(True)
+    barrier(f"stage-{name}")
+    if not exists():
+        raise RuntimeError(f"stage {name!r}: its files are missing after process 0 wrote them; a multi-process job "
+                           "needs its work directory on storage every process sees (a shared file system or gs://)")
+    return load()
+
+
+class AppendLog:
+    """A JSON-lines file that grows by whole lines: appended in place on a local disk, rewritten whole (atomically)
+    on object stores, which cannot append."""
+
+    def __init__(self, location):
+        self.path = path(location)
+        self._local = is_local(location)
+        self._lines: list[str] | None = None
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        text = "".join(json.dumps(jsonable(r)) + "\n" for r in records)
+        if self._local:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(os.fspath(self.path), "a") as handle:
+                handle.write(text)
+            return
+        if self._lines is None:
+            self._lines = [self.path.read_text()] if self.path.exists() else []
+        self._lines.append(text)
+        _write_bytes(self.path, "".join(self._lines).encode())
