@@ -63,8 +63,9 @@ class ModelConfig:
         but the layer input) or ``"dots"`` (save weight matmul outputs, i.e.
         ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
       attention: attention kernel (:func:`mopo_jax.models.transformer.attention_implementation`):
-        ``"xla"`` (default: ``jax.nn.dot_product_attention(implementation="xla")``, any backend; on CPU bit-identical
-        to the reference), ``"reference"`` (the explicit einsum/softmax path, kept as the reference), ``"cudnn"``
+        ``"xla"`` (default: ``jax.nn.dot_product_attention(implementation="xla")``, any backend; the same float32
+        scores and softmax as the reference, equal to it within float32 rounding, bit for bit on the tiny test
+        models), ``"reference"`` (the explicit einsum/softmax path, kept as the reference), ``"cudnn"``
         (cuDNN flash attention; NVIDIA GPU with a bfloat16/float16 compute dtype only, an error elsewhere) or
         ``"auto"`` (cuDNN where it applies, the XLA path elsewhere, including TPU).
       scan_unroll: layers per iteration of the ``lax.scan`` over blocks (``n_layers`` unrolls fully: faster steps
