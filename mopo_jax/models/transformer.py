@@ -269,9 +269,13 @@ def attention_implementation(cfg: ModelConfig, query_len: int, key_len: int) -> 
 
     ``"auto"`` is cuDNN flash attention on an NVIDIA GPU (compute capability >= 8.0) when the compute dtype is
     bfloat16/float16, the head width is supported and both lengths are even (cuDNN's limit for a masked backward
-    pass; a single-token decode step therefore runs XLA), and the XLA path everywhere else. On TPU it is the XLA path:
-    Pallas splash attention is not wired in (no TPU was available to test it), and XLA's TPU compiler fuses the
-    masked softmax of this path.
+    pass; a single-token decode step therefore runs XLA), and the XLA path everywhere else. On TPU it is the XLA path,
+    which materialises the ``[B, N, T, S]`` float32 scores like the reference (fine at the 512-token sequences of the
+    profiles): Pallas splash attention is not wired in because no TPU was available to test it.
+
+    The cuDNN path has not yet run on a GPU (none was available when it was written): only its selection and errors
+    are tested (with a simulated GPU). Check it against ``"xla"`` on a GPU before relying on it; that is why the
+    default is ``"xla"``, not ``"auto"``.
     """
     choice = cfg.attention
     if choice in ("reference", "xla"):
@@ -291,8 +295,8 @@ def _attention(cfg: ModelConfig, q, k, v, mask, *, causal: bool = False):
 
     ``causal`` says that ``mask`` already contains the (top-left aligned, T == S) causal mask, so a kernel may skip
     the blocks above the diagonal. Query rows without any visible key (padding queries) never give NaN: the reference
-    and XLA paths average the values uniformly; the cuDNN path lets such rows see every key (they are padding, their
-    output is unspecified, but it is finite, and so are the gradients through it).
+    and XLA paths average the values uniformly; the cuDNN path lets such rows see every key the causal mask allows
+    (they are padding and their output is unspecified, but it is finite, and so are the gradients through it).
     """
     B, T, _, hd = q.shape
     impl = attention_implementation(cfg, T, k.shape[1])
@@ -300,8 +304,8 @@ def _attention(cfg: ModelConfig, q, k, v, mask, *, causal: bool = False):
         return _attention_reference(cfg, q, k, v, mask)
     if impl == "cudnn":
         mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
-    # Layout [B, T, N, H]; grouped-query attention by K/V having fewer heads. Scores and softmax are float32 in both
-    # implementations (XLA: float32 logits and softmax, probabilities cast to the value dtype, as the reference).
+    # Layout [B, T, N, H]; grouped-query attention by K/V having fewer heads. XLA: float32 scores and softmax,
+    # probabilities cast to the value dtype, as the reference; cuDNN keeps its online-softmax statistics in float32.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], is_causal=causal and impl == "cudnn",
                                        implementation=impl)
     return out.reshape(B, T, cfg.n_heads * hd)
