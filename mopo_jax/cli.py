@@ -139,18 +139,14 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pareto(args) -> int:
-    from mopo_jax.evaluation.pareto import write_pareto
-
-    import json
-
-    from mopo_jax.evaluation.pareto import markdown_table
+    from mopo_jax import storage
+    from mopo_jax.evaluation.pareto import markdown_table, write_pareto
 
     write_pareto(args.run_dirs, args.out, results_json=args.results)
     print(f"wrote {args.out}" + (f" and {args.results}" if args.results else ""))
     if args.results:
-        table = markdown_table(json.load(open(args.results)))
-        with open(args.results.rsplit(".", 1)[0] + ".md", "w") as handle:
-            handle.write(table + "\n")
+        table = markdown_table(storage.load_json(args.results))
+        storage.save_text(args.results.rsplit(".", 1)[0] + ".md", table + "\n")
         print(table)
     return 0
 

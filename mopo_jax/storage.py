@@ -73,6 +73,10 @@ def save_text(location, text: str) -> None:
     _write_bytes(path(location), text.encode())
 
 
+def save_bytes(location, payload: bytes) -> None:
+    _write_bytes(path(location), payload)
+
+
 def save_arrays(location, arrays: dict[str, np.ndarray]) -> None:
     """A ``.npz`` of named arrays."""
     buffer = io.BytesIO()

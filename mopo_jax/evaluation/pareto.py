@@ -13,6 +13,7 @@ them; :func:`write_pareto` does all of it. matplotlib is imported lazily (Agg ba
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,8 @@ from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from mopo_jax import storage
 
 PRIMARY = "helpfulness"
 SECONDARY = "harmlessness"
@@ -179,8 +182,10 @@ def pareto_plot(results: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.tight_layout()
-    fig.savefig(os.fspath(out_png), dpi=150)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=150)
     plt.close(fig)
+    storage.save_bytes(out_png, image.getvalue())
     return front
 
 
@@ -224,10 +229,8 @@ def collect_run_results(run_dirs: Iterable[str | os.PathLike], *, strict: bool =
     """
     out = []
     for run_dir in run_dirs:
-        path = os.path.join(os.fspath(run_dir), "eval.json")
         try:
-            with open(path) as f:
-                record = json.load(f)
+            record = storage.load_json(storage.path(run_dir) / "eval.json")
         except (OSError, json.JSONDecodeError) as e:
             if strict:
                 raise
@@ -295,8 +298,7 @@ def write_pareto(run_dirs: Iterable[str | os.PathLike], out_png: str | os.PathLi
         coords.setdefault(REFERENCE_NAME, (0.5, 0.5))
     summary = {"runs": runs, "points": points, "pareto_front": front, "dominance": dominance_table(coords)}
     if results_json is not None:
-        with open(os.fspath(results_json), "w") as f:
-            json.dump(summary, f, indent=2, default=_json_default)
+        storage.save_text(results_json, json.dumps(summary, indent=2, default=_json_default))
     return summary
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+from mopo_jax.data.preference_dataset import PreferenceDataConfig
 from mopo_jax.policy_objectives import DPO
 from mopo_jax.state import MOPOConfig
 from mopo_jax.training.sharding import MeshConfig
@@ -24,12 +25,18 @@ from mopo_jax.training.trainable import LORA_TARGETS
 class DataConfig:
     """Where the pairs come from and how much of each split is used.
 
-    ``source`` is a local directory of HH-RLHF ``*.jsonl.gz`` files or a hub name (``Anthropic/hh-rlhf``). Caps are
-    totals per split, split evenly between the two objectives.
+    ``format: hh-rlhf`` reads ``source``, a local directory of HH-RLHF ``*.jsonl.gz`` files or a hub name
+    (``Anthropic/hh-rlhf``), one subset per objective. ``format: pairs`` reads any preference dataset through the
+    column mapping of ``pairs`` (:class:`mopo_jax.data.PreferenceDataConfig`: a ``datasets`` name or local
+    JSONL/JSON/Parquet/CSV files, the prompt and response columns, one label column per objective, e.g.
+    PKU-SafeRLHF's ``better_response_id`` and ``safer_response_id`` on the same pair). Caps are totals per split;
+    with one label per pair they are split evenly between the two objectives.
     """
 
+    format: str = "hh-rlhf"
     source: str = "../shared/data/hh-rlhf"
     subsets: tuple[str, ...] = ("helpful-base", "harmless-base")
+    pairs: PreferenceDataConfig = PreferenceDataConfig()
     max_prompt_tokens: int = 96
     max_response_tokens: int = 48
     policy_pairs: int = 512
@@ -38,6 +45,13 @@ class DataConfig:
     eval_pairs: int = 256
     eval_prompts: int = 64
     split_salt: str = "mopo-hh"
+
+    def __post_init__(self):
+        if self.format not in ("hh-rlhf", "pairs"):
+            raise ValueError(f"data.format must be 'hh-rlhf' or 'pairs', got {self.format!r}")
+        if self.format == "pairs" and self.pairs.columns.num_objectives != 2:
+            raise ValueError(f"data.pairs.columns.labels: the HH comparison's methods are two-objective "
+                             f"(helpfulness, harmlessness); got {self.pairs.columns.num_objectives} label columns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +65,8 @@ class ModelSpec:
     * both 0: every parameter trains.
 
     ``dtype`` is the compute dtype; ``param_dtype`` the storage dtype of the pretrained weights (``bfloat16`` halves
-    a frozen LoRA base; trained parameters and optimizer moments of a full run should stay ``float32``).
+    a frozen LoRA base; trained parameters and optimizer moments of a full run should stay ``float32``). ``remat``
+    and ``attention`` (None: the model's default) are :class:`mopo_jax.models.ModelConfig` fields.
     """
 
     name: str = "smollm2-135m"
@@ -61,6 +76,7 @@ class ModelSpec:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
     attention: str | None = None
 
     def __post_init__(self):

