@@ -100,8 +100,13 @@ def _train(args) -> int:
     config = load_config(ExperimentConfig, args.config, [*args.overrides, *_mesh_overrides(args.mesh)])
     _join_job(args)
     from mopo_jax.experiment.hh_rlhf import train_run
+    from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 
-    train_run(config)
+    try:
+        train_run(config)
+    except Preempted as stop:  # the checkpoint is saved: rerunning the same command resumes
+        print(f"mopo train: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 
@@ -237,13 +242,8 @@ def main(argv=None) -> int:
         return memory_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
-
     try:
         return args.handler(args)
-    except Preempted as stop:
-        print(f"mopo {args.command}: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
     except ValueError as error:
         print(f"mopo {args.command}: error: {error}", file=sys.stderr)
         return 2

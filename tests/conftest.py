@@ -5,3 +5,14 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_work_dir(tmp_path_factory):
+    """One work directory for the runs of the `tiny` HH profile across test modules: its caches (tokenized splits,
+    frozen-block activations, labelers and judges, the reference's evaluation samples) are built by the first run
+    that needs them and read by the others, as runs of one experiment share them."""
+    return tmp_path_factory.mktemp("tiny_shared")

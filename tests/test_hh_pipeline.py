@@ -50,7 +50,7 @@ register_method(Method(
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, tiny_work_dir):
     import sys
 
     from mopo_jax.configs import load_config
@@ -62,7 +62,7 @@ def pipeline(tmp_path_factory):
     plugin_dir = tmp_path_factory.mktemp("plugin")
     (plugin_dir / "mopo_user_plugin.py").write_text(PLUGIN)
     sys.path.insert(0, str(plugin_dir))
-    common = [f"work_dir={root / 'shared'}", f"data.source={DATA}", "training.steps=2"]
+    common = [f"work_dir={tiny_work_dir}", f"data.source={DATA}", "training.steps=2"]
     runs = {
         "reference": ["method.name=reference"],
         "dpo_helpful": ["method.name=dpo_helpful"],
@@ -84,13 +84,13 @@ def pipeline(tmp_path_factory):
                      for name in ("reference", "mopo_pairwise", "soups", "user_plugin")}
         write_pareto([str(root / n) for n in evaluated], str(root / "pareto.png"),
                      results_json=str(root / "results.json"))
-        yield root, runs, evaluated
+        yield root, runs, evaluated, tiny_work_dir
     finally:
         sys.path.remove(str(plugin_dir))
 
 
 def test_every_method_writes_its_run_directory(pipeline):
-    root, runs, _ = pipeline
+    root, runs, _, _ = pipeline
     for name in runs:
         run = root / name
         assert (run / "config.yaml").exists() and (run / "policy.npz").exists() and (run / "train.json").exists()
@@ -109,7 +109,7 @@ def test_every_method_writes_its_run_directory(pipeline):
 
 
 def test_evaluation_and_pareto_outputs(pipeline):
-    root, _, evaluated = pipeline
+    root, _, evaluated, _ = pipeline
     reference = evaluated["reference"]["evaluation"]
     assert reference["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
     # Common random numbers: the reference's samples are its own, so every judge sees ties.
@@ -126,8 +126,8 @@ def test_evaluation_and_pareto_outputs(pipeline):
 
 
 def test_labelers_and_judges_are_trained_on_disjoint_prompts(pipeline):
-    root, _, evaluated = pipeline
-    data = {split: np.load(root / "shared" / "data" / f"{split}.npz") for split in ("labeler_train", "judge_train",
+    _, _, evaluated, work_dir = pipeline
+    data = {split: np.load(work_dir / "data" / f"{split}.npz") for split in ("labeler_train", "judge_train",
                                                                                      "eval", "policy_train")}
     prompts = {split: {tuple(row[mask > 0]) for row, mask in zip(d["prompt_tokens"], d["prompt_mask"])}
                for split, d in data.items()}

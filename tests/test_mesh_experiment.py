@@ -60,13 +60,13 @@ def _losses(run_dir: Path) -> np.ndarray:
     return np.asarray([r["loss"] for r in records]), [r["step"] for r in records]
 
 
-def _common(root: Path) -> list[str]:
-    return ["--config", str(CONFIG), f"work_dir={root / 'shared'}", f"data.source={DATA}",
+def _common(work_dir: Path) -> list[str]:
+    return ["--config", str(CONFIG), f"work_dir={work_dir}", f"data.source={DATA}",
             f"training.steps={STEPS}", "training.batch_pairs=8", "training.save_every=2"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_work_dir):
     """Every method x mesh trained in this process (8 simulated devices) through `mopo train`."""
     from mopo_jax.cli import main
 
@@ -75,9 +75,9 @@ def runs(tmp_path_factory):
     for method in ("dpo_helpful", "mopo_pairwise"):
         for mesh in ("fsdp=1", *MESHES):
             run_dir = root / f"{method}_{mesh.replace(',', '_').replace('=', '')}"
-            assert main(["train", *_common(root), f"run_dir={run_dir}", f"method.name={method}", "--mesh", mesh]) == 0
+            assert main(["train", *_common(tiny_work_dir), f"run_dir={run_dir}", f"method.name={method}", "--mesh", mesh]) == 0
             out[method, mesh] = run_dir
-    return root, out
+    return tiny_work_dir, out
 
 
 @pytest.mark.parametrize("method", ["dpo_helpful", "mopo_pairwise"])
@@ -118,7 +118,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_processes(root: Path, run_dir: Path, plugin_dir: Path, sigterm_at: int | None):
+def _launch_two_processes(work_dir: Path, run_dir: Path, plugin_dir: Path, sigterm_at: int | None):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")]))
@@ -126,10 +126,10 @@ def _launch_two_processes(root: Path, run_dir: Path, plugin_dir: Path, sigterm_a
     if sigterm_at is not None:
         env["MOPO_TEST_SIGTERM_AT"] = str(sigterm_at)
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "mopo_jax.cli", "train", *_common(root), f"run_dir={run_dir}",
+        [sys.executable, "-m", "mopo_jax.cli", "train", *_common(work_dir), f"run_dir={run_dir}",
          "method.name=mopo_pairwise_sigterm", "plugins=[mopo_sigterm_plugin]", "--mesh", "data=2,fsdp=4",
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        env=env, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = []
     for proc in procs:
         out, _ = proc.communicate(timeout=420)
@@ -143,18 +143,18 @@ def test_two_processes_preempted_and_resumed_match_one_process(runs, tmp_path):
     command again: the metrics equal those of one process with 8 devices that was never interrupted."""
     from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE
 
-    root, run_dirs = runs
+    work_dir, run_dirs = runs
     (tmp_path / "mopo_sigterm_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    run_dir = root / "two_processes"
+    run_dir = tmp_path / "two_processes"
 
-    first = _launch_two_processes(root, run_dir, tmp_path, sigterm_at=1)
+    first = _launch_two_processes(work_dir, run_dir, tmp_path, sigterm_at=1)
     for code, out in first:
         assert code == PREEMPTED_EXIT_CODE, out[-3000:]
         assert "preempted (SIGTERM): checkpoint saved at step" in out, out[-3000:]
     interrupted, steps_before = _losses(run_dir)
     assert 1 <= len(steps_before) < STEPS  # stopped mid-run, after saving what it had
 
-    second = _launch_two_processes(root, run_dir, tmp_path, sigterm_at=None)
+    second = _launch_two_processes(work_dir, run_dir, tmp_path, sigterm_at=None)
     for code, out in second:
         assert code == 0, out[-3000:]
     losses, steps = _losses(run_dir)

@@ -135,19 +135,23 @@ def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
 # 2. Labelers and judges.
 
 
-@functools.lru_cache(maxsize=2)
-def _load_model(name: str, dtype: str, param_dtype: str, remat: str, attention: str | None, mesh):
+@functools.lru_cache(maxsize=1)
+def _load_host_model(name: str, dtype: str, param_dtype: str, remat: str, attention: str | None):
     from mopo_jax.models import load_pretrained
 
     overrides = {} if attention is None else {"attention": attention}
-    model_config, params = load_pretrained(name, dtype=dtype, param_dtype=param_dtype, remat=remat, on_host=True,
-                                           **overrides)
+    return load_pretrained(name, dtype=dtype, param_dtype=param_dtype, remat=remat, on_host=True, **overrides)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(name: str, dtype: str, param_dtype: str, remat: str, attention: str | None, mesh):
+    model_config, params = _load_host_model(name, dtype, param_dtype, remat, attention)
     return model_config, sharding.put_params(model_config, params, mesh)
 
 
 def _base_model(config: ExperimentConfig, mesh):
-    """The pretrained model, its parameters placed on ``mesh`` (loaded once per process and mesh: parameters are
-    immutable arrays)."""
+    """The pretrained model, its parameters placed on ``mesh`` (read once per process, placed once per mesh:
+    parameters are immutable arrays)."""
     spec = config.model
     return _load_model(spec.name, spec.dtype, spec.param_dtype, spec.remat, spec.attention, mesh)
 
