@@ -102,6 +102,21 @@ def _generate_jit(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, 
     return GenerateOutput(out, out_mask, out_lp)
 
 
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
+            or int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def _check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    limit = int(config.max_seq_len)
+    if prompt_len + int(max_new_tokens) > limit:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {int(max_new_tokens)} = "
+            f"{prompt_len + int(max_new_tokens)} exceeds the model's context "
+            f"(max_seq_len {limit}); shorten the prompt or lower max_new_tokens")
+
+
 def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
              prompt_mask=None, temperature: float = 0.0, top_p: float | None = None,
              top_k: int | None = None, rng: jax.Array | None = None,
@@ -121,12 +136,19 @@ def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
     cache of ``P + max_new_tokens`` slots) is one jitted function; it recompiles
     only when shapes or the static options change.
     """
+    _check_max_new_tokens(max_new_tokens)
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_tokens.ndim != 2:
         raise ValueError(f"prompt_tokens must be [B, P], got shape {prompt_tokens.shape}")
     if prompt_mask is None:
         prompt_mask = jnp.ones(prompt_tokens.shape, bool)
     prompt_mask = jnp.asarray(prompt_mask, bool)
+    if prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(f"prompt_mask shape {prompt_mask.shape} != prompt_tokens shape "
+                         f"{prompt_tokens.shape}")
+    # The longest real (unpadded) prompt plus the new tokens must fit the model's context.
+    longest = int(np.asarray(prompt_mask).sum(axis=1).max()) if prompt_tokens.shape[0] else 0
+    _check_context(config, longest, max_new_tokens)
     greedy = temperature is None or float(temperature) == 0.0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng key")
@@ -167,8 +189,10 @@ def generate_cli(model: str, prompt: str, max_new_tokens: int = 64, *, system: s
                  dtype: str = "float32") -> str:
     """Chat-template ``prompt``, generate greedily with ``model`` (name, path or
     hub id accepted by :func:`load_pretrained`) and return the decoded reply."""
+    _check_max_new_tokens(max_new_tokens)  # before loading any weights
     config, params, tok = _load_for_cli(model, dtype)
     ids = chat_prompt_ids(tok, prompt, system)
+    _check_context(config, len(ids), max_new_tokens)
     eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
     if eos is None:
         eos = tok.eos_token_id if tok.eos_token_id is not None else config.eos_id
