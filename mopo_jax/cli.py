@@ -100,13 +100,17 @@ def _train(args) -> int:
     config = load_config(ExperimentConfig, args.config, [*args.overrides, *_mesh_overrides(args.mesh)])
     _join_job(args)
     from mopo_jax.experiment.hh_rlhf import train_run
+    from mopo_jax.training.loop import NonFiniteError
     from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
-        train_run(config)
+        train_run(config, force_new=args.force_new)
     except Preempted as stop:  # the checkpoint is saved: rerunning the same command resumes
         print(f"mopo train: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except NonFiniteError as error:
+        print(f"mopo train: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -187,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="registered methods (method.name) and the knob that sets their trade-off:\n" + describe_methods())
     train.add_argument("--config", required=True, help="YAML with ExperimentConfig fields")
     train.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: method.name=dpo_pooled)")
+    train.add_argument("--force-new", action="store_true",
+                       help="run_dir holds a run of another configuration: move it aside (RUN_DIR.replaced-TIME) and "
+                       "start a new run there")
     _add_job_arguments(train)
     train.set_defaults(handler=_train)
 

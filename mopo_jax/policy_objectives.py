@@ -197,6 +197,9 @@ class DPO(Objective):
 
     beta: float = 0.1
     label: int = 0
+
+    def __post_init__(self):
+        validation.check_positive(f"{type(self).__name__}.beta", self.beta)
     fields: ClassVar = PAIR_FIELDS
     optional_fields: ClassVar = PAIR_OPTIONAL
 
@@ -222,6 +225,9 @@ class IPO(Objective):
 
     tau: float = 0.1
     label: int = 0
+
+    def __post_init__(self):
+        validation.check_positive(f"{type(self).__name__}.tau", self.tau)
     fields: ClassVar = PAIR_FIELDS
     optional_fields: ClassVar = PAIR_OPTIONAL
 
@@ -252,6 +258,9 @@ class _Scalarised(Objective):
     def __post_init__(self):
         if isinstance(self.weights, list):
             object.__setattr__(self, "weights", tuple(self.weights))
+        for name in ("beta", "tau"):  # the KL strength of whichever pair loss is scalarised
+            if hasattr(self, name):
+                validation.check_positive(f"{type(self).__name__}.{name}", getattr(self, name))
 
     def _pair_loss(self, args, probs, valid_mask, weights) -> losses.LossTerms:
         raise NotImplementedError
@@ -322,6 +331,7 @@ class MODPO(Objective):
             object.__setattr__(self, "weights", tuple(self.weights))
         if validation.is_concrete(self.weights) and not float(self.weights[0]) > 0:
             raise ValueError(f"MODPO.weights[0] (the primary weight) must be > 0, got {self.weights}")
+        validation.check_positive("MODPO.beta", self.beta)
 
     def loss(self, state, batch, log_probs):
         alpha = jnp.asarray(self.weights, jnp.float32)

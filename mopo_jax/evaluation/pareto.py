@@ -217,6 +217,11 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
         "implicit_constraint_value": {k: _float_or_none(v.get("constraint_value")) for k, v in per_objective.items()},
         "config": record.get("config", {}),
     }
+    raw = {PRIMARY: win.get(PRIMARY), SECONDARY: win.get(SECONDARY), "kl": evaluation.get("kl")}
+    broken = [key for key, value in raw.items() if value is not None and not math.isfinite(float(value))]
+    if broken:
+        raise ValueError(f"{run_dir or name}: eval.json holds non-finite {', '.join(broken)}; a broken run is not "
+                         "placed on the front")
     if run_dir is not None:
         out["run_dir"] = os.fspath(run_dir)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 
 from mopo_jax.data.preference_dataset import PreferenceDataConfig
 from mopo_jax.policy_objectives import DPO
@@ -19,6 +20,12 @@ from mopo_jax.state import MOPOConfig
 from mopo_jax.training.sharding import MeshConfig
 from mopo_jax.training.train_step import OptimizerConfig
 from mopo_jax.training.trainable import LORA_TARGETS
+
+
+def _check_temperature(name: str, value: float, allow_zero: bool = False) -> None:
+    """A sampling temperature: finite and > 0 (>= 0 where 0 means greedy)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +54,10 @@ class DataConfig:
     split_salt: str = "mopo-hh"
 
     def __post_init__(self):
+        for name in ("max_prompt_tokens", "max_response_tokens", "policy_pairs", "labeler_pairs", "judge_pairs",
+                     "eval_pairs", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.format not in ("hh-rlhf", "pairs"):
             raise ValueError(f"data.format must be 'hh-rlhf' or 'pairs', got {self.format!r}")
         if self.format == "pairs" and self.pairs.columns.num_objectives != 2:
@@ -129,6 +140,11 @@ class OnPolicyConfig:
     candidates: int = 4
     temperature: float = 1.0
 
+    def __post_init__(self):
+        if self.candidates < 2:
+            raise ValueError(f"onpolicy.candidates must be >= 2 (pairs of candidates), got {self.candidates}")
+        _check_temperature("onpolicy.temperature", self.temperature)
+
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceModelConfig:
@@ -150,6 +166,14 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float | None = None
     batch_size: int = 32
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"eval.max_new_tokens and eval.batch_size must be >= 1, got {self.max_new_tokens} and "
+                             f"{self.batch_size}")
+        _check_temperature("eval.temperature", self.temperature, allow_zero=True)
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"eval.top_p must be in (0, 1] or null, got {self.top_p}")
 
 
 @dataclasses.dataclass(frozen=True)

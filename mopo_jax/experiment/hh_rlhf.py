@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from functools import partial
@@ -454,20 +455,70 @@ def _method(config: ExperimentConfig):
     return get_method(config.method.name)
 
 
-def train_run(config: ExperimentConfig) -> dict[str, Any]:
+#: Fields that may differ between the runs of one run directory: where things live, how the devices are arranged,
+#: how long it trains and how it is evaluated. Anything else defines another run.
+RUN_INDEPENDENT_FIELDS = ("run_dir", "work_dir", "mesh", "eval", "training.steps", "training.save_every")
+
+
+def _flat_fields(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_config_diff(stored: dict, new: dict) -> list[str]:
+    """``"field: stored -> new"`` for every field (dotted) that makes ``new`` another run than ``stored``."""
+    def keep(name):
+        return not any(name == f or name.startswith(f + ".") for f in RUN_INDEPENDENT_FIELDS)
+
+    old, fresh = _flat_fields(stored), _flat_fields(new)
+    return [f"{name}: {old.get(name)!r} -> {fresh.get(name)!r}" for name in sorted(set(old) | set(fresh))
+            if keep(name) and old.get(name) != fresh.get(name)]
+
+
+def _claim_run_dir(config: ExperimentConfig, force_new: bool) -> None:
+    """A run directory holds one run: its config is written once; a rerun must match it (resume), or, with
+    ``force_new``, the old run is moved aside first. Raises ``ValueError`` (touching nothing) on a mismatch."""
+    run_dir = storage.path(config.run_dir)
+    stored_path = run_dir / "config.yaml"
+    plain = json.loads(json.dumps(_as_plain(dataclasses.asdict(config))))  # tuples as lists, as YAML stores them
+    if stored_path.exists():
+        stored = yaml.safe_load(stored_path.read_text()) or {}
+        diff = run_config_diff(stored, plain)
+        if not diff:
+            return
+        if not force_new:
+            raise ValueError(f"{config.run_dir} holds a run of another configuration ({'; '.join(diff)}); resume it "
+                             "with its own config, choose a new run_dir, or pass --force-new to move it aside")
+        if not storage.is_local(config.run_dir):
+            raise ValueError(f"--force-new cannot move a remote run directory ({config.run_dir}); choose a new run_dir")
+        if storage.is_primary():
+            aside = f"{os.path.normpath(config.run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(config.run_dir, aside)
+            _log(f"moved the previous run in {config.run_dir} to {aside}")
+        storage.barrier("run-dir-moved")
+    if storage.is_primary():
+        storage.save_text(stored_path, yaml.safe_dump(plain, sort_keys=False))
+
+
+def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, Any]:
     """Trains ``config.method`` into ``config.run_dir`` (resuming from its last checkpoint) and saves the policy.
 
     Runs on ``config.mesh`` over every process's devices; each process feeds its rows of every batch. Raises
-    :class:`mopo_jax.training.preemption.Preempted` after saving a checkpoint when SIGTERM arrives.
+    :class:`mopo_jax.training.preemption.Preempted` after saving a checkpoint when SIGTERM arrives, ``ValueError``
+    when ``run_dir`` holds a run of another configuration (unless ``force_new``: see :func:`_claim_run_dir`) and
+    :class:`mopo_jax.training.loop.NonFiniteError` when a step goes non-finite (nothing of it saved).
     """
     from mopo_jax.training import CheckpointConfig, policy_params, train
 
     method = _method(config)
     mesh = experiment_mesh(config)
     run_dir = storage.path(config.run_dir)
-    if storage.is_primary():
-        storage.save_text(run_dir / "config.yaml", yaml.safe_dump(_as_plain(dataclasses.asdict(config)),
-                                                                  sort_keys=False))
+    _claim_run_dir(config, force_new)
     policy_path = run_dir / "policy.npz"
     context = RunContext(config, mesh)
     summary = {"method": method.name, "run_dir": config.run_dir, "mesh": dict(mesh.shape),
@@ -677,8 +728,13 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     judges = preference_models(config, data, model, mesh)
     model_config, params = model
     lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
-    trained = sharding.put_params(upper_config, _load_policy(storage.path(config.run_dir) / "policy.npz", upper),
-                                  mesh)
+    policy_path = storage.path(config.run_dir) / "policy.npz"
+    host_policy = _load_policy(policy_path, upper)
+    bad = [name for name, leaf in jax.tree_util.tree_leaves_with_path(host_policy) if not np.isfinite(leaf).all()]
+    if bad:
+        raise ValueError(f"{policy_path}: the policy holds non-finite parameters ({jax.tree_util.keystr(bad[0])} and "
+                         f"{len(bad) - 1} more); this run is broken and is not evaluated")
+    trained = sharding.put_params(upper_config, host_policy, mesh)
     policy = trained if lower is None else join_layers(lower, trained)
 
     tokenizer = load_tokenizer(config.model.name)

@@ -38,6 +38,27 @@ logger = logging.getLogger(__name__)
 
 BatchesFn = Callable[[dict], Iterable[tuple[dict, dict]]]
 
+
+class NonFiniteError(RuntimeError):
+    """A train step produced a non-finite loss, gradient norm, multiplier or other metric; the run stopped without
+    saving that state (its newest checkpoint is the last finite step's, or older)."""
+
+    def __init__(self, step: int, names: list[str], last_saved: int | None):
+        where = f"the newest checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+        super().__init__(f"step {step} produced non-finite {', '.join(names)}; stopped without saving it ({where}). "
+                         "Lower the learning rate or check the batch of that step.")
+        self.step, self.names, self.last_saved = step, names, last_saved
+
+
+def _non_finite(metrics: dict) -> list[str]:
+    """Names of the metrics holding a NaN or an infinity."""
+    bad = []
+    for name, value in metrics.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+            bad.append(name)
+    return bad
+
 # Compiled steps by (model config, train config, mesh, state and batch shapes): a second ``train`` call in the same
 # process (e.g. a resume) reuses the executable instead of compiling again.
 _STEP_CACHE: dict[Any, Any] = {}
@@ -118,6 +139,8 @@ def train(
         drawn: on-policy data (candidates sampled from the current reference) reads the state through it.
 
     Raises:
+      NonFiniteError: a step's metrics (loss, gradient norm, the objective's multipliers and estimates) hold a NaN
+        or an infinity: checked on the metrics fetched anyway, before any checkpoint of that state is written.
       Preempted: SIGTERM arrived (on any process); the state after the current step was checkpointed (every
         process stops after the same step) and the run can be resumed by calling ``train`` again.
 
@@ -169,6 +192,12 @@ def train(
             step_time = (now - window_start) / len(pending)
             records = []
             for (step, _, _, data_time), (metrics, tokens) in zip(pending, fetched):
+                bad = _non_finite(metrics)
+                if bad:
+                    pending.clear()
+                    if metrics_log is not None:
+                        metrics_log.append(records)  # the finite steps before it
+                    raise NonFiniteError(step, bad, last_saved)
                 record = {
                     "step": step,
                     "time": time.time(),

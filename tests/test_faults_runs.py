@@ -1,0 +1,134 @@
+"""Runs that cannot lie: a non-finite step stops the run without saving it, invalid settings stop before anything
+loads, a run directory holds one configuration, and a broken run is kept off the Pareto front."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mopo_jax import policy_objectives as po
+from mopo_jax.models import get_preset, init_params
+from mopo_jax.training import CheckpointConfig, sharding, train
+from mopo_jax.training.loop import NonFiniteError
+from mopo_jax.training.train_step import OptimizerConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "configs" / "hh_tiny.yaml"
+MODEL = get_preset("tiny", dtype="float32", param_dtype="float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonedAfter(po.DPO):
+    """DPO whose loss turns NaN from the state's step ``after`` on: a run made to go non-finite at a known step."""
+
+    after: int = 2
+
+    def init(self):
+        return {"steps": jnp.zeros((), jnp.int32)}
+
+    def update(self, state, batch, aux):
+        return {"steps": state["steps"] + 1}
+
+    def loss(self, state, batch, log_probs):
+        terms, metrics = super().loss(state, batch, log_probs)
+        poison = jnp.where(state["steps"] >= self.after, jnp.nan, 0.0)
+        return terms._replace(total=terms.total + poison), metrics
+
+
+def _batch(prompts=4, length=12):
+    rng = np.random.default_rng(0)
+    completion = np.zeros((prompts, 2, length), np.int32)
+    completion[..., 6:] = 1
+    return {
+        "tokens": rng.integers(0, MODEL.vocab_size, (prompts, 2, length)).astype(np.int32),
+        "completion_mask": completion,
+        "attention_mask": np.ones((prompts, 2, length), np.int32),
+        "preference_probs": np.ones((prompts, 2), np.float32),
+        "label_mask": np.ones((prompts, 2), bool),
+    }
+
+
+def test_non_finite_step_stops_without_saving_it(tmp_path):
+    batch = _batch()
+
+    def batches(position):
+        for index in range(position.get("index", 0), 10):
+            yield batch, {"index": index + 1}
+
+    config = TrainConfig(objective=PoisonedAfter(after=2), optimizer=OptimizerConfig(learning_rate=1e-3))
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    params = init_params(MODEL, jax.random.PRNGKey(0))
+    metrics_path = tmp_path / "metrics.jsonl"
+    with pytest.raises(NonFiniteError, match=r"step 3 produced non-finite .*loss.*newest checkpoint is step 2"):
+        train(MODEL, config, params, batches, 6, mesh, CheckpointConfig(str(tmp_path / "ckpt"), save_every=1),
+              metrics_path=str(metrics_path))
+    saved = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    assert saved == [1, 2]  # nothing of the non-finite step 3
+    steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
+    assert steps == [1, 2]
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in metrics_path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optimizer.learning_rate=.inf", "learning_rate"), ("optimizer.learning_rate=-1.0", "learning_rate"),
+    ("dpo.beta=-0.1", "DPO.beta"), ("mopo.tau=0", "MOPOConfig.tau"), ("training.steps=-1", "training.steps"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"), ("onpolicy.temperature=-1.0", "onpolicy.temperature"),
+    ("data.policy_pairs=0", "data.policy_pairs"),
+])
+def test_invalid_settings_stop_before_anything_loads(tmp_path, capsys, override, field):
+    from mopo_jax.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), f"run_dir={run_dir}", f"work_dir={tmp_path / 'work'}",
+                 override]) == 2
+    error = capsys.readouterr().err
+    assert field in error and error.count("\n") == 1  # one line, no traceback
+    assert not run_dir.exists() and not (tmp_path / "work").exists()
+
+
+def test_a_run_directory_holds_one_configuration(tmp_path, capsys):
+    from mopo_jax.cli import main
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import _claim_run_dir
+
+    run_dir = tmp_path / "run"
+    common = [f"run_dir={run_dir}", f"work_dir={tmp_path / 'work'}"]
+    first = load_config(ExperimentConfig, str(TINY), common)
+    _claim_run_dir(first, force_new=False)
+    stored = (run_dir / "config.yaml").read_bytes()
+    (run_dir / "checkpoints").mkdir()
+
+    # Resuming the same configuration (another mesh or more steps do not make another run) is silent.
+    _claim_run_dir(load_config(ExperimentConfig, str(TINY), [*common, "mesh.fsdp=2", "training.steps=9"]), False)
+    assert (run_dir / "config.yaml").read_bytes() == stored
+
+    # Another learning rate through the command line: exit 2, the diff named, nothing touched.
+    assert main(["train", "--config", str(TINY), *common, "optimizer.learning_rate=2.0e-4"]) == 2
+    error = capsys.readouterr().err
+    assert "optimizer.learning_rate" in error and "--force-new" in error
+    assert (run_dir / "config.yaml").read_bytes() == stored and (run_dir / "checkpoints").is_dir()
+
+    # --force-new moves the old run aside (nothing lost) and claims the directory for the new configuration.
+    other = load_config(ExperimentConfig, str(TINY), [*common, "method.name=dpo_pooled"])
+    _claim_run_dir(other, force_new=True)
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert (aside / "config.yaml").read_bytes() == stored and (aside / "checkpoints").is_dir()
+    assert "dpo_pooled" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_broken_run_is_kept_off_the_front():
+    from mopo_jax.evaluation.pareto import result_from_eval
+
+    good = {"name": "a", "method": "dpo_helpful",
+            "evaluation": {"win_rate": {"helpfulness": 0.6, "harmlessness": 0.5}, "kl": 0.1}}
+    assert result_from_eval(good)["helpfulness"] == 0.6
+    broken = json.loads(json.dumps(good).replace("0.6", "NaN"))
+    with pytest.raises(ValueError, match="non-finite helpfulness"):
+        result_from_eval(broken, "runs/a")
