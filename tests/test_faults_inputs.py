@@ -44,3 +44,48 @@ def test_generate_cli_rejects_max_new_tokens_before_loading(monkeypatch):
     monkeypatch.setattr(generation, "_load_for_cli", boom)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generation.generate_cli("smollm2-135m", "hi", max_new_tokens=0)
+
+
+# --- 2. synthetic user problem --------------------------------------------------------------------
+
+def test_user_problem_writes_results_when_mopo_meets_no_threshold(tmp_path):
+    import json
+
+    from mopo_jax import cli
+    from mopo_jax.synthetic import problems
+
+    problem = problems.make_thurstone_ties(seed=3, num_prompts=4, num_candidates=5)
+    path = tmp_path / "p.npz"
+    problems.save_problem(problem, path)
+    out = tmp_path / "out"
+    # 0.75 is feasible for the exact solver, but 2 steps of MOPO reach none of the thresholds
+    code = cli.main(["synthetic", "--problem", str(path), "--tau", "0.1", "--thresholds", "0.75,0.8,0.85",
+                     "--out", str(out), "plots=false", "steps=2"])
+    assert code == 0
+    (result,) = json.load(open(out / "results.json"))["structures"].values()
+    assert [p["status"] for p in result["methods"]["mopo_weighted_bc"]["points"]] == ["infeasible"] * 3
+    assert result["exact"]["points"][0]["feasible"] is True
+    (entry,) = result["methods"]["mopo_weighted_bc"]["threshold_error"]["per_threshold"]
+    assert entry["met"] is False and entry["min_violation"] is None
+    assert (out / "policies.npz").exists()
+
+
+@pytest.mark.parametrize("override, field", [("tolerance=-1", "tolerance"), ("tolerance=nan", "tolerance"),
+                                             ("steps=0", "steps"), ("steps=-5", "steps")])
+def test_synthetic_config_validates_fields(override, field):
+    from mopo_jax.synthetic.benchmark import SyntheticConfig
+
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=field):
+        SyntheticConfig(**{key: float(value) if key == "tolerance" else int(value)})
+
+
+def test_synthetic_cli_rejects_negative_tolerance(tmp_path, capsys):
+    from mopo_jax import cli
+    from mopo_jax.synthetic import problems
+
+    path = tmp_path / "p.npz"
+    problems.save_problem(problems.make_bt_conflicting(num_prompts=3, num_candidates=4), path)
+    assert cli.main(["synthetic", "--problem", str(path), "--out", str(tmp_path / "o"), "plots=false",
+                     "tolerance=-1"]) == 2
+    assert "tolerance" in capsys.readouterr().err

@@ -76,6 +76,13 @@ class SyntheticConfig:
     ablation_periods: tuple[int, ...] = (1, 100, 1000, 0)
     plots: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        tolerance = float(self.tolerance)
+        if not tolerance >= 0.0 or tolerance == float("inf"):  # also rejects NaN
+            raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
+
     @property
     def settings(self) -> TrainSettings:
         return TrainSettings(self.steps, self.learning_rate, self.final_learning_rate)
@@ -176,7 +183,8 @@ def threshold_errors(points: np.ndarray, exact_solutions, tolerance: float) -> d
         else:
             entry["primary_gap"] = None
             entry["met"] = False
-            entry["min_violation"] = float(violation.min())
+            # None when the method has no point at all to compare (e.g. MOPO met none of its own constraints)
+            entry["min_violation"] = float(violation.min()) if violation.size else None
         per_threshold.append(entry)
     gaps = [e["primary_gap"] for e in per_threshold if e["primary_gap"] is not None]
     return {
