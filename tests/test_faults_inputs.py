@@ -89,3 +89,61 @@ def test_synthetic_cli_rejects_negative_tolerance(tmp_path, capsys):
     assert cli.main(["synthetic", "--problem", str(path), "--out", str(tmp_path / "o"), "plots=false",
                      "tolerance=-1"]) == 2
     assert "tolerance" in capsys.readouterr().err
+
+
+# --- 3. user problem files ------------------------------------------------------------------------
+
+def _saved_problem(tmp_path, name="p.npz", **overrides):
+    from mopo_jax.synthetic import problems
+
+    problem = problems.make_bt_conflicting(num_prompts=3, num_candidates=4)
+    arrays = {"pref": problem.pref, "ref": problem.ref}
+    arrays.update(overrides)
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path, problem
+
+
+def test_truncated_npz_is_a_value_error_naming_the_file(tmp_path):
+    from mopo_jax.synthetic import problems
+
+    path, _ = _saved_problem(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=str(path)):
+        problems.load_problem(path)
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 40)  # zip magic, garbage body
+    with pytest.raises(ValueError, match=str(path)):
+        problems.load_problem(path)
+
+
+def test_all_nan_preferences_are_rejected(tmp_path):
+    from mopo_jax.synthetic import problems
+
+    _, problem = _saved_problem(tmp_path)
+    pref = np.full_like(problem.pref, np.nan)
+    path, _ = _saved_problem(tmp_path, pref=pref)
+    with pytest.raises(ValueError, match=r"p\.npz.*no pair is labelled"):
+        problems.load_problem(path)
+
+
+def test_one_unlabelled_objective_is_named(tmp_path):
+    from mopo_jax.synthetic import problems
+
+    _, problem = _saved_problem(tmp_path)
+    pref = problem.pref.copy()
+    pref[1] = np.nan
+    path, _ = _saved_problem(tmp_path, name="half.npz", pref=pref)
+    with pytest.raises(ValueError, match=r"half\.npz.*objective\(s\) \[1\]"):
+        problems.load_problem(path)
+
+
+def test_all_nan_problem_fails_the_cli(tmp_path, capsys):
+    from mopo_jax import cli
+
+    _, problem = _saved_problem(tmp_path)
+    path, _ = _saved_problem(tmp_path, name="nolabels.npz", pref=np.full_like(problem.pref, np.nan))
+    assert cli.main(["synthetic", "--problem", str(path), "--out", str(tmp_path / "o"), "plots=false",
+                     "steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "nolabels.npz" in err and "no pair is labelled" in err

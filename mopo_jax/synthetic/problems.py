@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -222,8 +224,10 @@ def load_problem(path) -> PreferenceProblem:
     try:
         with np.load(src, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{src}: cannot read as a .npz archive ({exc})") from exc
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        # a truncated or corrupt archive surfaces as BadZipFile / EOFError / zlib.error
+        raise ValueError(f"{src}: cannot read as a .npz archive "
+                         f"({type(exc).__name__}: {exc})") from exc
     for key in ("pref", "ref"):
         if key not in arrays:
             raise ValueError(f"{src}: missing required field '{key}' "
@@ -255,7 +259,24 @@ def load_problem(path) -> PreferenceProblem:
         prompt_weights = np.zeros(0)
     problem = PreferenceProblem(name=name, description=description, pref=pref, ref=ref, mu=mu,
                                 prompt_weights=prompt_weights, tau=tau, threshold_grid=grid)
-    return validate_problem(problem, source=src)
+    problem = validate_problem(problem, source=src)
+    _check_labelled(problem.pref, src)
+    return problem
+
+
+def _check_labelled(pref: np.ndarray, src: str) -> None:
+    """A user's problem must label at least one off-diagonal pair of every objective (NaN = unlabelled)."""
+    K, X, N = pref.shape[0], pref.shape[1], pref.shape[2]
+    if X == 0 or N < 2:
+        return  # no pair exists to label; the shape checks govern such problems
+    off = ~np.eye(N, dtype=bool)
+    labelled = np.sum(~np.isnan(pref) & off, axis=(1, 2, 3))  # [K]
+    if not labelled.any():
+        _fail(src, "pref", f"no pair is labelled: every off-diagonal entry of all {K} objectives is NaN")
+    empty = [int(k) for k in np.flatnonzero(labelled == 0)]
+    if empty:
+        _fail(src, "pref", f"objective(s) {empty} (of K={K}) have no labelled pair: every off-diagonal entry "
+                           "is NaN")
 
 
 def save_problem(problem: PreferenceProblem, path) -> None:
