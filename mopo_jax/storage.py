@@ -11,10 +11,13 @@ either the old file or the new one, never a truncated one that a later run would
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import uuid
+import warnings
+import zipfile
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -89,17 +92,43 @@ def load_arrays(location) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def content_key(**dependencies) -> str:
+    """A short hash of everything a cached result was computed from (config fields, input files' sizes and
+    modification times): a cache file named with it is never read for other inputs."""
+    text = json.dumps(jsonable(dependencies), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def input_files_signature(source: str) -> list:
+    """``[(path, size, mtime), ...]`` of the files under a local source (a file or a directory); ``[source]`` for a
+    hub name or URL, whose content the name stands for."""
+    local = os.path.expanduser(source)
+    if not is_local(source) or not os.path.exists(local):
+        return [source]
+    files = [local] if os.path.isfile(local) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(local) for name in names)
+    return [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
+
+
 def cached_stage(name: str, exists: Callable[[], bool], build: Callable[[bool], T], load: Callable[[], T], *,
                  everywhere: bool = False) -> T:
     """A preparation stage whose result is cached in files: done once, then read by every later run.
 
-    When process 0 does not find the files (``exists``), the stage is built: by process 0 alone (host work such as
-    tokenisation; the others wait at a barrier, then ``load``), or, with ``everywhere``, by every process together
-    (device work on the mesh, whose collectives need all processes; ``build`` gets whether this process writes, and
-    its return value is used directly). ``build(write)`` writes the files when ``write`` is True.
+    When process 0 does not find the files (``exists``), or cannot read them (a truncated or corrupt cache is
+    rebuilt, with a warning), the stage is built: by process 0 alone (host work such as tokenisation; the others
+    wait at a barrier, then ``load``), or, with ``everywhere``, by every process together (device work on the mesh,
+    whose collectives need all processes; ``build`` gets whether this process writes, and its return value is used
+    directly). ``build(write)`` writes the files when ``write`` is True.
     """
-    if broadcast_from_primary(int(exists())):
-        return load()
+    loaded, readable = None, False
+    if is_primary() and exists():
+        try:
+            loaded, readable = load(), True
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            warnings.warn(f"stage {name!r}: its cache cannot be read ({type(error).__name__}: {error}); rebuilding it",
+                          stacklevel=2)
+    if broadcast_from_primary(int(readable)):
+        return loaded if is_primary() else load()
     if everywhere:
         value = build(is_primary())
         barrier(f"stage-{name}")

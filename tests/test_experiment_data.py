@@ -72,3 +72,42 @@ def test_pku_style_pairs_plug_in_by_config(tmp_path):
     eval_rows = eval_prompt_rows(data["eval"]["objective"], 6, data["eval"]["prompt_tokens"])
     assert len(eval_rows) == min(6, len(data["eval"]["tokens"]))
     assert len({data["eval"]["prompt_tokens"][r].tobytes() for r in eval_rows}) == len(eval_rows)
+
+
+@needs_smollm2
+def test_caches_are_keyed_by_their_inputs_and_rebuilt_when_unreadable(tmp_path):
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import prepare_data
+
+    source = tmp_path / "pku" / "test.jsonl"
+    source.parent.mkdir()
+    source.write_text("\n".join(json.dumps({
+        "prompt": f"Question {i}: what about topic {i}?", "response_0": f"Short answer {i}.",
+        "response_1": f"A much longer answer about topic {i}.", "better_response_id": i % 2,
+        "safer_response_id": 1 - i % 2}) for i in range(120)) + "\n")
+    common = [f"work_dir={tmp_path / 'work'}", "data.format=pairs", f"data.pairs.source={source}",
+              "data.max_response_tokens=16", "data.policy_pairs=20", "data.labeler_pairs=10", "data.judge_pairs=10",
+              "data.eval_pairs=10", "data.eval_prompts=4"]
+    short = load_config(ExperimentConfig, None, [*common, "data.max_prompt_tokens=8"])
+    long = load_config(ExperimentConfig, None, [*common, "data.max_prompt_tokens=24"])
+    first = prepare_data(short)
+    assert first["policy_train"]["prompt_tokens"].shape[1] == 8
+    # Another data setting does not read the first one's cache (a stale cache would return 8 prompt columns).
+    assert prepare_data(long)["policy_train"]["prompt_tokens"].shape[1] == 24
+    assert len(list((tmp_path / "work").glob("data-*"))) == 2
+    # An edited input file is another input: its own cache.
+    source.write_text(source.read_text() + json.dumps({"prompt": "One more?", "response_0": "Yes.",
+                                                       "response_1": "No, never.", "better_response_id": 0,
+                                                       "safer_response_id": 0}) + "\n")
+    prepare_data(short)
+    assert len(list((tmp_path / "work").glob("data-*"))) == 3
+    # A cache cut by a crash is rebuilt with a warning, not read as a BadZipFile traceback.
+    (cache,) = [d for d in (tmp_path / "work").glob("data-*") if d.stat().st_mtime == max(
+        x.stat().st_mtime for x in (tmp_path / "work").glob("data-*"))]
+    split_file = cache / "policy_train.npz"
+    split_file.write_bytes(split_file.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="cannot be read.*rebuilding"):
+        rebuilt = prepare_data(short)
+    assert rebuilt["policy_train"]["tokens"].shape[0] > 0
+    np.testing.assert_array_equal(np.load(split_file)["tokens"], rebuilt["policy_train"]["tokens"])

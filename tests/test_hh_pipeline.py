@@ -127,7 +127,8 @@ def test_evaluation_and_pareto_outputs(pipeline):
 
 def test_labelers_and_judges_are_trained_on_disjoint_prompts(pipeline):
     _, _, evaluated, work_dir = pipeline
-    data = {split: np.load(work_dir / "data" / f"{split}.npz") for split in ("labeler_train", "judge_train",
+    (data_dir,) = work_dir.glob("data-*")  # one data setting: one content-keyed cache
+    data = {split: np.load(data_dir / f"{split}.npz") for split in ("labeler_train", "judge_train",
                                                                                      "eval", "policy_train")}
     prompts = {split: {tuple(row[mask > 0]) for row, mask in zip(d["prompt_tokens"], d["prompt_mask"])}
                for split, d in data.items()}

@@ -94,9 +94,28 @@ def _balanced(dataset, cap: int) -> list[dict]:
     return out
 
 
+def _data_key(config: ExperimentConfig) -> str:
+    """What the tokenized splits are computed from: the data section, the tokenizer, the input files."""
+    data = config.data
+    source = data.pairs.source if data.format == "pairs" else data.source
+    sources = source if isinstance(source, tuple) else (source,)
+    return storage.content_key(data=dataclasses.asdict(data), tokenizer=config.model.name,
+                               files=[storage.input_files_signature(str(s)) for s in sources])
+
+
+def _cache_path(config: ExperimentConfig, name: str, suffix: str = ".npz", **dependencies):
+    """``work_dir/NAME-KEY.npz``: KEY hashes the tokenized data's key, the pretrained model and ``dependencies``, so
+    a changed setting never reads another setting's cache."""
+    spec = config.model
+    key = storage.content_key(data=_data_key(config), model=(spec.name, spec.dtype, spec.param_dtype),
+                              **dependencies)
+    return storage.path(config.work_dir) / f"{name}-{key}{suffix}"
+
+
 def prepare_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
-    """Tokenized arrays per split (cached in ``work_dir/data``; built by process 0, read by every process)."""
-    directory = storage.path(config.work_dir) / "data"
+    """Tokenized arrays per split (cached in ``work_dir/data-KEY``, KEY a hash of the data settings, the tokenizer
+    and the input files; built by process 0, read by every process)."""
+    directory = storage.path(config.work_dir) / f"data-{_data_key(config)}"
     paths = {split: directory / f"{split}.npz" for split in SPLIT_CAPS}
     return storage.cached_stage(
         "data", lambda: all(p.exists() for p in paths.values()),
@@ -168,7 +187,7 @@ def _pair_features(config, model_config, params, arrays, split: str, mesh) -> tu
     in ``work_dir`` (labelers, judges and MODPO runs all read them)."""
     from mopo_jax.evaluation.preference_models import response_features
 
-    path = storage.path(config.work_dir) / f"features_{split}_layer{config.preference.feature_layer}.npz"
+    path = _cache_path(config, f"features_{split}_layer{config.preference.feature_layer}")
 
     def build(write):
         _log(f"features of {split} (layer {config.preference.feature_layer})")
@@ -190,8 +209,9 @@ def preference_models(config: ExperimentConfig, data, model, mesh) -> dict[str, 
     identically on every process, written by process 0)."""
     from mopo_jax.evaluation.preference_models import BradleyTerryModel
 
-    path = storage.path(config.work_dir) / "preference_models.npz"
-    summary_path = storage.path(config.work_dir) / "preference_models.json"
+    fitted_from = dict(preference=dataclasses.asdict(config.preference), seed=config.seed)
+    path = _cache_path(config, "preference_models", **fitted_from)
+    summary_path = _cache_path(config, "preference_models", ".json", **fitted_from)
 
     def load():
         stored = storage.load_arrays(path)
@@ -277,7 +297,7 @@ def _split_model(config: ExperimentConfig, model_config, params):
 
 def _lower_activations(config, lower_config, lower, arrays, name: str, mesh) -> np.ndarray:
     """Residual stream after the frozen blocks for every response of ``arrays`` (cached): ``[B, 2, T, D]``."""
-    path = storage.path(config.work_dir) / f"activations_{name}_top{config.model.trainable_top_layers}.npz"
+    path = _cache_path(config, f"activations_{name}_top{config.model.trainable_top_layers}")
 
     def build(write):
         _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
@@ -388,8 +408,8 @@ class RunContext:
     def _reference_log_probs(self, arrays, upper_config, upper) -> np.ndarray:
         from mopo_jax.evaluation.policy_eval import pair_log_probs
 
-        path = storage.path(self.config.work_dir) / (
-            f"reference_log_probs_policy_train_top{self.config.model.trainable_top_layers}.npz")
+        path = _cache_path(self.config, f"reference_log_probs_top{self.config.model.trainable_top_layers}",
+                           completion_start=self.config.data.max_prompt_tokens)
 
         def build(write):
             _log("precomputing the reference's log-probabilities of the policy-train pairs")
@@ -689,9 +709,8 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
     ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
     from mopo_jax.evaluation import policy_eval
 
-    settings = dict(seed=config.seed, prompts=len(prompt_tokens), **dataclasses.asdict(config.eval))
-    tag = "_".join(f"{k}{v}" for k, v in sorted(settings.items()))
-    path = storage.path(config.work_dir) / f"eval_reference_{tag}.npz"
+    path = _cache_path(config, "eval_reference", seed=config.seed, prompts=np.asarray(prompt_tokens).tolist(),
+                       eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers)
 
     def build(write):
         model_config, params = model
