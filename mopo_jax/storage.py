@@ -151,6 +151,25 @@ class AppendLog:
         self._local = is_local(location)
         self._lines: list[str] | None = None
 
+    def truncate_after(self, step: int) -> int:
+        """Drops the records of steps after ``step`` (and a line torn by a crash), so that a run resumed from the
+        checkpoint of ``step`` writes each later step once. Returns how many lines were dropped."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            _write_bytes(self.path, "".join(kept).encode())
+        self._lines = None
+        return len(lines) - len(kept)
+
     def append(self, records: list[dict]) -> None:
         if not records:
             return

@@ -132,3 +132,31 @@ def test_a_broken_run_is_kept_off_the_front():
     broken = json.loads(json.dumps(good).replace("0.6", "NaN"))
     with pytest.raises(ValueError, match="non-finite helpfulness"):
         result_from_eval(broken, "runs/a")
+
+
+def test_metrics_hold_each_step_once_after_resumes(tmp_path):
+    import shutil
+
+    batch = _batch()
+
+    def batches(position):
+        for index in range(position.get("index", 0), 10):
+            yield batch, {"index": index + 1}
+
+    config = TrainConfig(objective=po.DPO(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    params = init_params(MODEL, jax.random.PRNGKey(0))
+    checkpoints = CheckpointConfig(str(tmp_path / "ckpt"), save_every=2)
+    metrics_path = tmp_path / "metrics.jsonl"
+    train(MODEL, config, params, batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
+    uninterrupted = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    # A crash after step 4's metrics reached the file but before its checkpoint was committed, plus a line torn
+    # in the middle: the rerun resumes from step 2 and runs steps 3 and 4 again.
+    shutil.rmtree(tmp_path / "ckpt" / "4")
+    with open(metrics_path, "a") as handle:
+        handle.write('{"step": 5, "lo')
+    for _ in range(2):  # any number of resumes
+        train(MODEL, config, params, batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in uninterrupted], rtol=1e-6)

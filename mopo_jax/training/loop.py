@@ -174,6 +174,8 @@ def train(
         if restored is not None:
             state, position, start = restored.state, dict(restored.data_position), restored.step
             logger.info("resuming at step %d from data position %s", start, position)
+            if metrics_log is not None:  # steps after the checkpoint ran before a crash; they run again now
+                metrics_log.truncate_after(start)
         else:
             state = _initial_state(model_config, train_config, optimizer, params, key, mesh, state_shardings)
             position, start = dict(initial_position or {}), 0
