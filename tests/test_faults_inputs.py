@@ -147,3 +147,42 @@ def test_all_nan_problem_fails_the_cli(tmp_path, capsys):
                      "steps=2"]) == 2
     err = capsys.readouterr().err
     assert "nolabels.npz" in err and "no pair is labelled" in err
+
+
+# --- 4. HH-RLHF loader ----------------------------------------------------------------------------
+
+_H, _A = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _hh_line(i: int, answer: str | None = None) -> str:
+    import json
+
+    prompt = f"{_H} question {i}{_A}"
+    return json.dumps({"chosen": prompt + (answer or f" good answer {i}"), "rejected": prompt + f" bad answer {i}"})
+
+
+def test_lone_surrogate_line_is_skipped_with_its_line_number(tmp_path):
+    import warnings
+
+    from mopo_jax.data.hh_rlhf import HHRLHFWarning, load_hh_rlhf
+
+    lines = [_hh_line(0), _hh_line(1, answer=' bad \ud800 text'), _hh_line(2)]  # line 2: valid JSON, lone surrogate
+    (tmp_path / "harmless-base-test.jsonl").write_text("\n".join(lines) + "\n", encoding="ascii")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HHRLHFWarning)
+        subsets, report = load_hh_rlhf(tmp_path, subsets=("harmless-base",))
+    assert len(subsets["harmless-base"]) == 2
+    f = report.file("harmless-base")
+    assert dict(f.skipped) == {"invalid_text": 1} and f.first_lines == {"invalid_text": [2]}
+    assert any("invalid_text" in str(w.message) for w in caught)
+
+
+def test_missing_subset_file_is_an_error_naming_it(tmp_path):
+    from mopo_jax.data.hh_rlhf import HHRLHFWarning, load_hh_rlhf
+
+    (tmp_path / "harmless-base-test.jsonl").write_text(_hh_line(0) + "\n")
+    with pytest.raises(ValueError, match=r"helpful-base-test\.jsonl\.gz: file not found"):
+        load_hh_rlhf(tmp_path, subsets=("helpful-base", "harmless-base"))
+    with pytest.warns(HHRLHFWarning, match="file not found"):  # explicit opt-in keeps the warning
+        subsets, _ = load_hh_rlhf(tmp_path, subsets=("helpful-base", "harmless-base"), allow_missing=True)
+    assert len(subsets["helpful-base"]) == 0 and len(subsets["harmless-base"]) == 1

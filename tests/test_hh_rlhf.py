@@ -205,7 +205,7 @@ def test_bad_lines_are_skipped_counted_and_warned(tmp_path):
 def test_missing_file_skipped_with_warning(tmp_path):
     _write(tmp_path / "harmless-base-test.jsonl", [_line(g) for g in GOOD], compress=False)  # plain JSON lines too
     with pytest.warns(HHRLHFWarning, match=r"helpful-base-test\.jsonl\.gz: file not found"):
-        subsets, report = load_hh_rlhf(tmp_path, subsets=("helpful-base", "harmless-base"))
+        subsets, report = load_hh_rlhf(tmp_path, subsets=("helpful-base", "harmless-base"), allow_missing=True)
     assert len(subsets["helpful-base"]) == 0 and len(subsets["harmless-base"]) == 4
     assert report.missing_files == [str(tmp_path / "helpful-base-test.jsonl.gz")]
     assert report.file("helpful-base").skipped["missing_file"] == 1
@@ -224,8 +224,10 @@ def test_nothing_valid_is_an_error_naming_the_file(tmp_path):
     _write(tmp_path / "helpful-base-test.jsonl.gz", [])
     with pytest.raises(HHRLHFDataError, match="helpful-base-test.jsonl.gz: no valid preference pair"):
         load_hh_rlhf(tmp_path, subsets=("helpful-base",))
-    with pytest.warns(HHRLHFWarning), pytest.raises(HHRLHFDataError, match="nothing loaded"):
+    with pytest.raises(HHRLHFDataError, match="helpful-rejection-sampled-test.jsonl.gz: file not found"):
         load_hh_rlhf(tmp_path, subsets=("helpful-rejection-sampled",))
+    with pytest.warns(HHRLHFWarning), pytest.raises(HHRLHFDataError, match="nothing loaded"):
+        load_hh_rlhf(tmp_path, subsets=("helpful-rejection-sampled",), allow_missing=True)
 
 
 def test_truncated_gzip_keeps_lines_before_damage(tmp_path):

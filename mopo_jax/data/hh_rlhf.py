@@ -61,10 +61,11 @@ MALFORMED_JSON = "malformed_json"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_KEY = "missing_key"
 NOT_A_STRING = "not_a_string"
+INVALID_TEXT = "invalid_text"  # valid JSON whose strings hold lone surrogates (not encodable as UTF-8)
 CORRUPT_FILE = "corrupt_file"
 MISSING_FILE = "missing_file"
 REASONS = (NO_ASSISTANT_TURN, IDENTICAL_RESPONSES, EMPTY_RESPONSE, DIVERGES_BEFORE_FINAL_TURN, INVALID_UTF8,
-           MALFORMED_JSON, NOT_AN_OBJECT, MISSING_KEY, NOT_A_STRING, CORRUPT_FILE, MISSING_FILE)
+           MALFORMED_JSON, NOT_AN_OBJECT, MISSING_KEY, NOT_A_STRING, INVALID_TEXT, CORRUPT_FILE, MISSING_FILE)
 
 COLUMNS = ("subset", "objective", "prompt", "turns", "chosen", "rejected", "preference_probs", "label_mask",
            "prompt_hash", "source", "line")
@@ -369,6 +370,12 @@ def _validate(obj: Any, report: FileReport, line: int, subset: str, objective: i
     if not isinstance(chosen, str) or not isinstance(rejected, str):
         report.skip(NOT_A_STRING, line)
         return None
+    try:  # a JSON escape such as "\ud800" decodes to a lone surrogate, which no UTF-8 consumer accepts
+        chosen.encode("utf-8")
+        rejected.encode("utf-8")
+    except UnicodeEncodeError:
+        report.skip(INVALID_TEXT, line)
+        return None
     pair, reason = parse_pair_with_reason(chosen, rejected)
     if pair is None:
         report.skip(reason, line)
@@ -460,7 +467,7 @@ def _objective_of(subset: str, objectives: Mapping[str, int]) -> int:
 
 def load_hh_rlhf(source: str | os.PathLike, subsets: Sequence[str] = DEFAULT_SUBSETS, split: str = "test", *,
                  objectives: Mapping[str, int] = SUBSET_OBJECTIVES,
-                 num_objectives: int = NUM_OBJECTIVES) -> LoadedHH:
+                 num_objectives: int = NUM_OBJECTIVES, allow_missing: bool = False) -> LoadedHH:
     """Load HH-RLHF preference pairs, one ``datasets.Dataset`` per subset, plus a :class:`LoadReport`.
 
     Args:
@@ -471,13 +478,16 @@ def load_hh_rlhf(source: str | os.PathLike, subsets: Sequence[str] = DEFAULT_SUB
       split: ``"test"`` or ``"train"``.
       objectives: subset -> objective index (default: helpful-* -> 0, harmless-base -> 1).
       num_objectives: ``K``, the length of ``preference_probs`` / ``label_mask``.
+      allow_missing: when True, a missing subset file only warns (:class:`HHRLHFWarning`) and gives an empty
+        dataset for that subset; by default it is an error (training on fewer objectives than asked for silently
+        is worse than stopping).
 
     Returns:
       :class:`LoadedHH` ``(subsets, report)``; ``subsets[name]`` has columns :data:`COLUMNS` (provenance in
-      ``source`` / ``line``). A missing file warns (:class:`HHRLHFWarning`) and gives an empty dataset.
+      ``source`` / ``line``). A missing file raises, or with ``allow_missing`` warns and gives an empty dataset.
 
     Raises:
-      HHRLHFDataError: a file exists but holds no valid pair (the message names it and the skip counts), nothing at
+      HHRLHFDataError: a subset file is missing (unless ``allow_missing``), a file exists but holds no valid pair (the message names it and the skip counts), nothing at
         all was loaded, a local path is not a directory, or the hub could not be reached.
     """
     subsets = tuple(subsets)
@@ -493,6 +503,9 @@ def load_hh_rlhf(source: str | os.PathLike, subsets: Sequence[str] = DEFAULT_SUB
             path = _resolve_file(local, subset, split)
             records, file_report = read_jsonl_pairs(path, subset, objective_of[subset], num_objectives)
             report.files.append(file_report)
+            if not file_report.exists and not allow_missing:
+                raise HHRLHFDataError(f"hh-rlhf: {path}: file not found (subset {subset!r}, split {split!r}; also "
+                                      f"looked for .jsonl and {subset}/{split}.jsonl[.gz] under {local})")
             _warn_file(file_report)
             if file_report.exists and not records:
                 raise HHRLHFDataError(f"hh-rlhf: {path}: no valid preference pair in {file_report.lines} lines"
