@@ -186,3 +186,44 @@ def test_missing_subset_file_is_an_error_naming_it(tmp_path):
     with pytest.warns(HHRLHFWarning, match="file not found"):  # explicit opt-in keeps the warning
         subsets, _ = load_hh_rlhf(tmp_path, subsets=("helpful-base", "harmless-base"), allow_missing=True)
     assert len(subsets["helpful-base"]) == 0 and len(subsets["harmless-base"]) == 1
+
+
+# --- 5. chat templates without jinja2 -------------------------------------------------------------
+
+class _NoJinjaTokenizer:
+    """Stands in for a transformers tokenizer in an environment without jinja2."""
+    pad_token_id = 0
+    eos_token_id = 1
+    eos_token = "</s>"
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise ImportError("apply_chat_template requires jinja2 to be installed.")
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[2 + (ord(c) % 50) for c in t] for t in texts]}
+
+
+def _pairs():
+    return [{"turns": [("user", "hi")], "chosen": "a", "rejected": "b", "preference_probs": [1.0, 0.5],
+             "label_mask": [True, False]}]
+
+
+def test_missing_jinja2_is_an_import_error_naming_it():
+    from mopo_jax.data.tokenize import end_of_turn_text, format_and_tokenize
+
+    with pytest.raises(ImportError, match=r"jinja2.*mopo-jax\[lm\]"):
+        format_and_tokenize(_pairs(), _NoJinjaTokenizer(), 8, 4)
+    with pytest.raises(ImportError, match="jinja2"):  # the per-row path too (end marker given)
+        format_and_tokenize(_pairs(), _NoJinjaTokenizer(), 8, 4, end_of_turn="</s>")
+    with pytest.raises(ImportError, match="jinja2"):
+        end_of_turn_text(_NoJinjaTokenizer())
+
+
+def test_jinja2_is_declared_with_transformers():
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    (lm,) = [name for name, deps in extras.items() if any(d.startswith("transformers") for d in deps)]
+    assert any(d.split(">")[0].split("=")[0].strip() == "jinja2" for d in extras[lm])

@@ -106,6 +106,12 @@ class TokenizeReport:
 # Formatting.
 
 
+def _template_dependency_error(exc: ImportError) -> ImportError:
+    """A missing template dependency (jinja2) is an install problem, not a bad dialogue: say what to install."""
+    return ImportError(f"chat templates need jinja2, which could not be imported ({exc}); install it with "
+                       "pip install 'mopo-jax[lm]' (or pip install jinja2)")
+
+
 def end_of_turn_text(tokenizer) -> str:
     """The text a chat template puts after an assistant message (stripped), e.g. ``"<|im_end|>"``.
 
@@ -115,6 +121,8 @@ def end_of_turn_text(tokenizer) -> str:
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    except ImportError as exc:
+        raise _template_dependency_error(exc) from exc
     except Exception:
         text = ""
     marker = ""
@@ -201,6 +209,7 @@ def format_and_tokenize(
 
     Raises:
       ValueError: no pairs given, bad limits, or every pair was dropped (the message gives the reasons).
+      ImportError: the chat template cannot render because jinja2 is not installed (``mopo-jax[lm]``).
     """
     if max_prompt_tokens < 0 or max_response_tokens < 1:
         raise ValueError(f"need max_prompt_tokens >= 0 and max_response_tokens >= 1, got "
@@ -226,6 +235,8 @@ def format_and_tokenize(
                                                  add_generation_prompt=True, tokenize=False)
         except KeyError:
             raise
+        except ImportError as exc:  # jinja2 missing: every row would fail, so stop instead of dropping them all
+            raise _template_dependency_error(exc) from exc
         except Exception:  # a template that rejects this dialogue (e.g. role alternation)
             report.drop(TEMPLATE_ERROR, i)
             continue
