@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -227,3 +229,21 @@ def test_jinja2_is_declared_with_transformers():
         "optional-dependencies"]
     (lm,) = [name for name, deps in extras.items() if any(d.startswith("transformers") for d in deps)]
     assert any(d.split(">")[0].split("=")[0].strip() == "jinja2" for d in extras[lm])
+
+
+def test_large_user_problems_announce_their_stages(tmp_path, monkeypatch, capsys):
+    """A problem above LARGE_PROBLEM_ENTRIES says so, and every stage line carries the time since the previous one
+    (a run of minutes shows progress); small problems keep their plain lines."""
+    from mopo_jax import cli
+    from mopo_jax.synthetic import benchmark, problems
+
+    problem = problems.make_thurstone_ties(seed=3, num_prompts=4, num_candidates=5)
+    path = tmp_path / "p.npz"
+    problems.save_problem(problem, path)
+    monkeypatch.setattr(benchmark, "LARGE_PROBLEM_ENTRIES", 10)
+    assert cli.main(["synthetic", "--problem", str(path), "--thresholds", "0.6", "--out", str(tmp_path / "out"),
+                     "plots=false", "steps=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("large problem (2 objectives x 4 prompts x 5^2 pairs, 1 thresholds)" in line for line in lines)
+    stage_lines = [line for line in lines if line.startswith("  exact solver") or line.startswith("  mopo_")]
+    assert len(stage_lines) >= 3 and all(re.search(r"\[\d\d:\d\d:\d\d, \+\d+ s\]$", line) for line in stage_lines)

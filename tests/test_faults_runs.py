@@ -160,3 +160,27 @@ def test_metrics_hold_each_step_once_after_resumes(tmp_path):
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in uninterrupted], rtol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen(po.DPO):
+    """DPO on log-probabilities cut from the gradient: every step's gradient norm is exactly 0."""
+
+    def loss(self, state, batch, log_probs):
+        return super().loss(state, batch, jax.lax.stop_gradient(log_probs))
+
+
+def test_a_gradient_norm_of_zero_is_reported(tmp_path):
+    from mopo_jax.training.loop import ZeroGradientWarning
+
+    batch = _batch()
+
+    def batches(position):
+        for index in range(position.get("index", 0), 10):
+            yield batch, {"index": index + 1}
+
+    config = TrainConfig(objective=Frozen(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    with pytest.warns(ZeroGradientWarning, match="step 1: the gradient norm is exactly 0") as caught:
+        train(MODEL, config, init_params(MODEL, jax.random.PRNGKey(0)), batches, 3, mesh, None)
+    assert sum(issubclass(w.category, ZeroGradientWarning) for w in caught) == 1  # once per run, not per step

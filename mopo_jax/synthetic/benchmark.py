@@ -292,6 +292,23 @@ def _sweep_entries(values, kl, weights, trajectory_values, run_seconds, steps, t
     return entries
 
 
+#: Preference entries (K x X x N x N) above which a run announces each stage before it starts.
+LARGE_PROBLEM_ENTRIES = 2_000_000
+
+
+def _announcing(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` that also prints the time since the previous line (progress on problems where a stage takes
+    minutes)."""
+    last = [time.perf_counter()]
+
+    def announce(message: str) -> None:
+        now = time.perf_counter()
+        log(f"{message} [{time.strftime('%H:%M:%S')}, +{now - last[0]:.0f} s]")
+        last[0] = now
+
+    return announce
+
+
 def run_structure(
     problem: problems.PreferenceProblem,
     config: SyntheticConfig,
@@ -318,6 +335,13 @@ def run_structure(
     if thresholds is None:
         thresholds = exact.default_threshold_grid(w, ref, prompt_weights, tau, num=config.num_thresholds)
     thresholds = np.asarray(thresholds, np.float64).reshape(-1, num_objectives - 1)
+    num_prompts, num_candidates = ref.shape
+    if num_prompts * num_candidates**2 * num_objectives > LARGE_PROBLEM_ENTRIES:
+        # Minutes per method at this size: say what is running before it runs, not only after.
+        log(f"  large problem ({num_objectives} objectives x {num_prompts} prompts x {num_candidates}^2 pairs, "
+            f"{len(thresholds)} thresholds): a line with the time since the previous one follows each stage")
+        log = _announcing(log)
+        log("  exact solver: solving every threshold ...")
     start = time.perf_counter()
     solutions = exact.exact_front(w, ref, prompt_weights, tau, thresholds)
     exact_seconds = time.perf_counter() - start

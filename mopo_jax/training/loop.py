@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -48,6 +49,10 @@ class NonFiniteError(RuntimeError):
         super().__init__(f"step {step} produced non-finite {', '.join(names)}; stopped without saving it ({where}). "
                          "Lower the learning rate or check the batch of that step.")
         self.step, self.names, self.last_saved = step, names, last_saved
+
+
+class ZeroGradientWarning(UserWarning):
+    """A step's gradient norm was exactly 0: training goes on but learns nothing."""
 
 
 def _non_finite(metrics: dict) -> list[str]:
@@ -181,6 +186,7 @@ def train(
             position, start = dict(initial_position or {}), 0
 
         step_fn = None
+        warned_zero_gradient: list[int] = []
         pending: list[tuple[int, dict, Any, float]] = []  # (step, device metrics, device token count, data time)
         window_start = time.perf_counter()
         last_saved = start if restored is not None else None
@@ -200,6 +206,11 @@ def train(
                     if metrics_log is not None:
                         metrics_log.append(records)  # the finite steps before it
                     raise NonFiniteError(step, bad, last_saved)
+                if "grad_norm" in metrics and float(metrics["grad_norm"]) == 0.0 and not warned_zero_gradient:
+                    warned_zero_gradient.append(step)
+                    warnings.warn(f"step {step}: the gradient norm is exactly 0, so the parameters no longer move "
+                                  "(a saturated model after too large a learning rate, or a loss that does not "
+                                  "depend on them)", ZeroGradientWarning, stacklevel=2)
                 record = {
                     "step": step,
                     "time": time.time(),
