@@ -54,19 +54,24 @@ def _batch(prompts=4, length=12):
     }
 
 
-def test_non_finite_step_stops_without_saving_it(tmp_path):
+def _batches(position):
+    """Ten copies of :func:`_batch`, resumable from ``position``."""
     batch = _batch()
+    for index in range(position.get("index", 0), 10):
+        yield batch, {"index": index + 1}
 
-    def batches(position):
-        for index in range(position.get("index", 0), 10):
-            yield batch, {"index": index + 1}
 
+def _one_device():
+    return sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+
+
+def test_non_finite_step_stops_without_saving_it(tmp_path):
     config = TrainConfig(objective=PoisonedAfter(after=2), optimizer=OptimizerConfig(learning_rate=1e-3))
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    mesh = _one_device()
     params = init_params(MODEL, jax.random.PRNGKey(0))
     metrics_path = tmp_path / "metrics.jsonl"
     with pytest.raises(NonFiniteError, match=r"step 3 produced non-finite .*loss.*newest checkpoint is step 2"):
-        train(MODEL, config, params, batches, 6, mesh, CheckpointConfig(str(tmp_path / "ckpt"), save_every=1),
+        train(MODEL, config, params, _batches, 6, mesh, CheckpointConfig(str(tmp_path / "ckpt"), save_every=1),
               metrics_path=str(metrics_path))
     saved = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
     assert saved == [1, 2]  # nothing of the non-finite step 3
@@ -137,18 +142,12 @@ def test_a_broken_run_is_kept_off_the_front():
 def test_metrics_hold_each_step_once_after_resumes(tmp_path):
     import shutil
 
-    batch = _batch()
-
-    def batches(position):
-        for index in range(position.get("index", 0), 10):
-            yield batch, {"index": index + 1}
-
     config = TrainConfig(objective=po.DPO(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    mesh = _one_device()
     params = init_params(MODEL, jax.random.PRNGKey(0))
     checkpoints = CheckpointConfig(str(tmp_path / "ckpt"), save_every=2)
     metrics_path = tmp_path / "metrics.jsonl"
-    train(MODEL, config, params, batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
+    train(MODEL, config, params, _batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
     uninterrupted = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     # A crash after step 4's metrics reached the file but before its checkpoint was committed, plus a line torn
     # in the middle: the rerun resumes from step 2 and runs steps 3 and 4 again.
@@ -156,7 +155,7 @@ def test_metrics_hold_each_step_once_after_resumes(tmp_path):
     with open(metrics_path, "a") as handle:
         handle.write('{"step": 5, "lo')
     for _ in range(2):  # any number of resumes
-        train(MODEL, config, params, batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
+        train(MODEL, config, params, _batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in uninterrupted], rtol=1e-6)
@@ -173,14 +172,8 @@ class Frozen(po.DPO):
 def test_a_gradient_norm_of_zero_is_reported(tmp_path):
     from mopo_jax.training.loop import ZeroGradientWarning
 
-    batch = _batch()
-
-    def batches(position):
-        for index in range(position.get("index", 0), 10):
-            yield batch, {"index": index + 1}
-
     config = TrainConfig(objective=Frozen(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    mesh = _one_device()
     with pytest.warns(ZeroGradientWarning, match="step 1: the gradient norm is exactly 0") as caught:
-        train(MODEL, config, init_params(MODEL, jax.random.PRNGKey(0)), batches, 3, mesh, None)
+        train(MODEL, config, init_params(MODEL, jax.random.PRNGKey(0)), _batches, 3, mesh, None)
     assert sum(issubclass(w.category, ZeroGradientWarning) for w in caught) == 1  # once per run, not per step

@@ -169,10 +169,8 @@ def train(
     metrics_log = storage.AppendLog(metrics_path) if metrics_path and storage.is_primary() else None
     history: list[dict] = []
     # Without checkpoints there is nothing to save on SIGTERM: leave its default (terminate) in place.
-    guard = PreemptionGuard() if checkpointer is not None else None
+    guard = PreemptionGuard().start() if checkpointer is not None else None
     try:
-        if guard is not None:
-            guard.__enter__()
         restored = None
         if checkpointer is not None:
             restored = checkpointer.restore_latest(abstract_train_state(state_shapes, state_shardings))
@@ -269,7 +267,7 @@ def train(
             checkpointer.save(final_step, state, position, force=True)
     finally:
         if guard is not None:
-            guard.__exit__()
+            guard.stop()
         if checkpointer is not None:
             checkpointer.close()  # waits for the last save to be committed
     return state, history

@@ -35,16 +35,24 @@ class PreemptionGuard:
         self._previous = None
         self._multi_process = jax.process_count() > 1
 
-    def __enter__(self) -> "PreemptionGuard":
+    def start(self) -> "PreemptionGuard":
+        """Starts listening (single process: installs the SIGTERM handler)."""
         # Multi-process: the coordination service's own SIGTERM notifier is already listening (jax.distributed).
         if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Puts the previous SIGTERM handler back."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+    def __enter__(self) -> "PreemptionGuard":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (call after every step, on every process)."""
