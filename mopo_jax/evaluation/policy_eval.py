@@ -252,21 +252,27 @@ def generate_responses(
     batch_size: int = 16,
     top_k: int | None = None,
     mesh=None,
+    num_samples: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample (or, with ``temperature=0``, greedily decode) one response per left-padded prompt.
+    """Sample (or, with ``temperature=0``, greedily decode) ``num_samples`` responses per left-padded prompt.
 
     Prompts go through :func:`mopo_jax.models.generate` in fixed ``[batch_size, P]`` batches (the last batch is
-    padded with copies of its first row and cut), so generation compiles once. Batch ``i`` uses the key
-    ``fold_in(rng, i)``: the result depends only on ``rng``, the prompts and ``batch_size``, not on the mesh (with
-    ``mesh`` the prompts of a batch are split over its batch axes; sampling draws the same numbers whatever the
-    sharding, ``jax_threefry_partitionable``).
+    padded with copies of its first row and cut), so generation compiles once; a prompt's samples share its prefill.
+    Batch ``i`` uses the key ``fold_in(rng, i)``: the result depends only on ``rng``, the prompts, ``batch_size`` and
+    ``num_samples``, not on the mesh (with ``mesh`` the rows of a batch are split over its batch axes; sampling draws
+    the same numbers whatever the sharding, ``jax_threefry_partitionable``). When a batch's prompts do not split
+    over the mesh but its ``batch_size * num_samples`` rows do, the prompts are repeated before generation instead
+    (the same samples, computed without sharing the prefill).
 
     Returns:
-      ``(response_tokens int32 [N, max_new_tokens], response_mask bool [N, max_new_tokens])``; the mask is a prefix
-      (True up to and including ``eos_id``), tokens after it are ``pad_id``.
+      ``(response_tokens int32 [N * num_samples, max_new_tokens], response_mask bool [...])``; row ``r`` answers
+      prompt ``r // num_samples``; the mask is a prefix (True up to and including ``eos_id``), tokens after it are
+      ``pad_id``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.asarray(prompt_mask, bool)
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
@@ -285,13 +291,16 @@ def generate_responses(
         if n < batch_size:
             fill = np.zeros(batch_size - n, np.int64)  # copies of the chunk's first row (a real prompt)
             toks, mask = np.concatenate([toks, toks[fill]]), np.concatenate([mask, mask[fill]])
+        shared = num_samples
+        if mesh is not None and batch_size % sharding.batch_size_multiple(mesh):
+            toks, mask, shared = np.repeat(toks, num_samples, axis=0), np.repeat(mask, num_samples, axis=0), 1
         toks, mask = sharding.put_batch((toks, mask), mesh)
         out = generate(model_config, params, toks, R, prompt_mask=mask, temperature=0.0 if greedy else temperature,
                        top_p=None if greedy else top_p, top_k=None if greedy else top_k,
-                       rng=jax.random.fold_in(rng, i), eos_id=eos_id, pad_id=pad_id)
+                       rng=jax.random.fold_in(rng, i), eos_id=eos_id, pad_id=pad_id, num_samples=shared)
         out_tokens, out_mask = sharding.to_host((out.tokens, out.mask))
-        tokens_out.append(out_tokens.astype(np.int32)[:n])
-        mask_out.append(out_mask.astype(bool)[:n])
+        tokens_out.append(out_tokens.astype(np.int32)[:n * num_samples])
+        mask_out.append(out_mask.astype(bool)[:n * num_samples])
     if not tokens_out:
         return np.zeros((0, R), np.int32), np.zeros((0, R), bool)
     return np.concatenate(tokens_out), np.concatenate(mask_out)

@@ -627,10 +627,10 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
             step = int(jax.device_get(state.step))
             repeated = {k: np.repeat(v, per_prompt, axis=0) for k, v in prompt_batch.items()}
             responses, response_mask = generate_responses(
-                model_config, reference, repeated["prompt_tokens"], repeated["prompt_mask"],
+                model_config, reference, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"],
                 config.data.max_response_tokens, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
                 temperature=config.onpolicy.temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
-                batch_size=count * per_prompt, mesh=mesh,
+                batch_size=count, mesh=mesh, num_samples=per_prompt,
             )
             tokens, attention, completion = response_rows(
                 repeated["prompt_tokens"], repeated["prompt_mask"], responses, response_mask)

@@ -7,7 +7,7 @@ safetensors; those are imported lazily by the loaders.
 """
 
 from .config import ModelConfig, PRESETS, config_from_hf, get_preset
-from .generation import GenerateOutput, chat_prompt_ids, generate, generate_cli, left_pad
+from .generation import GenerateOutput, chat_prompt_ids, generate, generate_cli, left_pad, sample_tokens
 from .tokenizer import CHATML_TEMPLATE, load_tokenizer
 from .transformer import (
     count_params,
@@ -17,6 +17,8 @@ from .transformer import (
     init_params,
     param_logical_axes,
     param_shapes,
+    prefill,
+    repeat_cache,
     residual_stream,
     split_layers,
     join_layers,
@@ -28,9 +30,9 @@ from .weights import GGUF_MODELS, load_pretrained, resolve_model
 __all__ = [
     "ModelConfig", "PRESETS", "get_preset", "config_from_hf",
     "init_params", "forward", "unembed", "token_log_probs", "param_logical_axes",
-    "param_shapes", "count_params", "init_cache", "decode_step", "residual_stream", "split_layers", "join_layers",
+    "param_shapes", "count_params", "init_cache", "prefill", "repeat_cache", "decode_step", "residual_stream", "split_layers", "join_layers",
     "load_pretrained", "resolve_model", "GGUF_MODELS", "load_tokenizer", "CHATML_TEMPLATE",
-    "generate", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids", "Transformer",
+    "generate", "sample_tokens", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids", "Transformer",
 ]
 
 

@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .transformer import decode_step, init_cache
+from .transformer import decode_step, prefill, repeat_cache, unembed
 
 
 class GenerateOutput(NamedTuple):
     """Result of :func:`generate` (a pytree).
 
-    tokens: int32 ``[B, max_new_tokens]``; ``pad_id`` after a row finished.
-    mask: bool ``[B, max_new_tokens]``; True for generated tokens (up to and
+    tokens: int32 ``[B * num_samples, max_new_tokens]``; ``pad_id`` after a row finished.
+    mask: bool ``[B * num_samples, max_new_tokens]``; True for generated tokens (up to and
       including the eos token).
-    logprobs: float32 ``[B, max_new_tokens]``; log-probability of each generated
+    logprobs: float32 ``[B * num_samples, max_new_tokens]``; log-probability of each generated
       token under the model (temperature 1, no top-k/top-p filtering); 0 where
       ``mask`` is False.
     """
@@ -47,43 +47,98 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, length: int | 
     return toks, mask
 
 
-def _filter_logits(logits, top_k: int | None, top_p: float | None):
+_CDF_BLOCK = 256  # vocabulary block of the two-level inverse CDF
+
+
+def _keep_mask(logits, top_k: int | None, top_p: float | None):
+    """Tokens that survive top-k, then top-p (nucleus) filtering of ``logits [B, V]``: bool ``[B, V]``.
+
+    Top-k keeps every token whose logit is at least the k-th largest. Top-p keeps token ``i`` iff the probability mass
+    of the strictly more likely tokens is below ``top_p``, ``sum_{j: p_j > p_i} p_j < top_p`` (the smallest set of
+    most likely tokens whose mass reaches ``top_p``, ties kept together). Its threshold ``min{p_i : kept}`` is found
+    by bisection on the bit patterns of the (non-negative, so order-preserving) float32 probabilities: 31 masked sums
+    over the vocabulary instead of a sort of it.
+    """
+    keep = jnp.ones(logits.shape, bool)
     if top_k is not None and top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        keep = logits >= kth
     if top_p is not None and top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        cum_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-        keep = cum_before < top_p  # always keeps the top token
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
+        probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
+
+        def mass_above(threshold_bits):
+            threshold = jax.lax.bitcast_convert_type(threshold_bits, jnp.float32)[:, None]
+            return jnp.sum(jnp.where(probs > threshold, probs, 0.0), axis=-1)
+
+        def bisect(_, bounds):
+            low, high = bounds  # mass_above(low) >= top_p > mass_above(high)
+            middle = low + (high - low) // 2
+            below = mass_above(middle) < top_p
+            return jnp.where(below, low, middle), jnp.where(below, middle, high)
+
+        high = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32)
+        low = jnp.zeros_like(high)
+        _, high = jax.lax.fori_loop(0, 31, bisect, (low, high))
+        keep &= probs >= jax.lax.bitcast_convert_type(high, jnp.float32)[:, None]
+    return keep
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "top_k",
+def _invert_cdf(weights, uniform):
+    """Index ``i`` with ``C_{i-1} <= u W < C_i`` for the cumulative weights ``C`` of each row of ``weights [B, V]``
+    (non-negative, each row with positive total ``W``) and ``uniform [B]`` in [0, 1): a draw from ``weights / W``.
+
+    Two levels (block sums, then one block's cumulative sum) keep it at two passes over the vocabulary; a zero-weight
+    token is never returned."""
+    B, V = weights.shape
+    blocks = -(-V // _CDF_BLOCK)
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * _CDF_BLOCK - V))).reshape(B, blocks, _CDF_BLOCK)
+    block_mass = jnp.sum(weights, axis=-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = uniform * block_cdf[:, -1]
+    last_block = jnp.max(jnp.where(block_mass > 0, jnp.arange(blocks), 0), axis=-1)
+    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), last_block)
+    inner = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cdf - block_mass, block[:, None], axis=1)
+    inner_cdf = before + jnp.cumsum(inner, axis=-1)
+    last_token = jnp.max(jnp.where(inner > 0, jnp.arange(_CDF_BLOCK), 0), axis=-1)
+    token = jnp.minimum(jnp.sum(inner_cdf <= target[:, None], axis=-1), last_token)
+    return (block * _CDF_BLOCK + token).astype(jnp.int32)
+
+
+def sample_tokens(rng: jax.Array, logits: jax.Array, temperature=1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+    """One token per row of ``logits [B, V]`` from ``softmax(logits / temperature)`` restricted to the top-k, then
+    top-p tokens (see :func:`_keep_mask`), renormalised: int32 ``[B]``.
+
+    Inverse-CDF sampling with one uniform per row (``jax.random.uniform(rng, (B,))``): unlike Gumbel-max it draws B
+    numbers per step instead of B x V, the cost that dominated a decode step of a 49k-token vocabulary on CPU.
+    """
+    scaled = logits.astype(jnp.float32) / temperature
+    keep = _keep_mask(scaled, top_k, top_p)
+    weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
+    return _invert_cdf(weights, jax.random.uniform(rng, (logits.shape[0],), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "num_samples", "greedy", "top_k",
                                              "top_p", "eos_id", "pad_id"))
 def _generate_jit(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, temperature, *,
-                  max_new_tokens: int, greedy: bool, top_k, top_p, eos_id, pad_id):
+                  max_new_tokens: int, num_samples: int, greedy: bool, top_k, top_p, eos_id, pad_id):
     B, P = prompt_tokens.shape
     N = max_new_tokens
-    cache = init_cache(config, B, P + N)
-    logits, cache = decode_step(config, params, prompt_tokens, cache, mask=prompt_mask)
-    last = logits[:, -1, :]
+    hidden, cache = prefill(config, params, prompt_tokens, prompt_mask, P + N)
+    last = unembed(config, params, hidden)
+    if num_samples > 1:  # one prefill per prompt, its cache copied to the prompt's samples
+        cache = repeat_cache(cache, num_samples)
+        last = jnp.repeat(last, num_samples, axis=0)
+        B *= num_samples
 
-    def cond(state):
-        step, _, _, _, _, _, done, _ = state
-        return (step < N) & ~jnp.all(done)
-
-    def body(state):
-        step, cache, last, out, out_mask, out_lp, done, rng = state
-        rng, sub = jax.random.split(rng)
+    def emit(step, last, out, out_mask, out_lp, done):
+        """Samples token ``step`` of every row from ``last`` (its logits) and records it."""
         if greedy:
             nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
         else:
-            filt = _filter_logits(last / temperature, top_k, top_p)
-            nxt = jax.random.categorical(sub, filt, axis=-1).astype(jnp.int32)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), nxt[:, None], axis=-1)[:, 0]
+            nxt = sample_tokens(jax.random.fold_in(rng, step), last, temperature, top_k, top_p)
+        lp = jnp.take_along_axis(last, nxt[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(last, axis=-1)
         active = ~done
         nxt = jnp.where(active, nxt, pad_id)
         out = out.at[:, step].set(nxt)
@@ -91,14 +146,25 @@ def _generate_jit(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, 
         out_lp = out_lp.at[:, step].set(jnp.where(active, lp, 0.0))
         if eos_id is not None:
             done = done | (nxt == eos_id)
+        return nxt, active, out, out_mask, out_lp, done
+
+    def cond(state):
+        step, _, _, _, _, _, done = state
+        return (step < N - 1) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, last, out, out_mask, out_lp, done = state
+        nxt, active, out, out_mask, out_lp, done = emit(step, last, out, out_mask, out_lp, done)
         logits, cache = decode_step(config, params, nxt[:, None], cache, mask=active[:, None])
-        return step + 1, cache, logits[:, -1, :], out, out_mask, out_lp, done, rng
+        return step + 1, cache, logits[:, -1, :], out, out_mask, out_lp, done
 
     state = (jnp.zeros((), jnp.int32), cache, last,
              jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), bool),
-             jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool), rng)
-    state = jax.lax.while_loop(cond, body, state)
-    _, _, _, out, out_mask, out_lp, _, _ = state
+             jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool))
+    step, _, last, out, out_mask, out_lp, done = jax.lax.while_loop(cond, body, state)
+    # The last token needs no decode step (nothing reads its logits); after an early exit every row is done and
+    # this records padding where padding already is.
+    _, _, out, out_mask, out_lp, _ = emit(step, last, out, out_mask, out_lp, done)
     return GenerateOutput(out, out_mask, out_lp)
 
 
@@ -120,8 +186,8 @@ def _check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) ->
 def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
              prompt_mask=None, temperature: float = 0.0, top_p: float | None = None,
              top_k: int | None = None, rng: jax.Array | None = None,
-             eos_id: int | None = None, pad_id: int | None = None) -> GenerateOutput:
-    """Generate ``max_new_tokens`` continuations of a batch of prompts.
+             eos_id: int | None = None, pad_id: int | None = None, num_samples: int = 1) -> GenerateOutput:
+    """Generate ``max_new_tokens`` continuations of a batch of prompts (``num_samples`` per prompt).
 
     Args:
       prompt_tokens: int ``[B, P]``, LEFT-padded (see :func:`left_pad`).
@@ -131,12 +197,20 @@ def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
       eos_id: stop a row after it emits this token (the loop exits early once
         every row has finished).
       pad_id: filler after a row finished (default ``eos_id`` or 0).
+      num_samples: continuations per prompt; output row ``r`` continues prompt
+        ``r // num_samples`` (the order of ``np.repeat``). The prompt's prefill
+        and KV cache are computed once and shared by its samples.
 
-    The whole loop (prefill + ``lax.while_loop`` over decode steps with a KV
-    cache of ``P + max_new_tokens`` slots) is one jitted function; it recompiles
-    only when shapes or the static options change.
+    The whole loop is one jitted function; it recompiles only when shapes or
+    the static options change. The prefill (:func:`prefill`) unembeds only the
+    last prompt column; each decode step writes one slot of the KV cache (a
+    loop carry, updated in place), samples with :func:`sample_tokens` using the
+    key ``fold_in(rng, step)`` and records the token's log-probability, all
+    in the same step.
     """
     _check_max_new_tokens(max_new_tokens)
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or int(num_samples) < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_tokens.ndim != 2:
         raise ValueError(f"prompt_tokens must be [B, P], got shape {prompt_tokens.shape}")
@@ -149,6 +223,10 @@ def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
     # The longest real (unpadded) prompt plus the new tokens must fit the model's context.
     longest = int(np.asarray(prompt_mask).sum(axis=1).max()) if prompt_tokens.shape[0] else 0
     _check_context(config, longest, max_new_tokens)
+    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
     greedy = temperature is None or float(temperature) == 0.0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng key")
@@ -158,7 +236,7 @@ def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
         pad_id = eos_id if eos_id is not None else 0
     return _generate_jit(config, params, prompt_tokens, prompt_mask, rng,
                          jnp.float32(1.0 if greedy else temperature),
-                         max_new_tokens=int(max_new_tokens), greedy=greedy,
+                         max_new_tokens=int(max_new_tokens), num_samples=int(num_samples), greedy=greedy,
                          top_k=None if top_k is None else int(top_k),
                          top_p=None if top_p is None else float(top_p),
                          eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id))

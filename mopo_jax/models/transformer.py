@@ -212,20 +212,22 @@ def _dense(x, w, b=None):
     return y
 
 
-def _attention_reference(cfg: ModelConfig, q, k, v, mask):
-    """The explicit einsum/softmax attention (``ModelConfig.attention="reference"``).
+def _attention_reference(cfg: ModelConfig, q, k, v, mask, *, heads_first: bool = False):
+    """The explicit einsum/softmax attention (``ModelConfig.attention="reference"``, and every KV-cache read).
 
-    q [B,T,Hq,hd], k/v [B,S,Hkv,hd], mask [B,T,S] bool -> [B,T,Hq*hd]. Scores and softmax in float32; masked scores are
-    a finite -1e30, so a query row with no visible key averages all values uniformly (never NaN).
+    q [B,T,Hq,hd], k/v [B,S,Hkv,hd] (``heads_first``: [B,Hkv,S,hd], the KV-cache layout), mask [B,T,S] bool ->
+    [B,T,Hq*hd]. Scores and softmax in float32; masked scores are a finite -1e30, so a query row with no visible key
+    averages all values uniformly (never NaN).
     """
     B, T, _, hd = q.shape
     G = cfg.n_heads // cfg.n_kv_heads
     q = q.reshape(B, T, cfg.n_kv_heads, G, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv = "bksd" if heads_first else "bskd"
+    logits = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / math.sqrt(hd))
     logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(B, T, cfg.n_heads * hd)
 
 
@@ -311,9 +313,13 @@ def _attention(cfg: ModelConfig, q, k, v, mask, *, causal: bool = False):
     return out.reshape(B, T, cfg.n_heads * hd)
 
 
-def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_index=None, causal=False):
-    """One pre-norm transformer block. Returns (h, (k, v)) where k/v are the
-    (updated) cache tensors if ``cache_kv`` is given, else the fresh k/v."""
+def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, store_kv=None, causal=False):
+    """One pre-norm transformer block. Returns ``(h, kv)``.
+
+    Without ``store_kv`` the queries attend to this call's keys/values (``cfg.attention``) and ``kv`` is the fresh
+    ``(k, v)`` [B,T,Hkv,hd]. With a KV cache, ``store_kv(k, v) -> (keys, values, kv)`` writes the new keys/values into
+    the cache and returns what the queries attend to (this layer's cache slots, [B,Hkv,S,hd]) and the updated cache,
+    passed back as ``kv``."""
     B, T, _ = h.shape
     x = _norm(cfg, lp["attn_norm"], h)
     q = _dense(x, lp["wq"], lp.get("bq")).reshape(B, T, cfg.n_heads, cfg.head_dim)
@@ -322,12 +328,11 @@ def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_i
     if cfg.positional == "rope":
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
-    if cache_kv is not None:
-        ck, cv = cache_kv
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-        attn = _attention(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    if store_kv is not None:
+        keys, values, kv = store_kv(k, v)
+        attn = _attention_reference(cfg, q, keys.astype(q.dtype), values.astype(q.dtype), mask, heads_first=True)
     else:
+        kv = (k, v)
         attn = _attention(cfg, q, k, v, mask, causal=causal)
     h = h + _dense(attn, lp["wo"], lp.get("bo"))
 
@@ -339,7 +344,7 @@ def _block(cfg: ModelConfig, lp: dict, h, cos, sin, mask, cache_kv=None, cache_i
     else:
         y = jax.nn.gelu(_dense(x, lp["w_up"], lp.get("b_up")), approximate=True)
     h = h + _dense(y, lp["w_down"], lp.get("b_down"))
-    return h, (k, v)
+    return h, kv
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -421,7 +426,15 @@ def residual_stream(config: ModelConfig, params: Params, tokens: jax.Array,
 
     Run on the lower part of :func:`split_layers`, this is the ``inputs_hidden`` of the upper part.
     """
-    cfg = config
+    h, _ = _blocks(config, params, tokens, positions, mask, inputs_hidden=inputs_hidden,
+                   activation_sharding=activation_sharding)
+    return h
+
+
+def _blocks(cfg: ModelConfig, params: Params, tokens, positions, mask, *, inputs_hidden=None,
+            activation_sharding=None, keep_kv: bool = False):
+    """Embedding and every block (causal self-attention): ``(h, kv)``, the residual stream and, with ``keep_kv``,
+    every layer's keys and values ``[L, B, T, Hkv, hd]`` (else None)."""
     B, T = tokens.shape
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
     if mask is None:
@@ -448,11 +461,10 @@ def residual_stream(config: ModelConfig, params: Params, tokens: jax.Array,
         return h if activation_sharding is None else jax.lax.with_sharding_constraint(h, activation_sharding)
 
     def layer(h, lp):
-        h, _ = _block(cfg, lp, constrain(h), cos, sin, attn_mask, causal=True)
-        return h, None
+        h, kv = _block(cfg, lp, constrain(h), cos, sin, attn_mask, causal=True)
+        return h, (kv if keep_kv else None)
 
-    h, _ = jax.lax.scan(_remat(cfg, layer), constrain(h), params["layers"], unroll=cfg.scan_unroll)
-    return h
+    return jax.lax.scan(_remat(cfg, layer), constrain(h), params["layers"], unroll=cfg.scan_unroll)
 
 
 def split_layers(config: ModelConfig, params: Params, num_lower: int):
@@ -517,12 +529,12 @@ def token_log_probs(config: ModelConfig, params: Params, hidden: jax.Array,
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
     """Empty KV cache for ``max_len`` token slots.
 
-    Fields: ``k``/``v`` ``[L, B, max_len, n_kv_heads, head_dim]``, ``mask``
-    ``[B, max_len]`` (slot holds a real token), ``pos`` ``[B]`` (next position id
-    per row), ``index`` (scalar, next slot to write; shared by the batch).
+    Fields: ``k``/``v`` ``[L, B, n_kv_heads, max_len, head_dim]`` (heads before slots: a decode step's attention reads
+    each layer's cache as it is, without a transposed copy), ``mask`` ``[B, max_len]`` (slot holds a real token),
+    ``pos`` ``[B]`` (next position id per row), ``index`` (scalar, next slot to write; shared by the batch).
     """
     dt = jnp.dtype(dtype) if dtype is not None else config.compute_dtype
-    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
     return {
         "k": jnp.zeros(shape, dt),
         "v": jnp.zeros(shape, dt),
@@ -530,6 +542,43 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
         "pos": jnp.zeros((batch_size,), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
+
+
+def prefill(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array, max_len: int,
+            dtype=None) -> tuple[jax.Array, dict]:
+    """Run a LEFT-padded prompt batch ``tokens [B, P]`` (``mask`` True = real token) and start a KV cache of
+    ``max_len >= P`` slots from it.
+
+    The prompt attends only to itself (causal and padding mask, ``config.attention``), so it costs what a forward
+    pass costs; its keys/values fill slots ``[0, P)``. Returns ``(hidden [B, D], cache)``: the final-norm hidden
+    state of the last column only (the only position whose logits generation needs: :func:`unembed` it), and the
+    cache, equal to what :func:`decode_step` leaves after the same prompt.
+    """
+    cfg = config
+    B, P = tokens.shape
+    if max_len < P:
+        raise ValueError(f"max_len {max_len} < prompt length {P}")
+    mask = mask.astype(bool)
+    h, (k, v) = _blocks(cfg, params, tokens, None, mask, keep_kv=True)
+    h = _norm(cfg, params["final_norm"], h[:, -1])
+    dt = jnp.dtype(dtype) if dtype is not None else cfg.compute_dtype
+    slots = ((0, 0), (0, 0), (0, 0), (0, max_len - P), (0, 0))
+    cache = {
+        "k": jnp.pad(jnp.swapaxes(k, 2, 3).astype(dt), slots),
+        "v": jnp.pad(jnp.swapaxes(v, 2, 3).astype(dt), slots),
+        "mask": jnp.pad(mask, ((0, 0), (0, max_len - P))),
+        "pos": jnp.sum(mask, axis=-1, dtype=jnp.int32),
+        "index": jnp.asarray(P, jnp.int32),
+    }
+    return h, cache
+
+
+def repeat_cache(cache: dict, repeats: int) -> dict:
+    """Every row of ``cache`` ``repeats`` times in a row (row ``r`` of the result is row ``r // repeats``): one
+    prompt's prefill shared by its ``repeats`` samples."""
+    batch_axis = {"k": 1, "v": 1, "mask": 0, "pos": 0}
+    return {name: (jnp.repeat(value, repeats, axis=batch_axis[name]) if name in batch_axis else value)
+            for name, value in cache.items()}
 
 
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
@@ -541,13 +590,14 @@ def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: d
     Tokens are written to slots ``[index, index + T)``. ``mask [B, T]`` marks real
     tokens (0 = padding, e.g. left padding of a prompt); padding slots are never
     attended to and do not advance the row's position. ``positions`` default to
-    ``cache["pos"] + cumsum(mask) - 1``.
+    ``cache["pos"] + cumsum(mask) - 1``. The cache is updated in place when the
+    caller donates it (or carries it through a loop, as :func:`generate` does).
 
     Returns ``(logits [B, T, V] float32 (or hidden), new_cache)``.
     """
     cfg = config
     B, T = tokens.shape
-    S = cache["k"].shape[2]
+    S = cache["k"].shape[3]
     index = cache["index"]
     if mask is None:
         mask = jnp.ones((B, T), bool)
@@ -565,12 +615,22 @@ def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: d
     h = _embed(cfg, params, tokens, positions)
     cos, sin = _rope_cos_sin(cfg, positions) if cfg.positional == "rope" else (None, None)
 
-    def layer(h, xs):
-        lp, ck, cv = xs
-        h, (k, v) = _block(cfg, lp, h, cos, sin, attn_mask, (ck, cv), index)
-        return h, (k, v)
+    def layer(carry, lp):
+        h, cache_k, cache_v, i = carry
 
-    h, (new_k, new_v) = jax.lax.scan(layer, h, (params["layers"], cache["k"], cache["v"]))
+        def store_kv(k, v):
+            # The whole cache is the loop carry and only the new slots are written, in place: returning each
+            # layer's slice as a scan output would copy the full cache on every decode step.
+            at = (i, 0, 0, index, 0)
+            cache_k_new = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2)[None].astype(cache_k.dtype), at)
+            cache_v_new = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2)[None].astype(cache_v.dtype), at)
+            return cache_k_new[i], cache_v_new[i], (cache_k_new, cache_v_new)
+
+        h, (cache_k, cache_v) = _block(cfg, lp, h, cos, sin, attn_mask, store_kv)
+        return (h, cache_k, cache_v, i + 1), None
+
+    (h, new_k, new_v, _), _ = jax.lax.scan(layer, (h, cache["k"], cache["v"], jnp.zeros((), jnp.int32)),
+                                           params["layers"])
     h = _norm(cfg, params["final_norm"], h)
     new_cache = {
         "k": new_k,
