@@ -63,6 +63,18 @@ def _bench_step(args) -> int:
     return 0
 
 
+def _bench_generate(args) -> int:
+    import json
+
+    from mopo_jax.bench.generate import generate_report
+
+    report = generate_report(preset=args.preset, prompts=args.prompts, prompt_len=args.prompt_len,
+                             new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             repeats=args.repeats, compare_torch=not args.no_torch)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _bench_memory(args) -> int:
     from mopo_jax.bench.memory import main as memory_main
 
@@ -232,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--completion-only", action="store_true",
                       help="unembed only the response columns (TrainConfig.completion_start = prompt length)")
     step.set_defaults(handler=_bench_step)
+    sampling = bench_commands.add_parser(
+        "generate", help="sampling time of mopo_jax.models.generate against transformers' generate (interleaved)")
+    sampling.add_argument("--preset", default="smollm2-135m", help="a Llama-family model preset (random weights)")
+    sampling.add_argument("--prompts", type=int, default=64)
+    sampling.add_argument("--prompt-len", type=int, default=96)
+    sampling.add_argument("--new-tokens", type=int, default=32)
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs JAX, then PyTorch)")
+    sampling.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    sampling.set_defaults(handler=_bench_generate)
     memory = bench_commands.add_parser(
         "memory", help="ahead-of-time compile a step on simulated devices and print per-device memory (JSON)",
         add_help=False)

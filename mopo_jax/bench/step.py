@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from mopo_jax.bench.peak import device_peak_flops, measure_matmul_peak
+from mopo_jax.bench.timing import interleaved_seconds, ratio_summary
 from mopo_jax.models import ModelConfig, get_preset, init_params
 from mopo_jax.policy_objectives import Objective, objective_class
 from mopo_jax.state import MOPOConfig
@@ -88,60 +89,36 @@ def _pair_batch(config: ModelConfig, pairs: int, prompt_len: int, response_len: 
             "preference_probs": np.ones((pairs, num_objectives), np.float32), "label_mask": labels}
 
 
-def time_train_step(
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    mesh_config: sharding.MeshConfig,
-    pairs: int,
-    prompt_len: int,
-    response_len: int,
-    steps: int = 10,
-    warmup: int = 2,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Compiles the step, runs ``warmup`` steps, then times ``steps`` steps (median)."""
-    mesh = sharding.make_mesh(mesh_config)
-    optimizer = make_optimizer(train_config.optimizer)
-    params = init_params(model_config, jax.random.PRNGKey(seed))
-    state = init_train_state(model_config, train_config, params, optimizer, jax.random.PRNGKey(seed + 1))
-    del params
-    batch = _pair_batch(model_config, pairs, prompt_len, response_len, 2, seed)
-    step, state_shardings = compile_train_step(
-        model_config, train_config, optimizer, mesh, jax.eval_shape(lambda: state), batch
-    )
-    state = jax.device_put(state, state_shardings)
-    batch = sharding.global_batch(batch, mesh)
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    durations = []
-    for _ in range(steps):
+class JaxTrainStep:
+    """A compiled train step of ``train_config`` on a random batch of ``pairs`` pairs; each call runs one step and
+    waits for it (the state is carried from call to call, as in training)."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, mesh_config: sharding.MeshConfig,
+                 pairs: int, prompt_len: int, response_len: int, seed: int = 0):
+        mesh = sharding.make_mesh(mesh_config)
+        optimizer = make_optimizer(train_config.optimizer)
+        params = init_params(model_config, jax.random.PRNGKey(seed))
+        state = init_train_state(model_config, train_config, params, optimizer, jax.random.PRNGKey(seed + 1))
+        del params
+        batch = _pair_batch(model_config, pairs, prompt_len, response_len, 2, seed)
         start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        durations.append(time.perf_counter() - start)
-    seconds = statistics.median(durations)
-    sequences, length = 2 * pairs, prompt_len + response_len
-    memory = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
-    unembedded = length - max(train_config.completion_start, 1)
-    live_reference = train_config.reference == "live" and train_config.objective.needs_reference
-    flops = step_flops(model_config, sequences, length, live_reference, unembedded)
-    return {
-        "loss": train_config.objective.name,
-        "seconds_per_step": seconds,
-        "all_step_seconds": durations,
-        "compile_and_first_step_seconds": first,
-        "tokens_per_step": sequences * length,
-        "tokens_per_second": sequences * length / seconds,
-        "model_flops_per_step": flops,
-        "model_flops_per_second": flops["total"] / seconds,
-        "final_loss": float(metrics["loss"]),
-        "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
-    }
+        self._step, state_shardings = compile_train_step(
+            model_config, train_config, optimizer, mesh, jax.eval_shape(lambda: state), batch
+        )
+        self._state = jax.device_put(state, state_shardings)
+        self._batch = sharding.global_batch(batch, mesh)
+        self.metrics = None
+        self()
+        self.compile_and_first_step_seconds = time.perf_counter() - start
+        sequences, length = 2 * pairs, prompt_len + response_len
+        live_reference = train_config.reference == "live" and train_config.objective.needs_reference
+        unembedded = length - max(train_config.completion_start, 1)
+        self.tokens_per_step = sequences * length
+        self.flops = step_flops(model_config, sequences, length, live_reference, unembedded)
+
+    def __call__(self):
+        self._state, self.metrics = self._step(self._state, self._batch)
+        jax.block_until_ready(self.metrics)
 
 
 def step_report(
@@ -158,7 +135,10 @@ def step_report(
     completion_only: bool = False,
 ) -> dict[str, Any]:
     """The ``mopo bench step`` report: the step of ``loss`` (and, for the comparison workload, DPO in JAX and DPO in
-    PyTorch in the same run), FLOPs, and MFU against the device's peak (on CPU: the matmul peak measured now)."""
+    PyTorch in the same run), FLOPs, and MFU against the device's peak (on CPU: the matmul peak measured now).
+
+    ``steps`` rounds after two warm-up rounds; each round runs every contender once, in turn, and each ratio is
+    reported as the ratio of medians and as the spread of the round-by-round ratios."""
     model_config = comparison_model() if preset == "comparison" else get_preset(preset)
     overrides = {k: v for k, v in (("dtype", compute_dtype), ("remat", remat)) if v is not None}
     if overrides:
@@ -184,12 +164,35 @@ def step_report(
         "completion_only_unembedding": completion_only,
     }
     losses = [loss] if not compare_torch or loss == "dpo" else [loss, "dpo"]
-    report["steps"] = {
-        name: time_train_step(model_config, TrainConfig(objective=bench_objective(name), **common), mesh_config,
-                              pairs, prompt_len,
-                              response_len, steps=steps)
+    contenders = {
+        name: JaxTrainStep(model_config, TrainConfig(objective=bench_objective(name), **common), mesh_config, pairs,
+                           prompt_len, response_len)
         for name in losses
     }
+    torch_step = None
+    if compare_torch and preset == "comparison" and (pairs, prompt_len, response_len) == (8, 64, 64):
+        from mopo_jax.bench.torch_reference import TorchDPOStep
+
+        torch_step = contenders["torch_dpo"] = TorchDPOStep()
+    # Round-robin (JAX objectives, then PyTorch, in turn): ratios are taken round by round (bench.timing).
+    seconds = interleaved_seconds(contenders, repeats=steps, warmup=2)
+    memory = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
+    report["steps"] = {}
+    for name in losses:
+        runner, durations = contenders[name], seconds[name]
+        median = statistics.median(durations)
+        report["steps"][name] = {
+            "loss": name,
+            "seconds_per_step": median,
+            "all_step_seconds": durations,
+            "compile_and_first_step_seconds": runner.compile_and_first_step_seconds,
+            "tokens_per_step": runner.tokens_per_step,
+            "tokens_per_second": runner.tokens_per_step / median,
+            "model_flops_per_step": runner.flops,
+            "model_flops_per_second": runner.flops["total"] / median,
+            "final_loss": float(runner.metrics["loss"]),
+            "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
+        }
     peak = device_peak_flops(device)
     if peak is None:
         measured = measure_matmul_peak()
@@ -201,16 +204,14 @@ def step_report(
         peak = peak * num_devices
     for result in report["steps"].values():
         result["mfu"] = result["model_flops_per_second"] / peak
-    if "mopo_pairwise" in report["steps"] and "dpo" in report["steps"]:
-        report["mopo_over_dpo_step_time"] = (
-            report["steps"]["mopo_pairwise"]["seconds_per_step"] / report["steps"]["dpo"]["seconds_per_step"]
-        )
-    if compare_torch and preset == "comparison" and (pairs, prompt_len, response_len) == (8, 64, 64):
-        from mopo_jax.bench.torch_reference import torch_dpo_step_seconds
-
-        torch_result = torch_dpo_step_seconds(steps=steps)
-        report["torch_dpo"] = torch_result
-        report["jax_dpo_over_torch_dpo_step_time"] = (
-            report["steps"]["dpo"]["seconds_per_step"] / torch_result["seconds_per_step"]
-        )
+    if "mopo_pairwise" in seconds and "dpo" in seconds:
+        report["mopo_over_dpo_step_time"] = statistics.median(seconds["mopo_pairwise"]) / statistics.median(
+            seconds["dpo"])
+        report["mopo_over_dpo"] = ratio_summary(seconds["mopo_pairwise"], seconds["dpo"])
+    if torch_step is not None:
+        durations = seconds["torch_dpo"]
+        report["torch_dpo"] = {"seconds_per_step": statistics.median(durations), "all_step_seconds": durations,
+                               **torch_step.info()}
+        report["jax_dpo_over_torch_dpo_step_time"] = statistics.median(seconds["dpo"]) / statistics.median(durations)
+        report["jax_dpo_over_torch_dpo"] = ratio_summary(seconds["dpo"], durations)
     return report

@@ -130,58 +130,62 @@ def torch_dpo_loss_and_logps(model, ref_model, tokens, completion_mask, beta: fl
     return loss, policy_logps, reference_logps
 
 
+class TorchDPOStep:
+    """One full DPO training step of the reference model (forward, backward, AdamW update) per call.
+
+    ``num_threads``: torch intra-op threads while a step runs (default ``os.cpu_count()``); the caller's setting is
+    restored after each call, so other code timed in between runs under its own.
+    """
+
+    def __init__(self, seed: int = 0, num_threads: int | None = None):
+        import torch
+
+        self.num_threads = int(num_threads or os.cpu_count() or 1)
+        self.policy = build_reference_model(seed)
+        self.policy.train()
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.tokens, self.completion_mask = make_preference_batch(seed)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+        self.loss = float("nan")
+
+    def __call__(self) -> float:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, _, _ = torch_dpo_loss_and_logps(self.policy, self.reference, self.tokens, self.completion_mask, BETA)
+            loss.backward()
+            self.optimizer.step()
+            self.loss = float(loss.detach())  # float() synchronises; CPU torch is synchronous anyway
+        finally:
+            torch.set_num_threads(previous_threads)
+        return self.loss
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        return {"tokens_per_step": int(self.tokens.numel()), "torch_version": torch.__version__,
+                "num_threads": self.num_threads, "attn_implementation": self.policy.config._attn_implementation,
+                "final_loss": self.loss}
+
+
 def torch_dpo_step_seconds(steps: int = 10, warmup: int = 3, seed: int = 0,
                            num_threads: int | None = None) -> dict[str, Any]:
-    """Wall-clock seconds of one full DPO training step of the reference model (forward, backward, AdamW update).
+    """Wall-clock seconds of :class:`TorchDPOStep` alone: ``warmup`` untimed steps, then the median of ``steps``.
 
-    Args:
-      steps: timed steps; the result is their median.
-      warmup: untimed steps run first.
-      seed: model initialisation and batch seed.
-      num_threads: torch intra-op threads; default ``os.cpu_count()``. The previous setting is restored afterwards.
-
-    Returns:
-      ``{"seconds_per_step", "all_step_seconds", "tokens_per_step", "torch_version", "num_threads",
-      "attn_implementation"}`` plus ``"final_loss"`` (for sanity only).
+    Returns ``{"seconds_per_step", "all_step_seconds", "tokens_per_step", "torch_version", "num_threads",
+    "attn_implementation", "final_loss"}`` (the loss for sanity only).
     """
-    import torch
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    threads = int(num_threads or os.cpu_count() or 1)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        policy = build_reference_model(seed)
-        policy.train()
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        tokens, completion_mask = make_preference_batch(seed)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-
-        def step() -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss, _, _ = torch_dpo_loss_and_logps(policy, reference, tokens, completion_mask, BETA)
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
-
-        for _ in range(warmup):
-            step()
-        times: list[float] = []
-        loss_value = float("nan")
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            loss_value = step()       # float() synchronises; CPU torch is synchronous anyway
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-    return {
-        "seconds_per_step": statistics.median(times),
-        "all_step_seconds": times,
-        "tokens_per_step": int(tokens.numel()),
-        "torch_version": torch.__version__,
-        "num_threads": threads,
-        "attn_implementation": policy.config._attn_implementation,
-        "final_loss": loss_value,
-    }
+    step = TorchDPOStep(seed, num_threads)
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"seconds_per_step": statistics.median(times), "all_step_seconds": times, **step.info()}
