@@ -159,6 +159,15 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="do not join a detected cluster (run this process alone)")
 
 
+def _add_compilation_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compilation cache (mopo_jax.compilation_cache)")
+    group.add_argument("--compilation-cache", default=None, metavar="DIR",
+                       help="directory of JAX's persistent compilation cache (default: $MOPO_COMPILATION_CACHE, else "
+                       "~/.cache/mopo-jax/jax)")
+    group.add_argument("--no-compilation-cache", action="store_true",
+                       help="compile everything anew (also: MOPO_COMPILATION_CACHE=off)")
+
+
 def _pareto(args) -> int:
     from mopo_jax import storage
     from mopo_jax.evaluation.pareto import markdown_table, write_pareto
@@ -190,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="b1,b2,... (sweep of one constraint) or b1,b2;b1,b2 (points for several)")
     synthetic.add_argument("--config", help="YAML file with SyntheticConfig fields")
     synthetic.add_argument("overrides", nargs="*", help="key=value overrides of SyntheticConfig")
+    _add_compilation_cache_arguments(synthetic)
     synthetic.set_defaults(handler=_synthetic)
 
     from mopo_jax.experiment.methods import describe_methods
@@ -207,11 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run_dir holds a run of another configuration: move it aside (RUN_DIR.replaced-TIME) and "
                        "start a new run there")
     _add_job_arguments(train)
+    _add_compilation_cache_arguments(train)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate trained runs (writes RUN_DIR/eval.json)")
     evaluate.add_argument("run_dirs", nargs="+")
     _add_job_arguments(evaluate)
+    _add_compilation_cache_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     pareto = commands.add_parser("pareto", help="Pareto plot and dominance table of evaluated runs")
@@ -225,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--system", default=None, help="system message (default: the model's own)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    _add_compilation_cache_arguments(generate)
     generate.set_defaults(handler=_generate)
 
     bench = commands.add_parser("bench", help="benchmarks (throughput, MFU, memory)")
@@ -243,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side")
     step.add_argument("--completion-only", action="store_true",
                       help="unembed only the response columns (TrainConfig.completion_start = prompt length)")
+    _add_compilation_cache_arguments(step)
     step.set_defaults(handler=_bench_step)
     sampling = bench_commands.add_parser(
         "generate", help="sampling time of mopo_jax.models.generate against transformers' generate (interleaved)")
@@ -254,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=None)
     sampling.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs JAX, then PyTorch)")
     sampling.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    _add_compilation_cache_arguments(sampling)
     sampling.set_defaults(handler=_bench_generate)
     memory = bench_commands.add_parser(
         "memory", help="ahead-of-time compile a step on simulated devices and print per-device memory (JSON)",
@@ -272,6 +287,10 @@ def main(argv=None) -> int:
         return memory_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "no_compilation_cache") and not args.no_compilation_cache:
+        from mopo_jax import compilation_cache
+
+        compilation_cache.enable(args.compilation_cache)
     try:
         return args.handler(args)
     except ValueError as error:
