@@ -709,8 +709,11 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
     ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
     from mopo_jax.evaluation import policy_eval
 
+    from mopo_jax.models.generation import SAMPLER_VERSION
+
     path = _cache_path(config, "eval_reference", seed=config.seed, prompts=np.asarray(prompt_tokens).tolist(),
-                       eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers)
+                       eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers,
+                       sampler=SAMPLER_VERSION)
 
     def build(write):
         model_config, params = model

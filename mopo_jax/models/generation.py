@@ -47,6 +47,10 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, length: int | 
     return toks, mask
 
 
+#: Which random numbers a key draws: part of the key of every cache of sampled responses, so that samples of an older
+#: sampler (Gumbel-max, before 2026-11-29) are never paired with this one's (evaluation uses common random numbers).
+SAMPLER_VERSION = "inverse-cdf-1"
+
 _CDF_BLOCK = 256  # vocabulary block of the two-level inverse CDF
 
 
