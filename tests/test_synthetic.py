@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,8 +59,10 @@ def test_multipliers_match_the_exact_solver_on_slack_and_binding_thresholds():
                            [secondary_free + 0.6 * (best - secondary_free)]])
     tabular = make_problem(problem.pref, problem.ref, problem.mu, problem.prompt_weights)
     config = SyntheticConfig()
-    result = _mopo_sweep(tabular, jnp.asarray(thresholds, jnp.float32), config.mopo_config(problem.tau),
+    batch = jax.tree.map(lambda leaf: leaf[None], tabular)
+    result = _mopo_sweep(batch, jnp.asarray(thresholds, jnp.float32)[None], config.mopo_config(problem.tau),
                          config.settings, "weighted_bc")
+    result = jax.tree.map(lambda leaf: leaf[0], result)
     multipliers = []
     for i, b in enumerate(thresholds):
         solution = exact.solve_constrained(w, problem.ref, problem.prompt_weights, problem.tau, b)
@@ -117,7 +120,8 @@ def test_same_shape_structures_share_one_compile():
     for name in ("bt_conflicting", "intransitive"):
         problem = problems.ALL_STRUCTURES[name](num_prompts=5, num_candidates=6)
         tabular = make_problem(problem.pref, problem.ref, problem.mu, problem.prompt_weights)
-        _mopo_sweep(tabular, jnp.full((3, 1), 0.5, jnp.float32), config.mopo_config(0.08), config.settings,
+        batch = jax.tree.map(lambda leaf: leaf[None], tabular)
+        _mopo_sweep(batch, jnp.full((1, 3, 1), 0.5, jnp.float32), config.mopo_config(0.08), config.settings,
                     "weighted_bc")
     assert _mopo_sweep._cache_size() == before + 1
 

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,27 +92,36 @@ class SyntheticConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Compiled runners: the problem is an argument, so structures of the same shape share one compile per method.
+# Compiled runners over a batch of problems of one shape (a leading axis S): the structures of a shape run in one
+# program per method, which costs little more than one of them (a step of these small problems is mostly the fixed
+# cost of its operations), and compiles once.
 
 
 @partial(jax.jit, static_argnames=("config", "settings", "policy_step"))
-def _mopo_sweep(problem, thresholds, config, settings, policy_step):
-    return jax.vmap(lambda b: run_mopo(problem, b, config, settings, policy_step))(thresholds)
+def _mopo_sweep(problems, thresholds, config, settings, policy_step):
+    """``problems`` [S], ``thresholds`` [S, M, K-1]."""
+    def sweep(problem, points):
+        return jax.vmap(lambda b: run_mopo(problem, b, config, settings, policy_step))(points)
+
+    return jax.vmap(sweep)(problems, thresholds)
 
 
 @partial(jax.jit, static_argnames=("config", "settings"))
-def _mopo_sampled_pairs_sweep(problem, thresholds, data, config, settings):
-    return jax.vmap(lambda b: run_objective(problem, MOPOPairwise(config, b), data, settings))(thresholds)
+def _mopo_sampled_pairs_sweep(problems, thresholds, data, config, settings):
+    def sweep(problem, points, pairs):
+        return jax.vmap(lambda b: run_objective(problem, MOPOPairwise(config, b), pairs, settings))(points)
+
+    return jax.vmap(sweep)(problems, thresholds, data)
 
 
 @partial(jax.jit, static_argnames=("kind", "tau", "settings"))
-def _scalarised_sweep(problem, alphas, kind, tau, settings):
-    return baselines.run_scalarised(kind, problem, alphas, tau, settings)
+def _scalarised_sweep(problems, alphas, kind, tau, settings):
+    return jax.vmap(lambda problem: baselines.run_scalarised(kind, problem, alphas, tau, settings))(problems)
 
 
 @partial(jax.jit, static_argnames=("tau", "settings"))
-def _modpo_sweep(problem, alphas, tau, settings):
-    return baselines.run_modpo(problem, alphas, tau, settings)
+def _modpo_sweep(problems, alphas, tau, settings):
+    return jax.vmap(lambda problem: baselines.run_modpo(problem, alphas, tau, settings))(problems)
 
 
 @jax.jit
@@ -321,32 +330,96 @@ def _announcing(log: Callable[[str], None]) -> Callable[[str], None]:
     return announce
 
 
+class _Prepared(NamedTuple):
+    tau: float
+    tabular: Any  # TabularProblem
+    thresholds: np.ndarray  # [M, K-1]
+
+
+def _prepare(problem: problems.PreferenceProblem, config: SyntheticConfig,
+             thresholds: np.ndarray | None = None) -> _Prepared:
+    """The problem's temperature, its tabular form and its threshold sweep (given, the problem's own grid, or the
+    default grid between what the reference and the unconstrained optimum attain)."""
+    tau = float(problem.tau if config.tau is None else config.tau)
+    tabular = make_problem(problem.pref, problem.ref, problem.mu, problem.prompt_weights)
+    num_objectives = tabular.win_rates.shape[0]
+    if thresholds is None and problem.threshold_grid is not None:
+        thresholds = problem.threshold_grid
+    if thresholds is None:
+        thresholds = exact.default_threshold_grid(
+            np.asarray(tabular.win_rates, np.float64), np.asarray(problem.ref, np.float64),
+            np.asarray(tabular.prompt_weights, np.float64), tau, num=config.num_thresholds)
+    return _Prepared(tau, tabular, np.asarray(thresholds, np.float64).reshape(-1, num_objectives - 1))
+
+
+def _sweeps(prepared: list[_Prepared], config: SyntheticConfig) -> list[dict[str, tuple[Any, float, float]]]:
+    """Every trained method's sweep for problems of one shape and temperature, each method one program over the
+    batch: per problem, ``{method: (result, compile seconds, run seconds)}`` (the seconds of the whole batch).
+
+    Threshold sweeps of different lengths are padded with copies of their last point (the runs are independent, so
+    the real points' results are unchanged) and cut back."""
+    tau, settings = prepared[0].tau, config.settings
+    batch = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[p.tabular for p in prepared])
+    lengths = [len(p.thresholds) for p in prepared]
+    padded = np.stack([np.concatenate([p.thresholds, np.repeat(p.thresholds[-1:], max(lengths) - n, axis=0)])
+                       for p, n in zip(prepared, lengths)])
+    thresholds = jnp.asarray(padded, jnp.float32)
+    out: list[dict[str, tuple[Any, float, float]]] = [{} for _ in prepared]
+
+    def record(name, result, compile_seconds, run_seconds, cut=False):
+        for i, entry in enumerate(out):
+            part = jax.tree.map(lambda leaf: leaf[i, :lengths[i]] if cut else leaf[i], result)
+            entry[name] = (part, compile_seconds, run_seconds)
+
+    mopo_config = config.mopo_config(tau)
+    for policy_step in ("weighted_bc", "pairwise"):
+        record(f"mopo_{policy_step}", *_timed(_mopo_sweep, batch, thresholds, config=mopo_config, settings=settings,
+                                               policy_step=policy_step), cut=True)
+    if config.sampled_pairs > 0:
+        data = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[
+            _sampled_pair_data(p.tabular, config.sampled_pairs, jax.random.PRNGKey(config.seed)) for p in prepared])
+        sampled_config = dataclasses.replace(config.mopo_pairwise_sampled, tau=tau)
+        record("mopo_pairwise_sampled", *_timed(_mopo_sampled_pairs_sweep, batch, thresholds, data,
+                                                config=sampled_config, settings=settings), cut=True)
+    num_objectives = prepared[0].tabular.win_rates.shape[0]
+    weight_points = jnp.asarray(_weight_points(num_objectives, config.sweep_resolution), jnp.float32)
+    for kind in ("dpo", "ipo"):
+        record(kind, *_timed(_scalarised_sweep, batch, weight_points, kind=kind, tau=tau, settings=settings))
+    record("modpo", *_timed(_modpo_sweep, batch, _modpo_weights(num_objectives, config), tau=tau, settings=settings))
+    return out
+
+
+def _modpo_weights(num_objectives: int, config: SyntheticConfig) -> jax.Array:
+    # MODPO divides by the primary weight: only weights with alpha_0 > 0 define it.
+    interior = _weight_points(num_objectives, config.sweep_resolution)[num_objectives:]
+    return jnp.asarray(interior[interior[:, 0] > 0], jnp.float32)
+
+
 def run_structure(
     problem: problems.PreferenceProblem,
     config: SyntheticConfig,
     thresholds: np.ndarray | None = None,
     log: Callable[[str], None] = print,
+    prepared: _Prepared | None = None,
+    sweeps: dict[str, tuple[Any, float, float]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Exact front, MOPO (weighted-BC and pairwise) and every baseline on one problem.
+
+    ``prepared`` and ``sweeps`` (from :func:`_prepare` and :func:`_sweeps`, when :func:`run_benchmark` ran the
+    structures of one shape together) are computed here when not given.
 
     Returns:
       ``(result, policies)``: the JSON-ready result and the final policies of every method (``[M, X, N]``
       probabilities keyed by method).
     """
-    tau = float(problem.tau if config.tau is None else config.tau)
-    tabular = make_problem(problem.pref, problem.ref, problem.mu, problem.prompt_weights)
+    prepared = _prepare(problem, config, thresholds) if prepared is None else prepared
+    tau, tabular, thresholds = prepared
     w = np.asarray(tabular.win_rates, np.float64)
     ref = np.asarray(problem.ref, np.float64)
     prompt_weights = np.asarray(tabular.prompt_weights, np.float64)
     num_objectives = w.shape[0]
     settings = config.settings
     reference_values = np.asarray(policy_metrics(tabular.ref_log_probs, tabular)["values"], np.float64)
-
-    if thresholds is None and problem.threshold_grid is not None:
-        thresholds = problem.threshold_grid
-    if thresholds is None:
-        thresholds = exact.default_threshold_grid(w, ref, prompt_weights, tau, num=config.num_thresholds)
-    thresholds = np.asarray(thresholds, np.float64).reshape(-1, num_objectives - 1)
     num_prompts, num_candidates = ref.shape
     if num_prompts * num_candidates**2 * num_objectives > LARGE_PROBLEM_ENTRIES:
         # Minutes per method at this size: say what is running before it runs, not only after.
@@ -360,16 +433,14 @@ def run_structure(
     exact_points = np.array([s.values for s in solutions if s.feasible]).reshape(-1, num_objectives)
     log(f"  exact solver: {sum(s.feasible for s in solutions)}/{len(solutions)} thresholds feasible "
         f"({exact_seconds:.2f} s)")
+    if sweeps is None:
+        (sweeps,) = _sweeps([prepared], config)
 
     methods: dict[str, Any] = {}
     policies: dict[str, np.ndarray] = {}
-    threshold_array = jnp.asarray(thresholds, jnp.float32)
-    mopo_config = config.mopo_config(tau)
     for policy_step in ("weighted_bc", "pairwise"):
         name = f"mopo_{policy_step}"
-        result, compile_seconds, run_seconds = _timed(
-            _mopo_sweep, tabular, threshold_array, config=mopo_config, settings=settings, policy_step=policy_step
-        )
+        result, compile_seconds, run_seconds = sweeps[name]
         entries = _mopo_entries(result, run_seconds, settings.steps, solutions, thresholds, config.tolerance)
         attained = entries.pop("attained")
         methods[name] = {
@@ -388,10 +459,7 @@ def run_structure(
 
     if config.sampled_pairs > 0:
         name = "mopo_pairwise_sampled"
-        data = _sampled_pair_data(tabular, config.sampled_pairs, jax.random.PRNGKey(config.seed))
-        sampled_config = dataclasses.replace(config.mopo_pairwise_sampled, tau=tau)
-        result, compile_seconds, run_seconds = _timed(
-            _mopo_sampled_pairs_sweep, tabular, threshold_array, data, config=sampled_config, settings=settings)
+        result, compile_seconds, run_seconds = sweeps[name]
         entries = _estimator_entries(result, solutions, thresholds)
         values = np.asarray(result.values, np.float64)
         methods[name] = {
@@ -413,9 +481,7 @@ def run_structure(
     weight_points = _weight_points(num_objectives, config.sweep_resolution)
     expert_logits = None
     for kind in ("dpo", "ipo"):
-        result, compile_seconds, run_seconds = _timed(
-            _scalarised_sweep, tabular, jnp.asarray(weight_points, jnp.float32), kind=kind, tau=tau, settings=settings
-        )
+        result, compile_seconds, run_seconds = sweeps[kind]
         values, kl = np.asarray(result.values, np.float64), np.asarray(result.kl, np.float64)
         trajectory = np.asarray(result.trajectory.values, np.float64)
         entries = _sweep_entries(values, kl, weight_points, trajectory, run_seconds, settings.steps, config.tolerance)
@@ -443,11 +509,8 @@ def run_structure(
             f"(compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
 
     interior_weights = weight_points[num_objectives:]
-    # MODPO divides by the primary weight: only weights with alpha_0 > 0 define it.
-    modpo_weights = interior_weights[interior_weights[:, 0] > 0]
-    result, compile_seconds, run_seconds = _timed(
-        _modpo_sweep, tabular, jnp.asarray(modpo_weights, jnp.float32), tau=tau, settings=settings
-    )
+    modpo_weights = np.asarray(_modpo_weights(num_objectives, config), np.float64)
+    result, compile_seconds, run_seconds = sweeps["modpo"]
     values, kl = np.asarray(result.values, np.float64), np.asarray(result.kl, np.float64)
     methods["modpo"] = {
         "kind": "sweep",
@@ -621,13 +684,20 @@ def run_benchmark(config: SyntheticConfig, out_dir: str, log: Callable[[str], No
     if unknown:
         raise ValueError(f"unknown structure(s) {unknown}; choose from {sorted(problems.ALL_STRUCTURES)}")
     start = time.perf_counter()
+    built = {name: problems.ALL_STRUCTURES[name](seed=config.seed, num_prompts=config.num_prompts,
+                                                 num_candidates=config.num_candidates) for name in names}
+    prepared = {name: _prepare(problem, config) for name, problem in built.items()}
+    groups: dict[tuple, list[str]] = {}
+    for name, item in prepared.items():
+        groups.setdefault((item.tabular.win_rates.shape, item.tau), []).append(name)
+    sweeps = {}
+    for members in groups.values():
+        log(f"[sweeps] {', '.join(members)}: every trained method in one program per method")
+        sweeps.update(zip(members, _sweeps([prepared[name] for name in members], config)))
     structures = {}
     for index, name in enumerate(names):
         log(f"[{index + 1}/{len(names)}] {name}")
-        problem = problems.ALL_STRUCTURES[name](
-            seed=config.seed, num_prompts=config.num_prompts, num_candidates=config.num_candidates
-        )
-        result, _ = run_structure(problem, config, log=log)
+        result, _ = run_structure(built[name], config, log=log, prepared=prepared[name], sweeps=sweeps[name])
         structures[name] = result
         if config.plots:
             plots.pareto_plot(result, os.path.join(out_dir, f"pareto_{name}.png"))
