@@ -12,6 +12,7 @@ Default directory: ``$MOPO_COMPILATION_CACHE`` if set, else ``$XDG_CACHE_HOME/mo
 from __future__ import annotations
 
 import os
+import warnings
 
 ENVIRONMENT_VARIABLE = "MOPO_COMPILATION_CACHE"
 _OFF = {"off", "0", "false", "no", "none", ""}
@@ -36,7 +37,12 @@ def enable(directory: str | None = None) -> str | None:
     if directory is None:
         return None
     if "://" not in directory:
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:  # a read-only home must not stop a run: compile without the cache
+            warnings.warn(f"compilation cache {directory!r} is not usable ({error}); compiling without it "
+                          f"(set {ENVIRONMENT_VARIABLE} to another directory, or to off)", stacklevel=2)
+            return None
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mopo_jax import compilation_cache
 
 TINY = ["structures=bt_aligned", "steps=20", "ablation=false", "plots=false", "sampled_pairs=0", "num_thresholds=3",
@@ -42,6 +44,13 @@ def test_default_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(compilation_cache.ENVIRONMENT_VARIABLE)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compilation_cache.default_directory() == str(tmp_path / "xdg" / "mopo-jax" / "jax")
+
+
+def test_an_unusable_directory_warns_and_leaves_the_cache_off(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.warns(UserWarning, match="not usable"):
+        assert compilation_cache.enable(str(blocker / "cache")) is None
 
 
 def test_cli_writes_then_reuses_the_cache_and_the_flag_turns_it_off(tmp_path):
