@@ -205,13 +205,10 @@ def step_report(
     for result in report["steps"].values():
         result["mfu"] = result["model_flops_per_second"] / peak
     if "mopo_pairwise" in seconds and "dpo" in seconds:
-        report["mopo_over_dpo_step_time"] = statistics.median(seconds["mopo_pairwise"]) / statistics.median(
-            seconds["dpo"])
         report["mopo_over_dpo"] = ratio_summary(seconds["mopo_pairwise"], seconds["dpo"])
     if torch_step is not None:
         durations = seconds["torch_dpo"]
         report["torch_dpo"] = {"seconds_per_step": statistics.median(durations), "all_step_seconds": durations,
                                **torch_step.info()}
-        report["jax_dpo_over_torch_dpo_step_time"] = statistics.median(seconds["dpo"]) / statistics.median(durations)
         report["jax_dpo_over_torch_dpo"] = ratio_summary(seconds["dpo"], durations)
     return report

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopo_jax.models import ModelConfig, generate
+from mopo_jax.models.generation import check_count
 from mopo_jax.objectives import pairwise_objective_values
 from mopo_jax.training import sharding
 from mopo_jax.training.logprobs import sequence_log_probs
@@ -271,8 +272,7 @@ def generate_responses(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    check_count("num_samples", num_samples)
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.asarray(prompt_mask, bool)
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:

@@ -708,7 +708,6 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
     numbers) and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over
     ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
     from mopo_jax.evaluation import policy_eval
-
     from mopo_jax.models.generation import SAMPLER_VERSION
 
     path = _cache_path(config, "eval_reference", seed=config.seed, prompts=np.asarray(prompt_tokens).tolist(),

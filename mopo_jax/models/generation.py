@@ -172,10 +172,10 @@ def _generate_jit(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, 
     return GenerateOutput(out, out_mask, out_lp)
 
 
-def _check_max_new_tokens(max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
-            or int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+def check_count(name: str, value) -> None:
+    """``value`` must be an integer >= 1 (``max_new_tokens``, ``num_samples``); else a ValueError naming ``name``."""
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
@@ -212,9 +212,8 @@ def generate(config: ModelConfig, params, prompt_tokens, max_new_tokens: int, *,
     key ``fold_in(rng, step)`` and records the token's log-probability, all
     in the same step.
     """
-    _check_max_new_tokens(max_new_tokens)
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or int(num_samples) < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    check_count("max_new_tokens", max_new_tokens)
+    check_count("num_samples", num_samples)
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_tokens.ndim != 2:
         raise ValueError(f"prompt_tokens must be [B, P], got shape {prompt_tokens.shape}")
@@ -271,7 +270,7 @@ def generate_cli(model: str, prompt: str, max_new_tokens: int = 64, *, system: s
                  dtype: str = "float32") -> str:
     """Chat-template ``prompt``, generate greedily with ``model`` (name, path or
     hub id accepted by :func:`load_pretrained`) and return the decoded reply."""
-    _check_max_new_tokens(max_new_tokens)  # before loading any weights
+    check_count("max_new_tokens", max_new_tokens)  # before loading any weights
     config, params, tok = _load_for_cli(model, dtype)
     ids = chat_prompt_ids(tok, prompt, system)
     _check_context(config, len(ids), max_new_tokens)
