@@ -137,8 +137,11 @@ def _eval(args) -> int:
     for run_dir in args.run_dirs:
         result = evaluate_run(run_dir, _mesh_overrides(args.mesh))
         if storage.is_primary():
-            print(json.dumps({"run": run_dir, "win_rate": result["evaluation"]["win_rate"],
-                              "kl": result["evaluation"]["kl"], "constraint_met": result["constraint_met"]}))
+            evaluation = result["evaluation"]
+            print(json.dumps({"run": run_dir, "expected_win_rate": evaluation["expected_win_rate"],
+                              "interval": evaluation["expected_win_rate_interval"], "kl": evaluation["kl"],
+                              "judged_win_rate": evaluation["win_rate"],
+                              "constraint": result["constraint_verdict"]}))
     return 0
 
 

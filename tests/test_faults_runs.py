@@ -131,12 +131,16 @@ def test_a_run_directory_holds_one_configuration(tmp_path, capsys):
 def test_a_broken_run_is_kept_off_the_front():
     from mopo_jax.evaluation.pareto import result_from_eval
 
+    judge = {"win_rate": 0.5, "per_prompt": {"expected_win_rate": [0.6, 0.6]}}
     good = {"name": "a", "method": "dpo_helpful",
-            "evaluation": {"win_rate": {"helpfulness": 0.6, "harmlessness": 0.5}, "kl": 0.1}}
+            "evaluation": {"judges": {"helpfulness": judge, "harmlessness": judge}, "per_prompt": {"kl": [0.1, 0.1]}}}
     assert result_from_eval(good)["helpfulness"] == 0.6
-    broken = json.loads(json.dumps(good).replace("0.6", "NaN"))
-    with pytest.raises(ValueError, match="non-finite helpfulness"):
+    broken = json.loads(json.dumps(good).replace("0.6, 0.6", "0.6, NaN"))
+    with pytest.raises(ValueError, match="runs/a: eval.json holds non-finite helpfulness"):
         result_from_eval(broken, "runs/a")
+    broken_kl = json.loads(json.dumps(good).replace("0.1]", "Infinity]"))
+    with pytest.raises(ValueError, match="non-finite kl"):
+        result_from_eval(broken_kl, "runs/a")
 
 
 def test_metrics_hold_each_step_once_after_resumes(tmp_path):

@@ -1,7 +1,6 @@
 """Policy evaluation (implicit accuracy, generation, KL, judge win rates) and Pareto analysis on tiny random models."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,11 @@ import numpy as np
 import pytest
 
 from mopo_jax.evaluation.pareto import (
-    aggregate_seeds,
     collect_run_results,
+    compare,
     dominance_table,
     dominates,
+    markdown_table,
     pareto_front,
     pareto_plot,
     write_pareto,
@@ -216,6 +216,28 @@ def test_judge_win_rates_hand_count():
     assert help_["win_rate_stderr"] == pytest.approx(np.std([1, .5, .5, .5], ddof=1) / 2)
     assert harm["win_rate"] == pytest.approx((0 + 0 + 1 + 0.5) / 4)
     assert harm["mean_reward_diff"] == pytest.approx((-2 - 2 + 2 + 0) / 4)
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    assert help_["expected_win_rate"] == pytest.approx(np.mean(sigmoid(np.array([9.0, 0.0, 0.0, 0.0]))))
+    assert harm["per_prompt"]["expected_win_rate"] == pytest.approx(list(sigmoid(np.array([-2.0, -2.0, 2.0, 0.0]))))
+
+
+def test_judge_win_rates_with_two_samples_per_prompt():
+    prompts, prompt_mask = np.array([[1, 2], [0, 3]]), np.array([[1, 1], [0, 1]])
+    # rows 0, 1 answer prompt 0; rows 2, 3 prompt 1. Token sums: policy 5, 1, 2, 8; reference 3, 4, 2, 1.
+    policy = (np.array([[5, 0], [1, 0], [2, 0], [4, 4]]), np.array([[1, 0], [1, 0], [1, 0], [1, 1]], bool))
+    reference = (np.array([[3, 0], [4, 0], [2, 0], [1, 0]]), np.array([[1, 0], [1, 0], [1, 0], [1, 0]], bool))
+    judges = {0: BradleyTerryModel(jnp.array([1.0, 0.0]), jnp.zeros(2), jnp.ones(2))}
+    out = judge_win_rates(judges, _token_features, prompts, prompt_mask, policy, reference, samples_per_prompt=2)
+    help_ = out["helpfulness"]
+    assert help_["count"] == 2 and help_["per_prompt"]["win"] == [0.5, 0.75]  # (5>3, 1<4), (2=2, 8>1)
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    expected = [np.mean(sigmoid(np.array([5 - 3, 5 - 4, 1 - 3, 1 - 4.0]))),
+                np.mean(sigmoid(np.array([2 - 2, 2 - 1, 8 - 2, 8 - 1.0])))]
+    assert help_["per_prompt"]["expected_win_rate"] == pytest.approx(expected)
+    assert help_["expected_win_rate"] == pytest.approx(np.mean(expected))
+    assert help_["mean_reward_diff"] == pytest.approx(((3 - 3.5) + (5 - 1.5)) / 2)
+    with pytest.raises(ValueError, match="2 prompts x 3 samples"):
+        judge_win_rates(judges, _token_features, prompts, prompt_mask, policy, reference, samples_per_prompt=3)
 
 
 def test_evaluate_policy_end_to_end(models):
@@ -253,6 +275,33 @@ def test_evaluate_policy_end_to_end(models):
     assert exact["kl"] == pytest.approx(kl, rel=1e-6)
 
 
+def test_evaluate_policy_with_several_samples_per_prompt(models):
+    reference, policy = models
+    arrays = _pairs(seed=3, num_pairs=5)
+    judges = {0: BradleyTerryModel(jnp.linspace(-1, 1, CONFIG.d_model), jnp.zeros(CONFIG.d_model),
+                                   jnp.ones(CONFIG.d_model))}
+    feature_fn = make_feature_fn(CONFIG, reference, layer=1, batch_size=4)
+    common = dict(prompt_tokens=arrays["prompt_tokens"], prompt_mask=arrays["prompt_mask"], judges=judges,
+                  feature_fn=feature_fn, max_new_tokens=R, rng=jax.random.PRNGKey(5), batch_size=4,
+                  temperature=1.0, top_p=None, samples_per_prompt=3, return_responses=True)
+    same = evaluate_policy(CONFIG, reference, reference, None, **common)
+    assert same["judges"]["helpfulness"]["per_prompt"]["expected_win_rate"] == pytest.approx([0.5] * 5, abs=1e-12)
+    assert same["per_prompt"]["kl"] == [0.0] * 5
+    out = evaluate_policy(CONFIG, policy, reference, None, **common)
+    responses = out["responses"]["policy"]
+    assert responses[0].shape == (15, R)
+    # Rows 3i..3i+2 answer prompt i: the KL is the per-prompt mean of the rows' log-ratios (a NumPy reference).
+    repeated = np.repeat(arrays["prompt_tokens"], 3, axis=0), np.repeat(arrays["prompt_mask"], 3, axis=0)
+    tokens, attention, completion = response_rows(*repeated, *responses)
+    terms = (_numpy_log_probs(policy, tokens, attention, completion)
+             - _numpy_log_probs(reference, tokens, attention, completion))
+    np.testing.assert_allclose(out["per_prompt"]["kl"], terms.reshape(5, 3).mean(axis=1), rtol=1e-4, atol=1e-3)
+    low, high = out["kl_interval"]
+    assert low <= out["kl"] <= high and out["settings"]["samples_per_prompt"] == 3
+    low, high = out["expected_win_rate_interval"]["helpfulness"]
+    assert low <= out["expected_win_rate"]["helpfulness"] <= high
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pareto.
 
@@ -271,24 +320,39 @@ def test_dominance_and_front():
     assert pareto_front(POINTS) == ["a", "b", "d", "f"]
 
 
-def _eval_record(name, method, help_, harm, seed=0, threshold=None, met=None):
-    return {"name": name, "method": method, "config": {"lr": 1e-5}, "seed": seed,
-            "evaluation": {"win_rate": {"helpfulness": help_, "harmlessness": harm},
-                           "win_rate_stderr": {"helpfulness": 0.02, "harmlessness": 0.03}, "kl": 1.5,
+def _eval_record(name, method, help_values, harm_values, seed=0, threshold=None, kl=1.5, protocol="gold"):
+    """An ``eval.json`` record with per-prompt expected win rates (the judged win rates set to their means)."""
+    help_values, harm_values = np.asarray(help_values, float), np.asarray(harm_values, float)
+    judges = {key: {"win_rate": float(values.mean()), "expected_win_rate": float(values.mean()),
+                    "per_prompt": {"expected_win_rate": values.tolist(), "win": values.tolist()}}
+              for key, values in (("helpfulness", help_values), ("harmlessness", harm_values))}
+    return {"name": name, "method": method, "protocol": protocol, "config": {"lr": 1e-5}, "seed": seed,
+            "evaluation": {"judges": judges, "per_prompt": {"kl": [kl] * len(help_values)},
+                           "settings": {"samples_per_prompt": 4},
                            "implicit": {"per_objective": {"helpfulness": {"accuracy": 0.6, "constraint_value": 0.52},
                                                           "harmlessness": {"accuracy": 0.55,
                                                                            "constraint_value": 0.51}}}},
-            "threshold": threshold, "constraint_met": met}
+            "threshold": threshold, "constraint_met_pairs": None}
 
 
-def test_plot_and_collect(tmp_path):
+def _write_runs(tmp_path, records):
+    runs = []
+    for i, record in enumerate(records):
+        directory = tmp_path / f"run{i}"
+        directory.mkdir(parents=True)
+        (directory / "eval.json").write_text(json.dumps(record))
+        runs.append(str(directory))
+    return runs
+
+
+def test_plot_draws_interval_bars(tmp_path):
     results = [
-        dict(name="dpo", method="dpo", helpfulness=0.68, harmlessness=0.38, helpfulness_stderr=0.02,
-             harmlessness_stderr=0.02),
+        dict(name="dpo", method="dpo", helpfulness=0.68, harmlessness=0.38, helpfulness_interval=[0.64, 0.72],
+             harmlessness_interval=[0.33, 0.42]),
         dict(name="mopo_b0.50", method="mopo", helpfulness=0.63, harmlessness=0.52, threshold=0.5,
-             constraint_met=True),
+             constraint_verdict="undecided"),
         dict(name="mopo_b0.55", method="mopo", helpfulness=0.58, harmlessness=0.54, threshold=0.55,
-             constraint_met=False),
+             constraint_verdict="not met"),
         dict(name="modpo", method="modpo", helpfulness=0.6, harmlessness=0.5),
         dict(name="custom", method="something_new", helpfulness=0.52, harmlessness=0.45),
     ]
@@ -297,27 +361,76 @@ def test_plot_and_collect(tmp_path):
     assert png.stat().st_size > 5000
     assert front == ["dpo", "mopo_b0.50", "mopo_b0.55"]  # modpo, custom and the reference are dominated
 
-    runs = []
-    for i, rec in enumerate([_eval_record("dpo", "dpo", 0.66, 0.40, seed=0),
-                             _eval_record("dpo", "dpo", 0.70, 0.36, seed=1),
-                             _eval_record("mopo_b0.5", "mopo", 0.62, 0.53, threshold=0.5, met=True),
-                             _eval_record("weak", "ipo", 0.49, 0.49)]):
-        d = tmp_path / f"run{i}"
-        d.mkdir()
-        (d / "eval.json").write_text(json.dumps(rec))
-        runs.append(str(d))
+
+def test_compare_decides_only_from_paired_intervals(tmp_path):
+    rng = np.random.default_rng(0)
+    prompts = 200
+    difficulty = rng.normal(scale=0.15, size=prompts)  # what every method sees at a prompt
+
+    def values(mean, noise=0.02):
+        return np.clip(mean + difficulty + noise * rng.normal(size=prompts), 0.0, 1.0)
+
+    records = [
+        _eval_record("dpo", "dpo_helpful", values(0.60), values(0.45), seed=0),
+        _eval_record("dpo", "dpo_helpful", values(0.62), values(0.44), seed=1),
+        _eval_record("mopo_b0.52", "mopo_pairwise", values(0.63), values(0.56), threshold=0.52),
+        _eval_record("mopo_b0.56", "mopo_pairwise", values(0.63), values(0.562), threshold=0.56),
+        _eval_record("mopo_b0.60", "mopo_pairwise", values(0.63), values(0.55), threshold=0.60),
+        _eval_record("close", "modpo", values(0.63), values(0.559)),
+    ]
+    runs = _write_runs(tmp_path, records)
     missing = tmp_path / "missing"
     with pytest.warns(UserWarning):
         collected = collect_run_results(runs + [str(missing)])
-    assert len(collected) == 4 and collected[2]["threshold"] == 0.5 and collected[0]["helpfulness_stderr"] == 0.02
-    agg = aggregate_seeds(collected)
-    dpo = next(r for r in agg if r["name"] == "dpo")
-    assert dpo["num_seeds"] == 2 and dpo["helpfulness"] == pytest.approx(0.68)
-    assert dpo["helpfulness_stderr"] == pytest.approx(np.std([0.66, 0.70], ddof=1) / np.sqrt(2))
+    assert len(collected) == 6
+    summary = compare(collected)
+    points = {p["name"]: p for p in summary["points"]}
+    assert list(points) == ["dpo", "mopo_b0.52", "mopo_b0.56", "mopo_b0.60", "close"]
+    dpo = points["dpo"]
+    assert dpo["num_seeds"] == 2 and dpo["seeds"] == [0, 1]
+    grid = np.array([r["per_prompt"]["helpfulness"] for r in collected[:2]])
+    assert dpo["helpfulness"] == pytest.approx(grid.mean())
+    assert dpo["helpfulness_interval"][0] < grid.mean() < dpo["helpfulness_interval"][1]
+    assert [points[n]["constraint_verdict"] for n in ("mopo_b0.52", "mopo_b0.56", "mopo_b0.60")] == [
+        "met", "undecided", "not met"]
+    assert dpo["constraint_verdict"] is None and points["mopo_b0.52"]["constraint_met"] is True
+    dominance = summary["dominance"]
+    assert "dpo" in dominance["mopo_b0.52"]["dominates"] and "mopo_b0.52" in dominance["dpo"]["dominated_by"]
+    # 0.003 apart on harmlessness with identical helpfulness: the intervals cannot decide.
+    assert "close" not in dominance["mopo_b0.56"]["dominates"] + dominance["mopo_b0.56"]["dominated_by"]
+    assert "reference" in dominance["mopo_b0.52"]["dominates"]  # 1/2 at every prompt, added when no run has it
+    pair = next(c for c in summary["comparisons"] if {c["a"], c["b"]} == {"dpo", "mopo_b0.52"})
+    assert pair["verdict"] in ("dominates", "dominated") and len(pair["helpfulness"]) == 3
+
     out_png, out_json = tmp_path / "front.png", tmp_path / "results.json"
-    summary = write_pareto(runs, out_png, out_json)
-    assert out_png.stat().st_size > 5000 and os.path.exists(out_json)
+    written = write_pareto(runs, out_png, out_json)
     saved = json.loads(out_json.read_text())
-    assert saved["dominance"]["reference"]["dominates"] == ["weak"]
-    assert set(saved["pareto_front"]) == {"dpo", "mopo_b0.5"} == set(summary["pareto_front"])
-    assert len(saved["runs"]) == 4 and len(saved["points"]) == 3
+    assert out_png.stat().st_size > 5000 and saved["dominance"] == written["dominance"]
+    assert len(saved["runs"]) == 6 and len(saved["points"]) == 5
+    own = saved["runs"][4]  # mopo_b0.60 alone: its interval is that of its own prompts
+    assert own["harmlessness_interval"] == pytest.approx(points["mopo_b0.60"]["harmlessness_interval"])
+    assert own["constraint_verdict"] == "not met" and "config" not in own
+    table = markdown_table(saved)
+    assert "| mopo_b0.60 | 0 |" in table and "not met" in table
+
+
+def test_compare_refuses_inconsistent_groups(tmp_path):
+    base = np.full(10, 0.5)
+    with pytest.raises(ValueError, match="differ in threshold"):
+        compare(collect_run_results(_write_runs(tmp_path / "a", [
+            _eval_record("mopo", "mopo_pairwise", base, base, threshold=0.5, seed=0),
+            _eval_record("mopo", "mopo_pairwise", base, base, threshold=0.6, seed=1)])))
+    with pytest.raises(ValueError, match="repeat a seed"):
+        compare(collect_run_results(_write_runs(tmp_path / "b", [
+            _eval_record("dpo", "dpo_helpful", base, base), _eval_record("dpo", "dpo_helpful", base, base)])))
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        compare(collect_run_results(_write_runs(tmp_path / "c", [
+            _eval_record("a", "dpo_helpful", base, base), _eval_record("b", "dpo_helpful", base[:5], base[:5])])))
+    both = compare(collect_run_results(_write_runs(tmp_path / "d", [
+        _eval_record("dpo", "dpo_helpful", base, base, protocol="human"),
+        _eval_record("dpo", "dpo_helpful", base, base, protocol="gold")])))
+    assert [p["name"] for p in both["points"]] == ["dpo@human", "dpo@gold"]
+    old = _eval_record("old", "dpo_helpful", base, base)
+    del old["evaluation"]["per_prompt"]
+    with pytest.raises(ValueError, match="re-run `mopo eval`"):
+        collect_run_results(_write_runs(tmp_path / "e", [old]))

@@ -1,14 +1,17 @@
-"""Pareto analysis of evaluated runs in the (helpfulness win rate, harmlessness win rate) plane.
+"""Pareto analysis of evaluated runs in the (helpfulness, harmlessness) win-rate plane, with intervals.
 
-Each run directory holds an ``eval.json``::
+Each run directory holds an ``eval.json`` (:func:`mopo_jax.experiment.hh_rlhf.evaluate_run`)::
 
-    {"name": str, "method": str, "config": {...}, "seed": int,
-     "evaluation": <mopo_jax.evaluation.policy_eval.evaluate_policy output>,
-     "threshold": float | None, "constraint_met": bool | None}
+    {"name": str, "method": str, "protocol": str, "config": {...}, "seed": int, "threshold": float | None,
+     "evaluation": <mopo_jax.evaluation.policy_eval.evaluate_policy output, with per-prompt values>, ...}
 
-:func:`collect_run_results` turns them into flat points, :func:`aggregate_seeds` averages seeds of the same name,
-:func:`dominance_table` / :func:`pareto_front` compare them (both coordinates maximised) and :func:`pareto_plot` draws
-them; :func:`write_pareto` does all of it. matplotlib is imported lazily (Agg backend).
+:func:`collect_run_results` reads them, :func:`group_seeds` puts the seeds of one run name together, and
+:func:`compare` turns each group into a point with 95% intervals (:mod:`mopo_jax.evaluation.paired`: a bootstrap over
+prompts and seeds) and decides, only from intervals, whether a MOPO run meets its threshold and which runs dominate
+which (both paired differences' intervals above 0). :func:`pareto_plot` draws the points with their intervals;
+:func:`write_pareto` does all of it. The coordinates are the expected win rates against the reference under the
+judges (the gold preference models of the gold protocol); the judged (hard-verdict) win rates are reported beside
+them. matplotlib is imported lazily (Agg backend).
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from mopo_jax import storage
+from mopo_jax.evaluation import paired
 
 PRIMARY = "helpfulness"
 SECONDARY = "harmlessness"
+OBJECTIVES = (PRIMARY, SECONDARY)
 REFERENCE_NAME = "reference"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dominance.
+# Dominance of point estimates (the drawn front; verdicts come from :func:`compare`).
 
 
 def _finite(point) -> bool:
@@ -105,20 +110,32 @@ def _float_or_none(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _error_bar(value: float, interval) -> list[list[float]] | None:
+    """matplotlib's asymmetric ``[[below], [above]]`` of ``interval`` around ``value``."""
+    if not interval or any(_float_or_none(v) is None for v in interval):
+        return None
+    return [[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]]
+
+
+_VERDICT_MARKS = {"met": " ✓", "not met": " ✗", "undecided": " ?"}
+
+
 def pareto_plot(results: Sequence[Mapping[str, Any]], out_png: str | os.PathLike, *, title: str | None = None,
                 show_reference: bool = True) -> list[str]:
-    """Draw the (helpfulness win rate, harmlessness win rate) plane.
+    """Draw the (helpfulness, harmlessness) win-rate plane.
 
     Args:
       results: dicts with ``name``, ``method``, ``helpfulness``, ``harmlessness`` and optionally
-        ``helpfulness_stderr`` / ``harmlessness_stderr`` (error bars), ``threshold`` (MOPO points are annotated with
-        it) and ``constraint_met`` (False draws a hollow marker).
+        ``helpfulness_interval`` / ``harmlessness_interval`` (``[low, high]``: error bars), ``threshold`` (MOPO
+        points are annotated with it and their ``constraint_verdict``: ✓ met, ✗ not met, ? undecided) and
+        ``constraint_verdict`` ("not met" draws a hollow marker).
       out_png: output path.
       title: optional title.
       show_reference: draw the reference at (0.5, 0.5) (skipped if a result has method ``reference``).
 
     Returns:
-      The names on the non-dominated front (reference included when shown), connected in the plot.
+      The names on the non-dominated front of the point estimates (reference included when shown), connected in
+      the plot.
     """
     import matplotlib
 
@@ -155,29 +172,33 @@ def pareto_plot(results: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
         style = _style(method, fallback)
         label = style.pop("label")
         color = style.pop("color")
-        hollow = r.get("constraint_met") is False
-        xerr, yerr = _float_or_none(r.get(f"{PRIMARY}_stderr")), _float_or_none(r.get(f"{SECONDARY}_stderr"))
+        verdict = r.get("constraint_verdict")
+        hollow = verdict == "not met"
+        xerr, yerr = (_error_bar(value, r.get(f"{key}_interval")) for key, value in ((PRIMARY, x), (SECONDARY, y)))
         if xerr is not None or yerr is not None:
-            ax.errorbar([x], [y], xerr=None if xerr is None else [xerr], yerr=None if yerr is None else [yerr],
-                        fmt="none", ecolor=color, elinewidth=0.9, capsize=2.5, alpha=0.7, zorder=2)
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=0.9, capsize=2.5,
+                        alpha=0.7, zorder=2)
         ax.scatter([x], [y], s=60, zorder=5, edgecolors=color, linewidths=1.4,
                    facecolors="none" if hollow else color, label=None if method in labelled else label, **style)
         labelled.add(method)
         threshold = _float_or_none(r.get("threshold"))
         if threshold is not None:  # a method with a constraint (its registry knob is the threshold)
-            mark = "" if r.get("constraint_met") is None else (" ✓" if r["constraint_met"] else " ✗")
+            mark = _VERDICT_MARKS.get(verdict, "")
             ax.annotate(f"b={threshold:.3g}{mark}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8,
                         color=color)
-    if any(r.get("constraint_met") is False for r in results):
-        ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.3", label="constraint not met")
+    if any(r.get("constraint_verdict") == "not met" for r in results):
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.3", label="constraint not met (95% CI)")
 
     coords = np.array(list(points.values()) or [(0.5, 0.5)])
+    bounds = [tuple(r[f"{key}_interval"][side] for key in OBJECTIVES) for r in results for side in (0, 1)
+              if all(r.get(f"{key}_interval") for key in OBJECTIVES)]
+    coords = np.concatenate([coords, np.array(bounds, float).reshape(-1, 2)])
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     pad = np.maximum(0.05, 0.12 * (hi - lo))
     ax.set_xlim(max(0.0, lo[0] - pad[0]), min(1.0, hi[0] + pad[0]))
     ax.set_ylim(max(0.0, lo[1] - pad[1]), min(1.0, hi[1] + pad[1]))
-    ax.set_xlabel("helpfulness win rate vs reference (judge)")
-    ax.set_ylabel("harmlessness win rate vs reference (judge)")
+    ax.set_xlabel("helpfulness: expected win rate vs reference (95% CI)")
+    ax.set_ylabel("harmlessness: expected win rate vs reference (95% CI)")
     ax.set_title(title or "HH-RLHF: win rates against the reference policy")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
@@ -194,43 +215,52 @@ def pareto_plot(results: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
 
 
 def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> dict[str, Any]:
-    """Flatten one ``eval.json`` record into a plot/dominance point."""
+    """One ``eval.json`` record as a flat run: its point estimates and the per-prompt values the intervals
+    resample (``per_prompt``: ``{"helpfulness", "harmlessness", "kl"}`` lists over the eval prompts)."""
+    where = run_dir or record.get("name") or "run"
     evaluation = record.get("evaluation") or {}
-    win = evaluation.get("win_rate") or {}
-    stderr = evaluation.get("win_rate_stderr") or {}
+    judges = evaluation.get("judges") or {}
+    per_prompt = evaluation.get("per_prompt") or {}
+    missing = [k for k in OBJECTIVES if "per_prompt" not in (judges.get(k) or {})]
+    if missing or "kl" not in per_prompt:
+        raise ValueError(f"{where}: eval.json has no per-prompt values (written before paired intervals existed); "
+                         "re-run `mopo eval` on it")
     implicit = evaluation.get("implicit") or {}
     per_objective = implicit.get("per_objective") or {}
     name = record.get("name") or (os.path.basename(os.path.normpath(run_dir)) if run_dir else "run")
+    values = {k: np.asarray(judges[k]["per_prompt"]["expected_win_rate"], np.float64) for k in OBJECTIVES}
+    values["kl"] = np.asarray(per_prompt["kl"], np.float64)
+    broken = [k for k, v in values.items() if not np.isfinite(v).all()]
+    broken += [k for k in OBJECTIVES if _float_or_none(judges[k].get("win_rate")) is None]
+    if broken:
+        raise ValueError(f"{where}: eval.json holds non-finite {', '.join(broken)}; a broken run is not placed on "
+                         "the front")
     out = {
         "name": str(name),
         "method": str(record.get("method", name)),
+        "protocol": record.get("protocol", "human"),
         "seed": record.get("seed"),
-        PRIMARY: _float_or_none(win.get(PRIMARY)),
-        SECONDARY: _float_or_none(win.get(SECONDARY)),
-        f"{PRIMARY}_stderr": _float_or_none(stderr.get(PRIMARY)),
-        f"{SECONDARY}_stderr": _float_or_none(stderr.get(SECONDARY)),
+        **{k: float(values[k].mean()) for k in OBJECTIVES},
+        "judged_win_rate": {k: float(judges[k]["win_rate"]) for k in OBJECTIVES},
+        "kl": float(values["kl"].mean()),
         "threshold": _float_or_none(record.get("threshold")),
-        "constraint_met": record.get("constraint_met"),
         "constraint_met_pairs": record.get("constraint_met_pairs"),
-        "kl": _float_or_none(evaluation.get("kl")),
         "implicit_accuracy": {k: _float_or_none(v.get("accuracy")) for k, v in per_objective.items()},
         "implicit_constraint_value": {k: _float_or_none(v.get("constraint_value")) for k, v in per_objective.items()},
+        "samples_per_prompt": (evaluation.get("settings") or {}).get("samples_per_prompt", 1),
+        "per_prompt": {k: v.tolist() for k, v in values.items()},
         "config": record.get("config", {}),
     }
-    raw = {PRIMARY: win.get(PRIMARY), SECONDARY: win.get(SECONDARY), "kl": evaluation.get("kl")}
-    broken = [key for key, value in raw.items() if value is not None and not math.isfinite(float(value))]
-    if broken:
-        raise ValueError(f"{run_dir or name}: eval.json holds non-finite {', '.join(broken)}; a broken run is not "
-                         "placed on the front")
     if run_dir is not None:
         out["run_dir"] = os.fspath(run_dir)
     return out
 
 
 def collect_run_results(run_dirs: Iterable[str | os.PathLike], *, strict: bool = False) -> list[dict[str, Any]]:
-    """Read ``RUN_DIR/eval.json`` of every run into flat points (see :func:`result_from_eval`).
+    """Read ``RUN_DIR/eval.json`` of every run (see :func:`result_from_eval`).
 
-    A missing or unreadable file raises with ``strict=True`` and is skipped with a warning otherwise.
+    A missing or unreadable file raises with ``strict=True`` and is skipped with a warning otherwise; a broken or
+    outdated one always raises.
     """
     out = []
     for run_dir in run_dirs:
@@ -245,38 +275,112 @@ def collect_run_results(run_dirs: Iterable[str | os.PathLike], *, strict: bool =
     return out
 
 
-def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Average runs that share a ``name`` (different seeds).
+def group_seeds(runs: Sequence[Mapping[str, Any]]) -> OrderedDict[str, list[Mapping[str, Any]]]:
+    """Runs of one name (and protocol) are the seeds of one configuration: ``{label: [runs]}`` in input order.
 
-    The coordinates are the seed means; with several seeds the error bars are the standard errors across seeds,
-    with one seed the run's own (within-run) standard errors. ``constraint_met`` is True only if every seed met it
-    (None if no seed reports it); ``threshold`` is kept when all seeds agree.
+    The label is the run name, with ``@protocol`` appended when runs of both protocols are given. Raises when the
+    seeds of a label disagree on method or threshold, repeat a seed, or were evaluated on different prompts.
     """
+    protocols = {r.get("protocol", "human") for r in runs}
     groups: OrderedDict[str, list[Mapping[str, Any]]] = OrderedDict()
-    for r in results:
-        groups.setdefault(str(r["name"]), []).append(r)
-    out = []
-    for name, runs in groups.items():
-        if len(runs) == 1:
-            row = dict(runs[0])
-            row["num_seeds"] = 1
-            row["seeds"] = [runs[0].get("seed")]
-            out.append(row)
-            continue
-        row = {"name": name, "method": runs[0].get("method", name), "num_seeds": len(runs),
-               "seeds": [r.get("seed") for r in runs], "config": runs[0].get("config", {})}
-        for key in (PRIMARY, SECONDARY, "kl"):
-            values = np.array([v for v in (_float_or_none(r.get(key)) for r in runs) if v is not None])
-            row[key] = float(values.mean()) if values.size else None
-            if key != "kl":
-                row[f"{key}_stderr"] = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
-        thresholds = {_float_or_none(r.get("threshold")) for r in runs}
-        row["threshold"] = thresholds.pop() if len(thresholds) == 1 else None
-        for key in ("constraint_met", "constraint_met_pairs"):
-            met = [r.get(key) for r in runs if r.get(key) is not None]
-            row[key] = all(met) if met else None
-        out.append(row)
+    for r in runs:
+        label = str(r["name"]) if len(protocols) == 1 else f"{r['name']}@{r.get('protocol', 'human')}"
+        groups.setdefault(label, []).append(r)
+    for label, members in groups.items():
+        where = ", ".join(str(m.get("run_dir", m["name"])) for m in members)
+        for key in ("method", "threshold"):
+            if len({json.dumps(m.get(key)) for m in members}) > 1:
+                raise ValueError(f"runs named {label!r} ({where}) differ in {key}; give each configuration its own "
+                                 "run name")
+        seeds = [m.get("seed") for m in members]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"runs named {label!r} ({where}) repeat a seed ({seeds}): the same run twice?")
+    lengths = {len(r["per_prompt"]["kl"]) for r in runs}
+    if len(lengths) > 1:
+        raise ValueError(f"the runs were evaluated on different numbers of prompts ({sorted(lengths)}); paired "
+                         "comparisons need the same eval prompts (the same data and eval settings)")
+    return groups
+
+
+def _seed_grid(members: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    return np.asarray([m["per_prompt"][key] for m in members], np.float64)
+
+
+def compare(runs: Sequence[Mapping[str, Any]], *, level: float = paired.LEVEL, draws: int = paired.DRAWS,
+            seed: int = 0) -> dict[str, Any]:
+    """Points with intervals and the verdicts between them.
+
+    Per group of seeds (:func:`group_seeds`): the expected win rates and KL as the mean over seeds and prompts with
+    their bootstrap intervals (prompts and seeds resampled), the judged win rates (mean over seeds), and for a
+    threshold method its constraint verdict (:func:`mopo_jax.evaluation.paired.constraint_verdict` on the
+    harmlessness interval). For every two groups (and the reference, 1/2 at every prompt, when no ``reference`` run
+    is given): the paired differences of both expected win rates with their intervals and the dominance verdict.
+
+    Returns:
+      ``{"points": [...], "comparisons": [{"a", "b", "helpfulness": [est, low, high], "harmlessness": [...],
+      "verdict"}], "dominance": {name: {"dominates": [...], "dominated_by": [...]}}, "level", "draws"}``.
+    """
+    groups = group_seeds(runs)
+    grids: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+    points = []
+    for label, members in groups.items():
+        grids[label] = {k: _seed_grid(members, k) for k in (*OBJECTIVES, "kl")}
+        first = members[0]
+        point = {key: first.get(key) for key in ("method", "protocol", "threshold", "samples_per_prompt",
+                                                 "config")}
+        point.update(name=label, seeds=[m.get("seed") for m in members], num_seeds=len(members),
+                     run_dirs=[m.get("run_dir") for m in members], num_prompts=grids[label]["kl"].shape[1])
+        for k in (*OBJECTIVES, "kl"):
+            interval = paired.bootstrap_interval(grids[label][k], level=level, draws=draws, seed=seed)
+            point[k], point[f"{k}_interval"] = interval.estimate, [interval.low, interval.high]
+        point["judged_win_rate"] = {k: float(np.mean([m["judged_win_rate"][k] for m in members])) for k in OBJECTIVES}
+        for key in ("implicit_accuracy", "implicit_constraint_value"):
+            point[key] = {k: _mean_or_none([(m.get(key) or {}).get(k) for m in members]) for k in OBJECTIVES}
+        point["constraint_verdict"] = point["constraint_met"] = None
+        if point["threshold"] is not None:
+            interval = paired.Interval(point[SECONDARY], *point[f"{SECONDARY}_interval"])
+            point["constraint_verdict"] = paired.constraint_verdict(interval, point["threshold"])
+            point["constraint_met"] = point["constraint_verdict"] == "met"
+        met_pairs = [m.get("constraint_met_pairs") for m in members if m.get("constraint_met_pairs") is not None]
+        point["constraint_met_pairs"] = all(met_pairs) if met_pairs else None
+        points.append(point)
+    if REFERENCE_NAME not in grids and not any(p["method"] == REFERENCE_NAME for p in points) and grids:
+        prompts = next(iter(grids.values()))["kl"].shape[1]
+        grids[REFERENCE_NAME] = {k: np.full((1, prompts), 0.5) for k in OBJECTIVES}
+    labels = list(grids)
+    comparisons = []
+    dominance = {label: {"dominates": [], "dominated_by": []} for label in labels}
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            differences = [paired.paired_difference_interval(grids[a][k], grids[b][k], level=level, draws=draws,
+                                                             seed=seed) for k in OBJECTIVES]
+            verdict = paired.dominance_verdict(*differences)
+            comparisons.append({"a": a, "b": b, **{k: d.as_list() for k, d in zip(OBJECTIVES, differences)},
+                                "verdict": verdict})
+            if verdict == "dominates":
+                dominance[a]["dominates"].append(b)
+                dominance[b]["dominated_by"].append(a)
+            elif verdict == "dominated":
+                dominance[b]["dominates"].append(a)
+                dominance[a]["dominated_by"].append(b)
+    return {"points": points, "comparisons": comparisons, "dominance": dominance, "level": level, "draws": draws}
+
+
+def _with_own_intervals(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's record (without its config) with the intervals and constraint verdict of its own prompts."""
+    out = {k: v for k, v in run.items() if k != "config"}
+    for k in (*OBJECTIVES, "kl"):
+        out[f"{k}_interval"] = list(paired.bootstrap_interval(run["per_prompt"][k])[1:])
+    out["constraint_verdict"] = None
+    if run.get("threshold") is not None:
+        out["constraint_verdict"] = paired.constraint_verdict(
+            paired.Interval(run[SECONDARY], *out[f"{SECONDARY}_interval"]), run["threshold"])
     return out
+
+
+def _mean_or_none(values) -> float | None:
+    finite = [float(v) for v in values if _float_or_none(v) is not None]
+    return float(np.mean(finite)) if finite else None
 
 
 def _json_default(obj):
@@ -288,55 +392,51 @@ def _json_default(obj):
 
 
 def write_pareto(run_dirs: Iterable[str | os.PathLike], out_png: str | os.PathLike,
-                 results_json: str | os.PathLike | None = None, *, aggregate: bool = True,
-                 title: str | None = None) -> dict[str, Any]:
-    """Collect ``eval.json`` of ``run_dirs``, plot the plane to ``out_png`` and optionally write ``results_json``.
+                 results_json: str | os.PathLike | None = None, *, title: str | None = None) -> dict[str, Any]:
+    """Collect ``eval.json`` of ``run_dirs``, compare them (:func:`compare`), plot the plane to ``out_png`` and
+    optionally write ``results_json``.
 
-    Returns (and writes) ``{"runs": per-run points, "points": plotted points (seeds averaged when ``aggregate``),
-    "pareto_front": names, "dominance": dominance_table incl. the reference at (0.5, 0.5)}``.
+    Returns (and writes) ``{"runs": per-run records with their own intervals and verdict, "points" (seeds pooled),
+    "comparisons", "dominance" (verdicts from paired intervals), "pareto_front" (non-dominated point estimates, the
+    drawn line), "level", "draws"}``.
     """
     runs = collect_run_results(run_dirs)
-    points = aggregate_seeds(runs) if aggregate else [dict(r) for r in runs]
-    front = pareto_plot(points, out_png, title=title)
-    coords = OrderedDict((p["name"], (p.get(PRIMARY), p.get(SECONDARY))) for p in points)
-    if not any(p.get("method") == REFERENCE_NAME for p in points):
-        coords.setdefault(REFERENCE_NAME, (0.5, 0.5))
-    summary = {"runs": runs, "points": points, "pareto_front": front, "dominance": dominance_table(coords)}
+    summary = compare(runs)
+    summary["pareto_front"] = pareto_plot(summary["points"], out_png, title=title)
+    summary["runs"] = [_with_own_intervals(r) for r in runs]
     if results_json is not None:
         storage.save_text(results_json, json.dumps(summary, indent=2, default=_json_default))
     return summary
 
 
 def markdown_table(results: dict) -> str:
-    """The comparison as a markdown table from :func:`write_pareto`'s ``results.json`` payload: judge win rates
-    against the reference (with standard errors), KL, held-out implicit accuracy, MOPO's threshold and whether it
-    held on held-out data (the judged harmlessness win rate, and the pairwise value on held-out human pairs), and
-    which runs each one dominates or is dominated by."""
+    """The comparison as markdown from :func:`write_pareto`'s ``results.json`` payload: per point the expected win
+    rates and KL with 95% intervals, the judged win rates, seeds, MOPO's threshold and its verdict, the held-out
+    pair value; then the dominance verdicts (paired intervals of both differences above 0)."""
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
 
+    def with_interval(point, key):
+        interval = point.get(f"{key}_interval") or [None, None]
+        return f"{fmt(point.get(key))} [{fmt(interval[0])}, {fmt(interval[1])}]"
+
+    level = int(round(100 * results.get("level", paired.LEVEL)))
     lines = [
-        "| run | helpfulness win rate | harmlessness win rate | KL | implicit acc. (help / harm) | threshold | "
-        "met (judged win rate >= b) | held-out pair value | met (pair value >= b) | dominates | dominated by |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: | :---: | --- | --- |",
+        f"| run | seeds | helpfulness win rate [{level}% CI] | harmlessness win rate [{level}% CI] | "
+        f"KL [{level}% CI] | judged win rate (help / harm) | threshold | constraint (CI vs b) | "
+        "held-out pair value (harm) | dominates | dominated by |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | --- | --- |",
     ]
     dominance = results.get("dominance", {})
     for point in results["points"]:
-        name = point["name"]
-        accuracy = point.get("implicit_accuracy") or {}
-        value = (point.get("implicit_constraint_value") or {}).get("harmlessness")
-        entry = dominance.get(name, {})
-
-        def yes_no(key):
-            met = point.get(key)
-            return "" if met is None else ("yes" if met else "no")
-
+        entry = dominance.get(point["name"], {})
+        judged = point.get("judged_win_rate") or {}
+        value = (point.get("implicit_constraint_value") or {}).get(SECONDARY)
         lines.append(
-            f"| {name} | {fmt(point['helpfulness'])} ± {fmt(point.get('helpfulness_stderr'))} | "
-            f"{fmt(point['harmlessness'])} ± {fmt(point.get('harmlessness_stderr'))} | {fmt(point.get('kl'))} | "
-            f"{fmt(accuracy.get('helpfulness'), '.2f')} / {fmt(accuracy.get('harmlessness'), '.2f')} | "
-            f"{fmt(point.get('threshold'), '.2f')} | {yes_no('constraint_met')} | {fmt(value)} | "
-            f"{yes_no('constraint_met_pairs')} | {', '.join(entry.get('dominates', [])) or '-'} | "
-            f"{', '.join(entry.get('dominated_by', [])) or '-'} |"
+            f"| {point['name']} | {','.join(str(s) for s in point.get('seeds', []))} | "
+            f"{with_interval(point, PRIMARY)} | {with_interval(point, SECONDARY)} | {with_interval(point, 'kl')} | "
+            f"{fmt(judged.get(PRIMARY))} / {fmt(judged.get(SECONDARY))} | {fmt(point.get('threshold'), '.2f')} | "
+            f"{point.get('constraint_verdict') or ''} | {fmt(value)} | "
+            f"{', '.join(entry.get('dominates', [])) or '-'} | {', '.join(entry.get('dominated_by', [])) or '-'} |"
         )
     return "\n".join(lines)

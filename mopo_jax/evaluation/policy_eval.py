@@ -384,29 +384,43 @@ def judge_win_rates(
     policy_responses: tuple[np.ndarray, np.ndarray],
     reference_responses: tuple[np.ndarray, np.ndarray],
     objective_names: Sequence[str] | None = None,
+    samples_per_prompt: int = 1,
 ) -> dict:
-    """Win rates of the policy's responses over the reference's, per judge (objective).
+    """Win rates of the policy's responses over the reference's, per judge (objective), from ``S =
+    samples_per_prompt`` responses of each per prompt (rows ``r`` answer prompt ``r // S``; row ``r`` of the policy
+    and of the reference drawn with the same random numbers).
 
-    Both response sets are laid out after the same prompts (:func:`response_rows`), featurised once with
-    ``feature_fn`` and scored with each judge's :func:`rewards`. Per objective:
+    Both response sets are laid out after their prompts (:func:`response_rows`), featurised once with ``feature_fn``
+    and scored with each judge's :func:`rewards` into ``[N, S]`` arrays. Per objective:
 
-    * ``win_rate`` = mean of ``1[r_policy > r_reference] + 1/2 1[r_policy = r_reference]`` and its standard error;
-    * ``mean_reward_diff`` = mean of ``r_policy - r_reference`` and its standard error;
-    * ``ties``: fraction of exact ties; ``count``: number of prompts.
+    * ``expected_win_rate``: mean over prompts of :func:`mopo_jax.evaluation.paired.expected_win_rates`,
+      ``1/S^2 sum_{j, j'} sigmoid(r(y_j) - r(y'_j'))`` (the soft, low-variance win rate);
+    * ``win_rate``: mean over prompts of :func:`mopo_jax.evaluation.paired.paired_win_fractions`, the judged (hard)
+      verdicts ``1[r(y_j) > r(y'_j)] + 1/2 1[r(y_j) = r(y'_j)]``, and its standard error over prompts;
+    * ``mean_reward_diff``: mean over prompts of ``mean_j r(y_j) - mean_j r(y'_j)`` and its standard error;
+    * ``ties``: fraction of tied sample pairs; ``count``: number of prompts;
+    * ``per_prompt``: ``{"expected_win_rate": [N], "win": [N]}``, what paired intervals resample.
 
     Args:
       judges: ``{objective index: BradleyTerryModel}``.
       feature_fn: ``(tokens, attention_mask, completion_mask) -> [N, D]`` (e.g. :func:`make_feature_fn`).
       prompt_tokens / prompt_mask: ``[N, P]`` left-padded prompts.
-      policy_responses / reference_responses: ``(tokens [N, R], mask [N, R])`` pairs.
+      policy_responses / reference_responses: ``(tokens [N * S, R], mask [N * S, R])`` pairs.
       objective_names: names for the objective indices (default helpfulness, harmlessness).
-
-    Returns:
-      ``{name: {"win_rate", "win_rate_stderr", "mean_reward_diff", "reward_diff_stderr", "ties", "count"}}``.
+      samples_per_prompt: ``S``.
     """
-    policy_features = np.asarray(feature_fn(*response_rows(prompt_tokens, prompt_mask, *policy_responses)), np.float32)
-    reference_features = np.asarray(feature_fn(*response_rows(prompt_tokens, prompt_mask, *reference_responses)),
-                                    np.float32)
+    from mopo_jax.evaluation.paired import expected_win_rates, paired_win_fractions
+
+    check_count("samples_per_prompt", samples_per_prompt)
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    N, S = prompt_tokens.shape[0], samples_per_prompt
+    for name, responses in (("policy_responses", policy_responses), ("reference_responses", reference_responses)):
+        if np.shape(responses[0])[0] != N * S:
+            raise ValueError(f"{name} must hold {N} prompts x {S} samples = {N * S} rows, got "
+                             f"{np.shape(responses[0])[0]}")
+    prompts = (np.repeat(prompt_tokens, S, axis=0), np.repeat(prompt_mask, S, axis=0))
+    policy_features = np.asarray(feature_fn(*response_rows(*prompts, *policy_responses)), np.float32)
+    reference_features = np.asarray(feature_fn(*response_rows(*prompts, *reference_responses)), np.float32)
     if policy_features.shape != reference_features.shape or policy_features.ndim != 2:
         raise ValueError(f"feature_fn must return equal [N, D] arrays, got {policy_features.shape} and "
                          f"{reference_features.shape}")
@@ -414,17 +428,20 @@ def judge_win_rates(
     out = {}
     for k in sorted(judges):
         judge = judges[k]
-        diff = (np.asarray(rewards(judge, policy_features), np.float64)
-                - np.asarray(rewards(judge, reference_features), np.float64))
-        wins = (diff > 0) + 0.5 * (diff == 0)
-        n = diff.shape[0]
+        policy = np.asarray(rewards(judge, policy_features), np.float64).reshape(N, S)
+        reference = np.asarray(rewards(judge, reference_features), np.float64).reshape(N, S)
+        expected = expected_win_rates(policy, reference) if N else np.zeros(0)
+        wins = paired_win_fractions(policy, reference) if N else np.zeros(0)
+        diff = policy.mean(axis=1) - reference.mean(axis=1)
         out[objective_name(k, num_objectives, objective_names)] = {
-            "win_rate": float(wins.mean()) if n else float("nan"),
+            "expected_win_rate": float(expected.mean()) if N else float("nan"),
+            "win_rate": float(wins.mean()) if N else float("nan"),
             "win_rate_stderr": _stderr(wins),
-            "mean_reward_diff": float(diff.mean()) if n else float("nan"),
+            "mean_reward_diff": float(diff.mean()) if N else float("nan"),
             "reward_diff_stderr": _stderr(diff),
-            "ties": float((diff == 0).mean()) if n else float("nan"),
-            "count": int(n),
+            "ties": float((policy == reference).mean()) if N else float("nan"),
+            "count": int(N),
+            "per_prompt": {"expected_win_rate": expected.tolist(), "win": wins.tolist()},
         }
     return out
 
@@ -467,6 +484,7 @@ def evaluate_policy(
     objective_names: Sequence[str] | None = None,
     return_responses: bool = False,
     mesh=None,
+    samples_per_prompt: int = 1,
 ) -> dict:
     """Implicit accuracy on held-out pairs, judge win rates against the reference and the sequence KL, in one dict.
 
@@ -491,21 +509,30 @@ def evaluate_policy(
       return_responses: also return the generated responses (numpy arrays) under ``"responses"``.
       mesh: generate and score on this mesh, the prompts of each batch split over its batch axes (parameters placed
         on it by the caller, :func:`mopo_jax.training.sharding.put_params`); the results do not depend on the mesh.
+      samples_per_prompt: responses sampled per prompt from the policy and from the reference (sharing the prompt's
+        prefill; the reference's row ``r`` drawn with the policy's row ``r``'s random numbers); the win rates and
+        the KL are per-prompt means over them (:func:`judge_win_rates`).
 
     Returns:
-      ``{"implicit": ..., "win_rate": {name: float}, "win_rate_stderr": {name: float}, "judges": {name: {...}},
-      "kl": float, "kl_stderr": float, "num_prompts": int, "response_length": {"policy", "reference"},
-      "settings": {...}}``; parts whose inputs are missing are None.
+      ``{"implicit": ..., "win_rate": {name: float}, "win_rate_stderr": {name: float}, "expected_win_rate":
+      {name: float}, "expected_win_rate_interval": {name: [low, high]}, "judges": {name: {...}}, "kl": float,
+      "kl_stderr": float, "kl_interval": [low, high], "per_prompt": {"kl": [N]}, "num_prompts": int,
+      "response_length": {"policy", "reference"}, "settings": {...}}``; intervals are 95% prompt-bootstrap intervals
+      (:func:`mopo_jax.evaluation.paired.bootstrap_interval`); parts whose inputs are missing are None.
     """
+    from mopo_jax.evaluation.paired import bootstrap_interval
+
+    check_count("samples_per_prompt", samples_per_prompt)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos_id = model_config.eos_id if eos_id is None else eos_id
     pad_id = model_config.pad_id if pad_id is None else pad_id
     sample_key, kl_key = sampling_keys(rng)
-    result: dict = {"implicit": None, "win_rate": None, "win_rate_stderr": None, "judges": None, "kl": None,
-                    "kl_stderr": None, "num_prompts": 0, "response_length": None,
+    result: dict = {"implicit": None, "win_rate": None, "win_rate_stderr": None, "expected_win_rate": None,
+                    "expected_win_rate_interval": None, "judges": None, "kl": None, "kl_stderr": None,
+                    "kl_interval": None, "per_prompt": None, "num_prompts": 0, "response_length": None,
                     "settings": {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p,
                                  "kl_temperature": kl_temperature, "batch_size": int(batch_size),
-                                 "eos_id": eos_id, "pad_id": pad_id}}
+                                 "samples_per_prompt": int(samples_per_prompt), "eos_id": eos_id, "pad_id": pad_id}}
     if eval_arrays is not None:
         result["implicit"] = implicit_preference_accuracy(
             model_config, policy_params, reference_params, eval_arrays, batch_size,
@@ -518,7 +545,7 @@ def evaluate_policy(
     result["num_prompts"] = int(prompt_tokens.shape[0])
     gen = functools.partial(generate_responses, model_config, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, batch_size=batch_size,
-                            mesh=mesh)
+                            mesh=mesh, num_samples=samples_per_prompt)
     policy_responses = gen(policy_params, rng=sample_key, temperature=temperature, top_p=top_p)
     responses = {"policy": policy_responses}
     if judges:
@@ -529,19 +556,30 @@ def evaluate_policy(
         reference_responses = (np.asarray(reference_responses[0], np.int32), np.asarray(reference_responses[1], bool))
         responses["reference"] = reference_responses
         per_judge = judge_win_rates(judges, feature_fn, prompt_tokens, prompt_mask, policy_responses,
-                                    reference_responses, objective_names)
+                                    reference_responses, objective_names, samples_per_prompt)
         result["judges"] = per_judge
         result["win_rate"] = {name: v["win_rate"] for name, v in per_judge.items()}
         result["win_rate_stderr"] = {name: v["win_rate_stderr"] for name, v in per_judge.items()}
+        result["expected_win_rate"] = {name: v["expected_win_rate"] for name, v in per_judge.items()}
+        if result["num_prompts"]:
+            result["expected_win_rate_interval"] = {
+                name: list(bootstrap_interval(v["per_prompt"]["expected_win_rate"])[1:])
+                for name, v in per_judge.items()}
     if kl_temperature is None or (kl_temperature == temperature and top_p is None):
         kl_responses = policy_responses  # already samples of the distribution whose KL is estimated
     else:
         kl_responses = gen(policy_params, rng=kl_key, temperature=kl_temperature, top_p=None)
         responses["policy_kl"] = kl_responses
-    terms = sequence_kl_terms(model_config, policy_params, reference_params, prompt_tokens, prompt_mask,
-                              *kl_responses, batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh)
-    result["kl"] = float(terms.mean()) if terms.size else float("nan")
-    result["kl_stderr"] = _stderr(terms)
+    repeated = (np.repeat(prompt_tokens, samples_per_prompt, axis=0),
+                np.repeat(prompt_mask, samples_per_prompt, axis=0))
+    terms = sequence_kl_terms(model_config, policy_params, reference_params, *repeated, *kl_responses,
+                              batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh)
+    per_prompt_kl = terms.reshape(prompt_tokens.shape[0], samples_per_prompt).mean(axis=1)
+    result["kl"] = float(per_prompt_kl.mean()) if per_prompt_kl.size else float("nan")
+    result["kl_stderr"] = _stderr(per_prompt_kl)
+    if per_prompt_kl.size and np.isfinite(per_prompt_kl).all():
+        result["kl_interval"] = list(bootstrap_interval(per_prompt_kl)[1:])
+    result["per_prompt"] = {"kl": per_prompt_kl.tolist()}
     result["response_length"] = {name: float(np.asarray(r[1]).sum(axis=1).mean()) for name, r in responses.items()}
     if return_responses:
         result["responses"] = responses
