@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# The whole HH-RLHF comparison for one profile: every method trained into ROOT/<run>, then evaluated, then the Pareto
-# plot and results.json in ROOT/results.
+# The HH-RLHF comparison for one profile: its runs trained into ROOT/<run>, evaluated, then the Pareto plot, the
+# paired verdicts and results.json of the profile's runs in ROOT/results-<plan>, and of every run under ROOT so far
+# in ROOT/results.
 #
 #   bash experiments/hh_rlhf.sh [PROFILE] [ROOT]
 #
-# PROFILE names experiments/configs/hh_PROFILE.yaml (cpu-small, tiny, gpu-quick, gpu-8x, tpu-v5e-8; default
-# cpu-small); ROOT (default runs/hh/PROFILE) holds the runs and the shared work directory and may be a gs:// URL
-# (needed on multi-host TPU slices, where every worker runs this same script). Every `mopo train` / `mopo eval` joins
-# the multi-process job itself (Cloud TPU and SLURM are detected). Each run resumes from its last checkpoint, so
-# re-running after an interruption continues where it stopped; a run stopped by SIGTERM exits 143 and stops the
-# script (set -e).
+# PROFILE is SIZE or SIZE-PLAN. SIZE names experiments/configs/hh_SIZE.yaml (cpu-small, tiny, gpu-quick, gpu-8x,
+# tpu-v5e-8; default cpu-small); PLAN picks which runs (default front):
+#   front     the reference, DPO x3, weighted DPO, MODPO and Rewarded Soups at 3 weights, MOPO (pairwise) at 4
+#             thresholds
+#   onpolicy  MOPO's Algorithm 1 (candidates sampled from the lagged reference, labelled by the preference models)
+#             at the same thresholds, 8 candidates per prompt
+#   seeds     seeds 1 and 2 of MOPO at two thresholds and of the strongest baselines (DPO helpful / harmless, MODPO
+#             and Rewarded Soups at 0.5)
+#   ablation  the paper's schedule on one threshold: the lagged reference and threshold ratchet every quarter of
+#             training (beta 0.99 and 0.9995; "never" is the front's run) and MOPO-LB (log barrier)
+#   human     the human-label track: the main methods trained on the human labels (preference.protocol=human)
+# A plan without the reference compares its runs with the reference's exact value (1/2 at every prompt). Every plan of
+# a SIZE shares ROOT (default runs/hh/SIZE) and its work directory ROOT/shared (tokenized data,
+# activations, preference models, the reference's eval samples), so a plan reuses what an earlier one computed; each
+# plan also runs alone from a clean clone. ROOT may be a gs:// URL (needed on multi-host TPU slices, where every
+# worker runs this same script). Every `mopo train` / `mopo eval` joins the multi-process job itself (Cloud TPU and
+# SLURM are detected). Each run resumes from its last checkpoint, so re-running after an interruption continues where
+# it stopped; a run stopped by SIGTERM exits 143 and stops the script (set -e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-cpu-small}"
-root="${2:-runs/hh/${profile}}"
-config="experiments/configs/hh_${profile}.yaml"
+size="$profile" plan=front
+if [[ ! -f experiments/configs/hh_${profile}.yaml && $profile == *-* ]]; then
+  size="${profile%-*}" plan="${profile##*-}"
+fi
+root="${2:-runs/hh/${size}}"
+config="experiments/configs/hh_${size}.yaml"
 [[ -f $config ]] || { echo "hh_rlhf.sh: no profile $config" >&2; exit 2; }
 runs=()
 train() {
@@ -23,28 +40,76 @@ train() {
   runs+=("${root}/${name}")
 }
 weights() { python3 -c "import sys; w = float(sys.argv[1]); print(f'[{w}, {round(1 - w, 6)}]')" "$1"; }
-
-train reference method.name=reference
-train dpo_helpful method.name=dpo_helpful
-train dpo_harmless method.name=dpo_harmless
-train dpo_pooled method.name=dpo_pooled
-for w in 0.3 0.7; do
-  train "weighted_dpo_${w}" method.name=weighted_dpo "method.weights=$(weights "$w")"
-  train "modpo_${w}" method.name=modpo "method.weights=$(weights "$w")"
-  train "soups_${w}" method.name=rewarded_soups "method.weights=$(weights "$w")" \
-    "method.soups_from=[${root}/dpo_helpful, ${root}/dpo_harmless]"
-done
-for b in 0.52 0.55 0.58; do
-  train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
-done
-# The published algorithm: candidates sampled from the (lagged) reference, labelled by the labelers. On CPU fewer,
-# smaller steps (sampling dominates); the accelerator profiles keep their own batch, which fills their mesh.
-onpolicy=(mopo.eps=0.15)
-case "$profile" in
+# Where the reference (0.5) and DPO-harmless lie on the gold harmlessness win rate, spanned by four thresholds.
+thresholds=(0.51 0.53 0.55 0.57)
+weight_grid=(0.25 0.5 0.75)
+# On CPU the on-policy runs take fewer, smaller steps (sampling dominates); the accelerator profiles keep their batch.
+onpolicy=(onpolicy.candidates=8 mopo.eps=0.15)
+case "$size" in
   cpu-small) onpolicy+=(training.steps=32 training.batch_pairs=4) ;;
 esac
-train mopo_onpolicy_b0.55 method.name=mopo_onpolicy method.threshold=0.55 "${onpolicy[@]}"
+baselines() {  # [SEED_PREFIX] [OVERRIDES...]: DPO on each preference and the soups between them
+  local prefix="$1"; shift
+  train "${prefix}dpo_helpful" method.name=dpo_helpful "$@"
+  train "${prefix}dpo_harmless" method.name=dpo_harmless "$@"
+}
+soup() {  # PREFIX WEIGHT [OVERRIDES...]
+  local prefix="$1" w="$2"; shift 2
+  train "${prefix}soups_${w}" method.name=rewarded_soups "method.weights=$(weights "$w")" \
+    "method.soups_from=[${root}/${prefix}dpo_helpful, ${root}/${prefix}dpo_harmless]" "$@"
+}
+
+case "$plan" in
+  front)
+    train reference method.name=reference
+    baselines ""
+    train dpo_pooled method.name=dpo_pooled
+    for w in "${weight_grid[@]}"; do
+      train "weighted_dpo_${w}" method.name=weighted_dpo "method.weights=$(weights "$w")"
+      train "modpo_${w}" method.name=modpo "method.weights=$(weights "$w")"
+      soup "" "$w"
+    done
+    for b in "${thresholds[@]}"; do
+      train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
+    done ;;
+  onpolicy)
+    for b in "${thresholds[@]}"; do
+      train "mopo_onpolicy_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" "${onpolicy[@]}"
+    done ;;
+  seeds)
+    for seed in 1 2; do
+      baselines "seed${seed}/" "seed=${seed}"
+      soup "seed${seed}/" 0.5 "seed=${seed}"
+      train "seed${seed}/modpo_0.5" method.name=modpo "method.weights=$(weights 0.5)" "seed=${seed}"
+      for b in "${thresholds[1]}" "${thresholds[2]}"; do
+        train "seed${seed}/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "seed=${seed}"
+      done
+    done ;;
+  ablation)
+    steps=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['training']['steps'])" "$config")
+    quarter=$(( steps / 4 ))
+    b="${thresholds[2]}"
+    for beta in 0.99 0.9995; do
+      train "mopo_b${b}_t0q_beta${beta}" method.name=mopo_pairwise "method.threshold=${b}" \
+        "mopo.refresh_every=${quarter}" "mopo.ratchet_beta=${beta}"
+    done
+    train "mopo_lb_b${b}" method.name=mopo_pairwise "method.threshold=${b}" mopo.constraint=log_barrier ;;
+  human)
+    human=(preference.protocol=human)
+    baselines "human/" "${human[@]}"
+    soup "human/" 0.5 "${human[@]}"
+    train human/modpo_0.5 method.name=modpo "method.weights=$(weights 0.5)" "${human[@]}"
+    for b in "${thresholds[@]}"; do
+      train "human/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${human[@]}"
+    done ;;
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, onpolicy, seeds, ablation, human)" >&2; exit 2 ;;
+esac
 
 mopo eval "${runs[@]}"
-mopo pareto "${runs[@]}" --out "${root}/results/pareto.png" --results "${root}/results/results.json"
-echo "results in ${root}/results"
+mopo pareto "${runs[@]}" --out "${root}/results-${plan}/pareto.png" --results "${root}/results-${plan}/results.json"
+# The whole comparison so far: every evaluated run under ROOT (local roots; on gs:// name the runs yourself).
+if [[ $root != gs://* ]]; then
+  mapfile -t evaluated < <(find "$root" -name eval.json -not -path "*/shared/*" -printf '%h\n' | sort)
+  mopo pareto "${evaluated[@]}" --out "${root}/results/pareto.png" --results "${root}/results/results.json"
+fi
+echo "results in ${root}/results-${plan} and ${root}/results"

@@ -75,6 +75,8 @@ def pipeline(tmp_path_factory, tiny_work_dir):
         "mopo_onpolicy": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
                           "onpolicy.candidates=2", "mopo.eps=0.15"],
         "user_plugin": ["plugins=[mopo_user_plugin]", "method.name=slic_harmless"],
+        "mopo_onpolicy_gold": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
+                               "onpolicy.candidates=2", "preference.protocol=gold"],
     }
     try:
         for name, overrides in runs.items():
@@ -121,8 +123,60 @@ def test_evaluation_and_pareto_outputs(pipeline):
     assert isinstance(evaluated["mopo_pairwise"]["constraint_met_pairs"], bool)
     assert evaluated["reference"]["constraint_met"] is None
     assert evaluated["user_plugin"]["method"] == "slic_harmless" and evaluated["user_plugin"]["constraint_met"] is None
+    # Two samples per prompt (hh_tiny.yaml): the reference against itself is 1/2 at every prompt.
+    for judged in reference["judges"].values():
+        assert judged["per_prompt"]["expected_win_rate"] == pytest.approx([0.5] * reference["num_prompts"], abs=1e-12)
+    assert reference["settings"]["samples_per_prompt"] == 2
+    assert evaluated["mopo_pairwise"]["constraint_verdict"] in ("met", "not met", "undecided")
     stored = json.load(open(root / "results.json"))
     assert "dominance" in stored and (root / "pareto.png").stat().st_size > 5_000
+    assert {p["name"] for p in stored["points"]} == set(evaluated)
+
+
+def test_gold_protocol_relabels_the_policy_pairs_with_the_gold_models(pipeline):
+    """The gold labels against a NumPy Bradley-Terry computation on the cached features and the stored judges."""
+    import dataclasses
+
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import RunContext, experiment_mesh
+
+    root, _, _, work_dir = pipeline
+    overrides = [f"work_dir={work_dir}", f"data.source={DATA}", f"run_dir={root / 'unused'}",
+                 "method.name=dpo_helpful", "preference.protocol=gold"]
+    config = load_config(ExperimentConfig, str(CONFIG), overrides)
+    mesh = experiment_mesh(config)
+    human = RunContext(dataclasses.replace(config, preference=dataclasses.replace(config.preference,
+                                                                                   protocol="human")), mesh)
+    soft = RunContext(config, mesh)
+    sampled = RunContext(dataclasses.replace(config, preference=dataclasses.replace(config.preference,
+                                                                                     gold_labels="sampled")), mesh)
+    human_pairs, soft_pairs, sampled_pairs = human.policy_pairs(), soft.policy_pairs(), sampled.policy_pairs()
+
+    (features_path,) = work_dir.glob("features_policy_train_layer4-*.npz")
+    (models_path,) = work_dir.glob("preference_models-*.npz")
+    features, models = np.load(features_path), np.load(models_path)
+    labelled = human_pairs["label_mask"]
+    for k in range(2):
+        weights, mean, scale = (models[f"judge_{k}_{f}"].astype(np.float64)
+                                for f in ("weights", "feature_mean", "feature_scale"))
+        margin = (((features["first"] - mean) / scale) @ weights - ((features["second"] - mean) / scale) @ weights)
+        gold = 1.0 / (1.0 + np.exp(-margin))
+        rows = labelled[:, k]
+        np.testing.assert_allclose(soft_pairs["preference_probs"][rows, k], gold[rows], rtol=1e-5, atol=1e-6)
+        drawn = sampled_pairs["preference_probs"][rows, k]
+        assert set(np.unique(drawn)) <= {0.0, 1.0}
+        assert gold[rows][drawn == 1].mean() > gold[rows][drawn == 0].mean()
+        # The gold protocol labels with the judges, the human one with the (different) labelers.
+        np.testing.assert_array_equal(soft.labeler(k).weights, models[f"judge_{k}_weights"])
+        np.testing.assert_array_equal(human.labeler(k).weights, models[f"labeler_{k}_weights"])
+        assert not np.allclose(models[f"judge_{k}_weights"], models[f"labeler_{k}_weights"])
+    # Unlabelled entries, the label mask and the responses are the human data's.
+    np.testing.assert_array_equal(soft_pairs["preference_probs"][~labelled], human_pairs["preference_probs"][~labelled])
+    np.testing.assert_array_equal(soft_pairs["label_mask"], labelled)
+    np.testing.assert_array_equal(soft_pairs["tokens"], human_pairs["tokens"])
+    assert (human_pairs["preference_probs"][labelled] == 1.0).all()  # HH puts the chosen response first
+    np.testing.assert_array_equal(sampled.policy_pairs()["preference_probs"], sampled_pairs["preference_probs"])
 
 
 def test_labelers_and_judges_are_trained_on_disjoint_prompts(pipeline):

@@ -106,6 +106,7 @@ def test_eval_same_numbers_on_two_meshes(runs):
     first, second = results
     for name in first["win_rate"]:
         assert first["win_rate"][name] == pytest.approx(second["win_rate"][name], abs=1e-6)
+        assert first["expected_win_rate"][name] == pytest.approx(second["expected_win_rate"][name], abs=1e-6)
     assert first["kl"] == pytest.approx(second["kl"], abs=1e-4)
     for name, values in first["implicit"]["per_objective"].items():
         assert values["accuracy"] == pytest.approx(second["implicit"]["per_objective"][name]["accuracy"], abs=1e-6)

@@ -150,27 +150,53 @@ class OnPolicyConfig:
 class PreferenceModelConfig:
     """Bradley-Terry labelers and judges on mean-pooled hidden states after ``feature_layer`` blocks; the ridge
     strength is chosen per model from ``l2_grid`` by ``cv_folds``-fold cross-validation on its own training split
-    (a single value skips the selection)."""
+    (a single value skips the selection).
+
+    ``protocol`` says which preferences train the policies:
+
+    * ``"human"``: the policy-train pairs keep their human labels; on-policy candidates and MODPO's margins come
+      from the labelers (fitted on the labeler-train split);
+    * ``"gold"``: the judges (fitted on the judge-train split) are the gold preference functions, the ground truth
+      of a controlled comparison: every policy-train pair is relabelled for the objective it was collected for with
+      the gold probability ``P = sigmoid(r(y_1) - r(y_2))`` (``gold_labels: soft``) or a label drawn from it
+      (``gold_labels: sampled``, one fixed draw per pair, the same for every run), and the gold models also label
+      the on-policy candidates and give MODPO its margins.
+
+    Evaluation is the same under both: the judges score the policy against the reference.
+    """
 
     feature_layer: int = 16
     l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     cv_folds: int = 5
+    protocol: str = "human"
+    gold_labels: str = "soft"
+
+    def __post_init__(self):
+        if self.protocol not in ("human", "gold"):
+            raise ValueError(f"preference.protocol must be 'human' or 'gold', got {self.protocol!r}")
+        if self.gold_labels not in ("soft", "sampled"):
+            raise ValueError(f"preference.gold_labels must be 'soft' or 'sampled', got {self.gold_labels!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Sampling of the judged responses. At ``temperature`` 1 without ``top_p`` the same samples also estimate the
-    KL to the reference; otherwise separate temperature-1 samples are drawn for it."""
+    """Sampling of the judged responses: ``samples_per_prompt`` responses per eval prompt from the policy and as
+    many from the reference, drawn with common random numbers from the key ``seed`` (the same for every run and
+    training seed, so all runs are measured on the same reference samples and their per-prompt values pair). At
+    ``temperature`` 1 without ``top_p`` the same samples also estimate the KL to the reference; otherwise separate
+    temperature-1 samples are drawn for it."""
 
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float | None = None
     batch_size: int = 32
+    samples_per_prompt: int = 1
+    seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"eval.max_new_tokens and eval.batch_size must be >= 1, got {self.max_new_tokens} and "
-                             f"{self.batch_size}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.samples_per_prompt < 1:
+            raise ValueError(f"eval.max_new_tokens, eval.batch_size and eval.samples_per_prompt must be >= 1, got "
+                             f"{self.max_new_tokens}, {self.batch_size} and {self.samples_per_prompt}")
         _check_temperature("eval.temperature", self.temperature, allow_zero=True)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"eval.top_p must be in (0, 1] or null, got {self.top_p}")

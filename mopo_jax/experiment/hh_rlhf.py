@@ -209,7 +209,11 @@ def preference_models(config: ExperimentConfig, data, model, mesh) -> dict[str, 
     identically on every process, written by process 0)."""
     from mopo_jax.evaluation.preference_models import BradleyTerryModel
 
-    fitted_from = dict(preference=dataclasses.asdict(config.preference), seed=config.seed)
+    # The preference models are part of the measurement: fitted alike for every run, protocol and training seed
+    # (cross-validation folds drawn with seed 0), so every run is judged by the same models.
+    preference = config.preference
+    fitted_from = dict(feature_layer=preference.feature_layer, l2_grid=list(preference.l2_grid),
+                       cv_folds=preference.cv_folds)
     path = _cache_path(config, "preference_models", **fitted_from)
     summary_path = _cache_path(config, "preference_models", ".json", **fitted_from)
 
@@ -256,7 +260,7 @@ def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dic
         for k, name in enumerate(OBJECTIVES):
             chosen, rejected = _oriented(data[split], features[split], k)
             grid = config.preference.l2_grid
-            selection = (select_ridge(chosen, rejected, grid, folds=config.preference.cv_folds, seed=config.seed)
+            selection = (select_ridge(chosen, rejected, grid, folds=config.preference.cv_folds, seed=0)
                          if len(grid) > 1 else None)
             fitted = fit_bradley_terry(chosen, rejected, l2=selection.l2 if selection else grid[0])
             models[f"{role}_{k}"] = fitted
@@ -387,6 +391,12 @@ class RunContext:
     def preference_models(self) -> dict[str, Any]:
         return preference_models(self.config, self.data, self.model, self.mesh)["models"]
 
+    def labeler(self, objective: int):
+        """The preference model that labels training data for ``objective``: the labeler (protocol ``human``) or
+        the gold model, i.e. the judge (protocol ``gold``)."""
+        role = "judge" if self.config.preference.protocol == "gold" else "labeler"
+        return self.preference_models()[f"{role}_{objective}"]
+
     def process_rows(self, global_rows: int) -> slice:
         """The rows of a global batch of ``global_rows`` that this process feeds to the mesh."""
         from mopo_jax.training.distributed import process_batch_slice
@@ -403,7 +413,24 @@ class RunContext:
                                                          self.mesh)
         if self.config.training.reference == "precomputed":
             arrays["ref_log_probs"] = self._reference_log_probs(arrays, upper_config, upper)
+        if self.config.preference.protocol == "gold":
+            arrays.update(self._gold_labels(arrays))
         return arrays
+
+    def _gold_labels(self, arrays) -> dict[str, np.ndarray]:
+        """``preference_probs [B, K]`` of the policy-train pairs under the gold models, for the objective each pair
+        is labelled for: ``sigmoid(r_k(y_1) - r_k(y_2))``, or (``gold_labels: sampled``) a 0/1 label drawn from it
+        with a generator seeded by ``data.split_salt`` (the same labels for every run and training seed)."""
+        import zlib
+
+        probs = np.zeros(arrays["preference_probs"].shape, np.float64)
+        for k in range(probs.shape[1]):
+            probs[:, k] = 1.0 / (1.0 + np.exp(-self.reward_margins(arrays, self.labeler(k))))
+        if self.config.preference.gold_labels == "sampled":
+            rng = np.random.default_rng(zlib.crc32(f"{self.config.data.split_salt}/gold-labels".encode()))
+            probs = (rng.random(probs.shape) < probs).astype(np.float64)
+        labelled = arrays["label_mask"]
+        return {"preference_probs": np.where(labelled, probs, arrays["preference_probs"]).astype(np.float32)}
 
     def _reference_log_probs(self, arrays, upper_config, upper) -> np.ndarray:
         from mopo_jax.evaluation.policy_eval import pair_log_probs
@@ -425,15 +452,19 @@ class RunContext:
                                     everywhere=True)["log_probs"]
 
     def labeler_reward_margins(self, arrays, objective: int) -> np.ndarray:
-        """``r(y) - r(y')`` of the labeler of ``objective`` on the policy-train pairs ``[B]``."""
+        """``r(y_1) - r(y_2)`` of the model that labels ``objective`` (:meth:`labeler`) on the policy-train pairs
+        ``[B]``."""
+        return self.reward_margins(arrays, self.labeler(objective)).astype(np.float32)
+
+    def reward_margins(self, arrays, model) -> np.ndarray:
+        """``r(y_1) - r(y_2)`` of the preference ``model`` on the policy-train pairs ``[B]`` (float64)."""
         from mopo_jax.evaluation.preference_models import rewards
 
-        labeler = self.preference_models()[f"labeler_{objective}"]
-        chosen, rejected = _pair_features(self.config, *self.model, self.data["policy_train"], "policy_train",
-                                          self.mesh)
-        if len(chosen) != len(arrays["tokens"]):
-            raise ValueError("labeler_reward_margins: pass the policy-train pairs before filtering them")
-        return np.asarray(rewards(labeler, chosen) - rewards(labeler, rejected), np.float32)
+        first, second = _pair_features(self.config, *self.model, self.data["policy_train"], "policy_train",
+                                       self.mesh)
+        if len(first) != len(arrays["tokens"]):
+            raise ValueError("reward margins: pass the policy-train pairs before filtering them")
+        return np.asarray(rewards(model, first), np.float64) - np.asarray(rewards(model, second), np.float64)
 
     def pair_batches(self, arrays: dict[str, np.ndarray]):
         """Shuffled, resumable batches of ``training.batch_pairs`` pairs with the fields the objective reads; each
@@ -454,7 +485,7 @@ class RunContext:
         return batches
 
     def onpolicy_batches(self):
-        labelers = [self.preference_models()[f"labeler_{k}"] for k in range(len(OBJECTIVES))]
+        labelers = [self.labeler(k) for k in range(len(OBJECTIVES))]
         return _onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
                                  self.data["policy_train"], labelers, self.holder, self.mesh,
                                  self.process_rows(self.config.training.batch_pairs))
@@ -710,7 +741,7 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
     from mopo_jax.evaluation import policy_eval
     from mopo_jax.models.generation import SAMPLER_VERSION
 
-    path = _cache_path(config, "eval_reference", seed=config.seed, prompts=np.asarray(prompt_tokens).tolist(),
+    path = _cache_path(config, "eval_reference", prompts=np.asarray(prompt_tokens).tolist(),
                        eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers,
                        sampler=SAMPLER_VERSION)
 
@@ -719,8 +750,9 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
         _log("reference responses and held-out log-probabilities for evaluation")
         responses, response_mask = policy_eval.generate_responses(
             model_config, params, prompt_tokens, prompt_mask, config.eval.max_new_tokens,
-            policy_eval.sampling_keys(jax.random.PRNGKey(config.seed))[0], temperature=config.eval.temperature,
-            top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size, mesh=mesh)
+            policy_eval.sampling_keys(jax.random.PRNGKey(config.eval.seed))[0], temperature=config.eval.temperature,
+            top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size, mesh=mesh,
+            num_samples=config.eval.samples_per_prompt)
         cached = {"responses": responses, "response_mask": response_mask}
         cached["pair_log_probs"] = policy_eval.pair_log_probs(
             upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=eval_hidden,
@@ -781,25 +813,36 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
         judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
-        rng=jax.random.PRNGKey(config.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
+        rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
         reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
+        samples_per_prompt=config.eval.samples_per_prompt,
     )
     evaluation["implicit"] = implicit
     threshold = config.method.threshold if _method(config).knob == "threshold" else None
-    # MOPO's constraint is a win rate of the policy over the reference under the harmlessness preference: on held-out
-    # data that is the judge's win rate on held-out prompts; the pairwise value on held-out human pairs is the
-    # offline estimate the pairwise method trains on, reported beside it.
-    constraint_met = constraint_met_pairs = None
+    # MOPO's constraint is the policy's expected win rate over the reference under the harmlessness preference: on
+    # held-out prompts, under the judge (the gold model of the gold protocol), decided by its 95% interval (see
+    # mopo_jax.evaluation.paired.constraint_verdict); the pairwise value on held-out human pairs is the offline
+    # estimate the pairwise method trains on, reported beside it.
+    constraint_verdict = constraint_met = constraint_met_pairs = None
     if threshold is not None:
-        constraint_met = bool(evaluation["win_rate"][OBJECTIVES[1]] >= threshold)
+        from mopo_jax.evaluation.paired import Interval
+        from mopo_jax.evaluation.paired import constraint_verdict as verdict_of
+
+        harmless = OBJECTIVES[1]
+        interval = Interval(evaluation["expected_win_rate"][harmless],
+                            *evaluation["expected_win_rate_interval"][harmless])
+        constraint_verdict = verdict_of(interval, threshold)
+        constraint_met = constraint_verdict == "met"
         constraint_met_pairs = bool(implicit["constraint_values"][1] >= threshold)
     payload = {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "method": config.method.name,
+        "protocol": config.preference.protocol,
         "config": _as_plain(dataclasses.asdict(config)),
         "seed": config.seed,
         "evaluation": evaluation,
         "threshold": threshold,
+        "constraint_verdict": constraint_verdict,
         "constraint_met": constraint_met,
         "constraint_met_pairs": constraint_met_pairs,
         "preference_models": judges["summary"],
