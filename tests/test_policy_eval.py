@@ -26,6 +26,7 @@ from mopo_jax.evaluation.policy_eval import (
     pair_log_probs,
     response_rows,
     sequence_kl,
+    sequence_kl_terms,
 )
 from mopo_jax.evaluation.preference_models import BradleyTerryModel
 from mopo_jax.models import forward, generate, get_preset, init_params, join_layers, residual_stream, split_layers
@@ -189,6 +190,28 @@ def test_sequence_kl(models):
     terms = _numpy_log_probs(policy, tokens, attention, completion) - \
         _numpy_log_probs(reference, tokens, attention, completion)
     assert kl == pytest.approx(np.mean(terms), rel=1e-4, abs=1e-3)
+
+
+def test_sequence_kl_terms_run_shared_lower_blocks_once(models):
+    """Policy and reference differing only in the top block: the split computation against NumPy log-probs of the
+    two joined models (5 rows in batches of 3: the padded batch is exercised)."""
+    reference, policy = models
+    lower_config, lower, upper_config, reference_upper = split_layers(CONFIG, reference, CONFIG.n_layers - 1)
+    # Only the top block differs (the embedding stays the reference's, as when only the top blocks train).
+    policy_upper = {**reference_upper, "layers": split_layers(CONFIG, policy, CONFIG.n_layers - 1)[3]["layers"]}
+    joined = join_layers(lower, policy_upper)
+    arrays = _pairs(seed=4, num_pairs=5)
+    prompts = arrays["prompt_tokens"], arrays["prompt_mask"]
+    responses = generate_responses(CONFIG, joined, *prompts, R, jax.random.PRNGKey(2), temperature=1.0, top_p=None,
+                                   batch_size=4)
+    terms = sequence_kl_terms(upper_config, policy_upper, reference_upper, *prompts, *responses, batch_size=3,
+                              shared_lower=(lower_config, lower))
+    rows = response_rows(*prompts, *responses)
+    expected = _numpy_log_probs(joined, *rows) - _numpy_log_probs(reference, *rows)
+    assert np.abs(expected).max() > 0.1  # the two models differ
+    np.testing.assert_allclose(terms, expected, rtol=1e-4, atol=1e-3)
+    full = sequence_kl_terms(CONFIG, joined, reference, *prompts, *responses, batch_size=3)
+    np.testing.assert_allclose(full, expected, rtol=1e-4, atol=1e-3)
 
 
 def _token_features(tokens, attention_mask, completion_mask):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopo_jax.models import ModelConfig, generate
+from mopo_jax.models import ModelConfig, generate, residual_stream
 from mopo_jax.models.generation import check_count
 from mopo_jax.objectives import pairwise_objective_values
 from mopo_jax.training import sharding
@@ -111,6 +111,32 @@ def batched_sequence_log_probs(
                                          completion_start=completion_start)
         out.append(sharding.to_host(values).astype(np.float32)[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _residual_stream_jit(config: ModelConfig, params, tokens, attention_mask):
+    return residual_stream(config, params, tokens, mask=attention_mask)
+
+
+def batched_residual_stream(config: ModelConfig, params, tokens, attention_mask, batch_size: int = 16,
+                            mesh=None) -> np.ndarray:
+    """The residual stream after the blocks of ``params`` (the lower part of :func:`mopo_jax.models.split_layers`)
+    for ``[N, T]`` rows, in fixed ``[batch_size, T]`` batches (the last padded with all-attending filler rows that are
+    dropped) split over ``mesh``'s batch axes; float32 ``[N, T, D]`` on the host."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokens, attention_mask = np.asarray(tokens, np.int32), np.asarray(attention_mask, np.int32)
+    out = []
+    for start in range(0, tokens.shape[0], batch_size):
+        t, m = tokens[start:start + batch_size], attention_mask[start:start + batch_size]
+        n = t.shape[0]
+        t = _pad_rows(t, batch_size - n)
+        m = np.concatenate([m, np.ones((batch_size - n,) + m.shape[1:], m.dtype)])
+        hidden = _residual_stream_jit(config, params, *sharding.put_batch((t, m), mesh))
+        out.append(sharding.to_host(hidden).astype(np.float32)[:n])
+    if not out:
+        return np.zeros(tokens.shape + (config.d_model,), np.float32)
+    return np.concatenate(out)
 
 
 def pair_log_probs(config: ModelConfig, params, arrays: Mapping[str, np.ndarray], batch_size: int = 16,
@@ -336,15 +362,21 @@ def response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask) ->
 
 def sequence_kl_terms(model_config: ModelConfig, policy_params, reference_params, prompt_tokens, prompt_mask,
                       response_tokens, response_mask, batch_size: int = 16,
-                      vocab_chunk: int | None = None, mesh=None) -> np.ndarray:
-    """Per-prompt ``sum_t [log pi(y_t) - log pi_ref(y_t)]`` over the response tokens; float64 ``[N]``."""
-    rows = response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask)
-    tokens, attention, completion = rows
-    policy = batched_sequence_log_probs(model_config, policy_params, tokens, completion, attention, batch_size,
-                                        vocab_chunk, mesh=mesh)
-    reference = batched_sequence_log_probs(model_config, reference_params, tokens, completion, attention, batch_size,
-                                           vocab_chunk, mesh=mesh)
-    return policy.astype(np.float64) - reference.astype(np.float64)
+                      vocab_chunk: int | None = None, mesh=None, shared_lower=None) -> np.ndarray:
+    """Per-row ``sum_t [log pi(y_t) - log pi_ref(y_t)]`` over the response tokens; float64 ``[N]``.
+
+    Only the response columns are unembedded (``completion_start`` = the prompt width). With ``shared_lower =
+    (lower_config, lower_params)``, the frozen lower blocks that policy and reference share
+    (:func:`mopo_jax.models.split_layers`), ``model_config``, ``policy_params`` and ``reference_params`` are the upper
+    blocks': the shared blocks run once and only the upper blocks twice.
+    """
+    tokens, attention, completion = response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask)
+    hidden = None if shared_lower is None else batched_residual_stream(*shared_lower, tokens, attention, batch_size,
+                                                                       mesh)
+    log_probs = functools.partial(batched_sequence_log_probs, model_config, tokens=tokens, completion_mask=completion,
+                                  attention_mask=attention, batch_size=batch_size, vocab_chunk=vocab_chunk,
+                                  inputs_hidden=hidden, completion_start=np.shape(prompt_tokens)[1], mesh=mesh)
+    return log_probs(policy_params).astype(np.float64) - log_probs(reference_params).astype(np.float64)
 
 
 def sequence_kl(model_config: ModelConfig, policy_params, reference_params, prompt_tokens, prompt_mask,
@@ -485,6 +517,7 @@ def evaluate_policy(
     return_responses: bool = False,
     mesh=None,
     samples_per_prompt: int = 1,
+    kl_split: tuple | None = None,
 ) -> dict:
     """Implicit accuracy on held-out pairs, judge win rates against the reference and the sequence KL, in one dict.
 
@@ -512,6 +545,9 @@ def evaluate_policy(
       samples_per_prompt: responses sampled per prompt from the policy and from the reference (sharing the prompt's
         prefill; the reference's row ``r`` drawn with the policy's row ``r``'s random numbers); the win rates and
         the KL are per-prompt means over them (:func:`judge_win_rates`).
+      kl_split: ``(lower_config, lower_params, upper_config, policy_upper, reference_upper)`` when policy and
+        reference differ only in their upper blocks (:func:`mopo_jax.models.split_layers`): the KL's forward passes
+        then run the shared lower blocks once (:func:`sequence_kl_terms`).
 
     Returns:
       ``{"implicit": ..., "win_rate": {name: float}, "win_rate_stderr": {name: float}, "expected_win_rate":
@@ -572,8 +608,14 @@ def evaluate_policy(
         responses["policy_kl"] = kl_responses
     repeated = (np.repeat(prompt_tokens, samples_per_prompt, axis=0),
                 np.repeat(prompt_mask, samples_per_prompt, axis=0))
-    terms = sequence_kl_terms(model_config, policy_params, reference_params, *repeated, *kl_responses,
-                              batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh)
+    if kl_split is None:
+        terms = sequence_kl_terms(model_config, policy_params, reference_params, *repeated, *kl_responses,
+                                  batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh)
+    else:
+        lower_config, lower, upper_config, policy_upper, reference_upper = kl_split
+        terms = sequence_kl_terms(upper_config, policy_upper, reference_upper, *repeated, *kl_responses,
+                                  batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh,
+                                  shared_lower=(lower_config, lower))
     per_prompt_kl = terms.reshape(prompt_tokens.shape[0], samples_per_prompt).mean(axis=1)
     result["kl"] = float(per_prompt_kl.mean()) if per_prompt_kl.size else float("nan")
     result["kl_stderr"] = _stderr(per_prompt_kl)

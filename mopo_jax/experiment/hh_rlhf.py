@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import time
-from functools import partial
 from typing import Any
 
 import jax
@@ -304,31 +303,19 @@ def _lower_activations(config, lower_config, lower, arrays, name: str, mesh) -> 
     path = _cache_path(config, f"activations_{name}_top{config.model.trainable_top_layers}")
 
     def build(write):
+        from mopo_jax.evaluation.policy_eval import batched_residual_stream
+
         _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
         tokens = arrays["tokens"].reshape(-1, arrays["tokens"].shape[-1])
         mask = arrays["attention_mask"].reshape(tokens.shape)
-        batch = _feature_batch_size(mesh, 16)
-        out = []
-        for start in range(0, len(tokens), batch):
-            t, m = tokens[start:start + batch], mask[start:start + batch]
-            short = batch - len(t)
-            if short:
-                t = np.concatenate([t, np.zeros((short,) + t.shape[1:], t.dtype)])
-                m = np.concatenate([m, np.ones((short,) + m.shape[1:], m.dtype)])
-            out.append(_residual_stream(lower_config, lower, t, m, mesh)[: batch - short])
-        hidden = {"hidden": np.concatenate(out).reshape(arrays["tokens"].shape + (-1,))}
+        hidden = batched_residual_stream(lower_config, lower, tokens, mask, _feature_batch_size(mesh, 16), mesh)
+        hidden = {"hidden": hidden.reshape(arrays["tokens"].shape + (-1,))}
         if write:
             storage.save_arrays(path, hidden)
         return hidden
 
     return storage.cached_stage(f"activations-{name}", path.exists, build, lambda: storage.load_arrays(path),
                                 everywhere=True)["hidden"]
-
-
-def _residual_stream(lower_config, lower, tokens, mask, mesh) -> np.ndarray:
-    """The frozen blocks' output ``[N, T, D]`` (float32, on the host) of rows split over the mesh's batch axes."""
-    hidden = _residual_stream_jit(lower_config, lower, *sharding.put_batch((tokens, mask), mesh))
-    return sharding.to_host(hidden).astype(np.float32)
 
 
 def train_config_for(config: ExperimentConfig):
@@ -623,13 +610,6 @@ class _Progress:
             self.writer.close()
 
 
-@partial(jax.jit, static_argnames=("config",))
-def _residual_stream_jit(config, params, tokens, mask):
-    from mopo_jax.models import residual_stream
-
-    return residual_stream(config, params, tokens, mask=mask)
-
-
 def _onpolicy_batches(config, train_config, model_config, params, lower_config, lower, prompts, labelers, holder,
                       mesh, rows: slice):
     """MOPO's on-policy data (the published algorithm): per prompt, ``N`` responses sampled from the *current*
@@ -639,7 +619,7 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
     Sampling and features run on the mesh for the whole global batch (every process gets every row back); each
     process then yields its ``rows`` of prompts."""
     from mopo_jax.data import end_of_turn_text, iterate_batches
-    from mopo_jax.evaluation.policy_eval import generate_responses, response_rows
+    from mopo_jax.evaluation.policy_eval import batched_residual_stream, generate_responses, response_rows
     from mopo_jax.evaluation.preference_models import response_features, rewards
     from mopo_jax.models import join_layers, load_tokenizer
     from mopo_jax.training import reference_params
@@ -680,8 +660,8 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
                 "candidate_label_mask": np.ones((count, len(labelers), per_prompt, per_prompt), bool),
             }
             if lower is not None:
-                batch["inputs_hidden"] = _residual_stream(lower_config, lower, tokens, attention,
-                                                          mesh).reshape(shape + (-1,))
+                batch["inputs_hidden"] = batched_residual_stream(lower_config, lower, tokens, attention, len(tokens),
+                                                                 mesh).reshape(shape + (-1,))
             yield {k: v[rows] for k, v in batch.items()}, next_position
 
     return batches
@@ -816,6 +796,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
         reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
         samples_per_prompt=config.eval.samples_per_prompt,
+        kl_split=None if lower is None else (lower_config, lower, upper_config, trained, upper),
     )
     evaluation["implicit"] = implicit
     threshold = config.method.threshold if _method(config).knob == "threshold" else None
