@@ -34,9 +34,18 @@ root="${2:-runs/hh/${size}}"
 config="experiments/configs/hh_${size}.yaml"
 [[ -f $config ]] || { echo "hh_rlhf.sh: no profile $config" >&2; exit 2; }
 runs=()
+# Every command with its wall time, one line each, in ROOT/commands-PLAN.log (local roots).
+timed() {
+  local start=$SECONDS
+  "$@"
+  if [[ $root != gs://* ]]; then
+    mkdir -p "$root"
+    printf '%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" $(( SECONDS - start )) "$*" >> "${root}/commands-${plan}.log"
+  fi
+}
 train() {
   local name="$1"; shift
-  mopo train --config "$config" "run_dir=${root}/${name}" "work_dir=${root}/shared" "$@"
+  timed mopo train --config "$config" "run_dir=${root}/${name}" "work_dir=${root}/shared" "$@"
   runs+=("${root}/${name}")
 }
 weights() { python3 -c "import sys; w = float(sys.argv[1]); print(f'[{w}, {round(1 - w, 6)}]')" "$1"; }
@@ -105,11 +114,11 @@ case "$plan" in
   *) echo "hh_rlhf.sh: unknown plan '$plan' (front, onpolicy, seeds, ablation, human)" >&2; exit 2 ;;
 esac
 
-mopo eval "${runs[@]}"
-mopo pareto "${runs[@]}" --out "${root}/results-${plan}/pareto.png" --results "${root}/results-${plan}/results.json"
+timed mopo eval "${runs[@]}"
+timed mopo pareto "${runs[@]}" --out "${root}/results-${plan}/pareto.png" --results "${root}/results-${plan}/results.json"
 # The whole comparison so far: every evaluated run under ROOT (local roots; on gs:// name the runs yourself).
 if [[ $root != gs://* ]]; then
   mapfile -t evaluated < <(find "$root" -name eval.json -not -path "*/shared/*" -printf '%h\n' | sort)
-  mopo pareto "${evaluated[@]}" --out "${root}/results/pareto.png" --results "${root}/results/results.json"
+  timed mopo pareto "${evaluated[@]}" --out "${root}/results/pareto.png" --results "${root}/results/results.json"
 fi
 echo "results in ${root}/results-${plan} and ${root}/results"

@@ -71,6 +71,9 @@ def test_front_plan(tmp_path, python_dir):
     assert paretos[0][-4:] == ["--out", f"{root}/results-front/pareto.png", "--results",
                                f"{root}/results-front/results.json"]
     assert sorted(paretos[1][1:-4]) == sorted(str(root / name) for name in runs)  # everything under ROOT so far
+    log = [line.split("\t") for line in (root / "commands-front.log").read_text().splitlines()]
+    assert len(log) == len(runs) + 3 and all(seconds.endswith(" s") for _, seconds, _ in log)
+    assert log[0][2].startswith("mopo train --config") and log[-1][2].startswith("mopo pareto")
 
 
 def test_seeds_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
