@@ -7,12 +7,13 @@
 #
 # PROFILE is SIZE or SIZE-PLAN. SIZE names experiments/configs/hh_SIZE.yaml (cpu-small, tiny, gpu-quick, gpu-8x,
 # tpu-v5e-8; default cpu-small); PLAN picks which runs (default front):
-#   front     the reference, DPO x3, weighted DPO, MODPO and Rewarded Soups at 3 weights, MOPO (pairwise) at 4
-#             thresholds
+#   front     the reference, DPO on helpful, harmless and pooled pairs, MOPO (pairwise) at 4 thresholds
+#   baselines weighted DPO, MODPO and Rewarded Soups at 3 weights (the soups interpolate the front's DPO runs,
+#             trained here first when the front has not run)
 #   onpolicy  MOPO's Algorithm 1 (candidates sampled from the lagged reference, labelled by the preference models)
 #             at the same thresholds, 8 candidates per prompt
-#   seeds     seeds 1 and 2 of MOPO at two thresholds and of the strongest baselines (DPO helpful / harmless, MODPO
-#             and Rewarded Soups at 0.5)
+#   seed1, seed2  another seed of MOPO at two thresholds and of the strongest baselines (DPO helpful / harmless,
+#             MODPO and Rewarded Soups at 0.5)
 #   ablation  the paper's schedule on one threshold: the lagged reference and threshold ratchet every quarter of
 #             training (beta 0.99 and 0.9995; "never" is the front's run) and MOPO-LB (log barrier)
 #   human     the human-label track: the main methods trained on the human labels (preference.protocol=human)
@@ -73,26 +74,28 @@ case "$plan" in
     train reference method.name=reference
     baselines ""
     train dpo_pooled method.name=dpo_pooled
+    for b in "${thresholds[@]}"; do
+      train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
+    done ;;
+  baselines)
+    baselines ""  # the front's runs: resumed at their last step when they exist
+    runs=()
     for w in "${weight_grid[@]}"; do
       train "weighted_dpo_${w}" method.name=weighted_dpo "method.weights=$(weights "$w")"
       train "modpo_${w}" method.name=modpo "method.weights=$(weights "$w")"
       soup "" "$w"
-    done
-    for b in "${thresholds[@]}"; do
-      train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
     done ;;
   onpolicy)
     for b in "${thresholds[@]}"; do
       train "mopo_onpolicy_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" "${onpolicy[@]}"
     done ;;
-  seeds)
-    for seed in 1 2; do
-      baselines "seed${seed}/" "seed=${seed}"
-      soup "seed${seed}/" 0.5 "seed=${seed}"
-      train "seed${seed}/modpo_0.5" method.name=modpo "method.weights=$(weights 0.5)" "seed=${seed}"
-      for b in "${thresholds[1]}" "${thresholds[2]}"; do
-        train "seed${seed}/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "seed=${seed}"
-      done
+  seed1|seed2)
+    seed="${plan#seed}"
+    baselines "seed${seed}/" "seed=${seed}"
+    soup "seed${seed}/" 0.5 "seed=${seed}"
+    train "seed${seed}/modpo_0.5" method.name=modpo "method.weights=$(weights 0.5)" "seed=${seed}"
+    for b in "${thresholds[1]}" "${thresholds[2]}"; do
+      train "seed${seed}/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "seed=${seed}"
     done ;;
   ablation)
     steps=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['training']['steps'])" "$config")
@@ -111,7 +114,8 @@ case "$plan" in
     for b in "${thresholds[@]}"; do
       train "human/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${human[@]}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, onpolicy, seeds, ablation, human)" >&2; exit 2 ;;
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, seed1, seed2, ablation, human)" >&2
+     exit 2 ;;
 esac
 
 timed mopo eval "${runs[@]}"

@@ -57,13 +57,8 @@ def test_front_plan(tmp_path, python_dir):
     result, root, calls = _plan(tmp_path, "cpu-small", python_dir)
     assert result.returncode == 0, result.stderr
     runs = _trained(calls, root)
-    assert set(runs) == {
-        "reference", "dpo_helpful", "dpo_harmless", "dpo_pooled",
-        *(f"{m}_{w}" for m in ("weighted_dpo", "modpo", "soups") for w in ("0.25", "0.5", "0.75")),
-        *(f"mopo_b{b}" for b in ("0.51", "0.53", "0.55", "0.57")),
-    }
-    assert runs["modpo_0.25"] == {"method.name": "modpo", "method.weights": "[0.25, 0.75]"}
-    assert runs["soups_0.75"]["method.soups_from"] == f"[{root}/dpo_helpful, {root}/dpo_harmless]"
+    assert set(runs) == {"reference", "dpo_helpful", "dpo_harmless", "dpo_pooled",
+                         *(f"mopo_b{b}" for b in ("0.51", "0.53", "0.55", "0.57"))}
     assert runs["mopo_b0.57"] == {"method.name": "mopo_pairwise", "method.threshold": "0.57"}
     evaluate = next(c for c in calls if c[0] == "eval")
     assert sorted(evaluate[1:]) == sorted(str(root / name) for name in runs)
@@ -76,17 +71,28 @@ def test_front_plan(tmp_path, python_dir):
     assert log[0][2].startswith("mopo train --config") and log[-1][2].startswith("mopo pareto")
 
 
-def test_seeds_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
-    steps = yaml.safe_load((REPO / "experiments" / "configs" / "hh_cpu-small.yaml").read_text())["training"]["steps"]
-    result, root, calls = _plan(tmp_path / "seeds", "cpu-small-seeds", python_dir)
+def test_baselines_plan_evaluates_only_its_own_runs(tmp_path, python_dir):
+    result, root, calls = _plan(tmp_path, "cpu-small-baselines", python_dir)
     assert result.returncode == 0, result.stderr
     runs = _trained(calls, root)
+    baselines = {f"{m}_{w}" for m in ("weighted_dpo", "modpo", "soups") for w in ("0.25", "0.5", "0.75")}
+    assert set(runs) == baselines | {"dpo_helpful", "dpo_harmless"}  # the soups' endpoints, resumed if trained
+    assert runs["modpo_0.25"] == {"method.name": "modpo", "method.weights": "[0.25, 0.75]"}
+    assert runs["soups_0.75"]["method.soups_from"] == f"[{root}/dpo_helpful, {root}/dpo_harmless]"
+    evaluate = next(c for c in calls if c[0] == "eval")
+    assert sorted(evaluate[1:]) == sorted(str(root / name) for name in baselines)
+
+
+def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
+    steps = yaml.safe_load((REPO / "experiments" / "configs" / "hh_cpu-small.yaml").read_text())["training"]["steps"]
     for seed in ("1", "2"):
-        mine = {name: o for name, o in runs.items() if name.startswith(f"seed{seed}/")}
-        assert {name.split("/")[1] for name in mine} == {"dpo_helpful", "dpo_harmless", "soups_0.5", "modpo_0.5",
-                                                         "mopo_b0.53", "mopo_b0.55"}
-        assert all(o["seed"] == seed for o in mine.values())
-        soups = mine[f"seed{seed}/soups_0.5"]["method.soups_from"]
+        result, root, calls = _plan(tmp_path / f"seed{seed}", f"cpu-small-seed{seed}", python_dir)
+        assert result.returncode == 0, result.stderr
+        runs = _trained(calls, root)
+        assert set(runs) == {f"seed{seed}/{name}" for name in ("dpo_helpful", "dpo_harmless", "soups_0.5",
+                                                                 "modpo_0.5", "mopo_b0.53", "mopo_b0.55")}
+        assert all(o["seed"] == seed for o in runs.values())
+        soups = runs[f"seed{seed}/soups_0.5"]["method.soups_from"]
         assert soups == f"[{root}/seed{seed}/dpo_helpful, {root}/seed{seed}/dpo_harmless]"
 
     result, root, calls = _plan(tmp_path / "ablation", "cpu-small-ablation", python_dir)
