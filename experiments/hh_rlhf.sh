@@ -50,8 +50,9 @@ train() {
   runs+=("${root}/${name}")
 }
 weights() { python3 -c "import sys; w = float(sys.argv[1]); print(f'[{w}, {round(1 - w, 6)}]')" "$1"; }
-# Where the reference (0.5) and DPO-harmless lie on the gold harmlessness win rate, spanned by four thresholds.
-thresholds=(0.51 0.53 0.55 0.57)
+# Four thresholds spanning the reference (0.5) and DPO-harmless on the gold harmlessness expected win rate (0.546
+# [0.535, 0.558] for cpu-small's human-label DPO-harmless policy, benchmarks/hh_eval_stages.py, 4 samples per prompt).
+thresholds=(0.51 0.52 0.53 0.54)
 weight_grid=(0.25 0.5 0.75)
 # On CPU the on-policy runs take fewer, smaller steps (sampling dominates); the accelerator profiles keep their batch.
 onpolicy=(onpolicy.candidates=8 mopo.eps=0.15)

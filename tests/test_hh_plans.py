@@ -58,8 +58,8 @@ def test_front_plan(tmp_path, python_dir):
     assert result.returncode == 0, result.stderr
     runs = _trained(calls, root)
     assert set(runs) == {"reference", "dpo_helpful", "dpo_harmless", "dpo_pooled",
-                         *(f"mopo_b{b}" for b in ("0.51", "0.53", "0.55", "0.57"))}
-    assert runs["mopo_b0.57"] == {"method.name": "mopo_pairwise", "method.threshold": "0.57"}
+                         *(f"mopo_b{b}" for b in ("0.51", "0.52", "0.53", "0.54"))}
+    assert runs["mopo_b0.54"] == {"method.name": "mopo_pairwise", "method.threshold": "0.54"}
     evaluate = next(c for c in calls if c[0] == "eval")
     assert sorted(evaluate[1:]) == sorted(str(root / name) for name in runs)
     paretos = [c for c in calls if c[0] == "pareto"]
@@ -90,7 +90,7 @@ def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
         assert result.returncode == 0, result.stderr
         runs = _trained(calls, root)
         assert set(runs) == {f"seed{seed}/{name}" for name in ("dpo_helpful", "dpo_harmless", "soups_0.5",
-                                                                 "modpo_0.5", "mopo_b0.53", "mopo_b0.55")}
+                                                                 "modpo_0.5", "mopo_b0.52", "mopo_b0.53")}
         assert all(o["seed"] == seed for o in runs.values())
         soups = runs[f"seed{seed}/soups_0.5"]["method.soups_from"]
         assert soups == f"[{root}/seed{seed}/dpo_helpful, {root}/seed{seed}/dpo_harmless]"
@@ -99,11 +99,11 @@ def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
     assert result.returncode == 0, result.stderr
     runs = _trained(calls, root)
     assert runs == {
-        "mopo_b0.55_t0q_beta0.99": {"method.name": "mopo_pairwise", "method.threshold": "0.55",
+        "mopo_b0.53_t0q_beta0.99": {"method.name": "mopo_pairwise", "method.threshold": "0.53",
                                     "mopo.refresh_every": str(steps // 4), "mopo.ratchet_beta": "0.99"},
-        "mopo_b0.55_t0q_beta0.9995": {"method.name": "mopo_pairwise", "method.threshold": "0.55",
+        "mopo_b0.53_t0q_beta0.9995": {"method.name": "mopo_pairwise", "method.threshold": "0.53",
                                       "mopo.refresh_every": str(steps // 4), "mopo.ratchet_beta": "0.9995"},
-        "mopo_lb_b0.55": {"method.name": "mopo_pairwise", "method.threshold": "0.55",
+        "mopo_lb_b0.53": {"method.name": "mopo_pairwise", "method.threshold": "0.53",
                           "mopo.constraint": "log_barrier"},
     }
 
