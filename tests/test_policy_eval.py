@@ -344,14 +344,22 @@ def test_dominance_and_front():
 
 
 def _eval_record(name, method, help_values, harm_values, seed=0, threshold=None, kl=1.5, protocol="gold"):
-    """An ``eval.json`` record with per-prompt expected win rates (the judged win rates set to their means)."""
+    """An ``eval.json`` record with per-prompt expected win rates (the judged win rates set to their means) and the
+    run's own intervals and constraint verdict, as evaluation writes them."""
+    from mopo_jax.evaluation.paired import bootstrap_interval, constraint_verdict
+
     help_values, harm_values = np.asarray(help_values, float), np.asarray(harm_values, float)
     judges = {key: {"win_rate": float(values.mean()), "expected_win_rate": float(values.mean()),
                     "per_prompt": {"expected_win_rate": values.tolist(), "win": values.tolist()}}
               for key, values in (("helpfulness", help_values), ("harmlessness", harm_values))}
+    intervals = {key: bootstrap_interval(values) for key, values in (("helpfulness", help_values),
+                                                                      ("harmlessness", harm_values))}
+    verdict = None if threshold is None else constraint_verdict(intervals["harmlessness"], threshold)
     return {"name": name, "method": method, "protocol": protocol, "config": {"lr": 1e-5}, "seed": seed,
+            "constraint_verdict": verdict,
             "evaluation": {"judges": judges, "per_prompt": {"kl": [kl] * len(help_values)},
-                           "settings": {"samples_per_prompt": 4},
+                           "expected_win_rate_interval": {k: list(v[1:]) for k, v in intervals.items()},
+                           "kl_interval": [kl, kl], "settings": {"samples_per_prompt": 4},
                            "implicit": {"per_objective": {"helpfulness": {"accuracy": 0.6, "constraint_value": 0.52},
                                                           "harmlessness": {"accuracy": 0.55,
                                                                            "constraint_value": 0.51}}}},
@@ -430,8 +438,9 @@ def test_compare_decides_only_from_paired_intervals(tmp_path):
     saved = json.loads(out_json.read_text())
     assert out_png.stat().st_size > 5000 and saved["dominance"] == written["dominance"]
     assert len(saved["runs"]) == 6 and len(saved["points"]) == 5
-    own = saved["runs"][4]  # mopo_b0.60 alone: its interval is that of its own prompts
+    own = saved["runs"][4]  # mopo_b0.60 alone: the interval evaluation wrote is the pooled point's
     assert own["harmlessness_interval"] == pytest.approx(points["mopo_b0.60"]["harmlessness_interval"])
+    assert own["kl_interval"] == [1.5, 1.5]
     assert own["constraint_verdict"] == "not met" and "config" not in own
     table = markdown_table(saved)
     assert "| mopo_b0.60 | 0 |" in table and "not met" in table

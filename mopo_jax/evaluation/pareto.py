@@ -215,8 +215,9 @@ def pareto_plot(results: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
 
 
 def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> dict[str, Any]:
-    """One ``eval.json`` record as a flat run: its point estimates and the per-prompt values the intervals
-    resample (``per_prompt``: ``{"helpfulness", "harmlessness", "kl"}`` lists over the eval prompts)."""
+    """One ``eval.json`` record as a flat run: its point estimates with the intervals and constraint verdict that
+    evaluation computed from its own prompts, and the per-prompt values that pooled and paired intervals resample
+    (``per_prompt``: ``{"helpfulness", "harmlessness", "kl"}`` lists over the eval prompts)."""
     where = run_dir or record.get("name") or "run"
     evaluation = record.get("evaluation") or {}
     judges = evaluation.get("judges") or {}
@@ -241,9 +242,12 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
         "protocol": record.get("protocol", "human"),
         "seed": record.get("seed"),
         **{k: float(values[k].mean()) for k in OBJECTIVES},
+        **{f"{k}_interval": (evaluation.get("expected_win_rate_interval") or {}).get(k) for k in OBJECTIVES},
         "judged_win_rate": {k: float(judges[k]["win_rate"]) for k in OBJECTIVES},
         "kl": float(values["kl"].mean()),
+        "kl_interval": evaluation.get("kl_interval"),
         "threshold": _float_or_none(record.get("threshold")),
+        "constraint_verdict": record.get("constraint_verdict"),
         "constraint_met_pairs": record.get("constraint_met_pairs"),
         "implicit_accuracy": {k: _float_or_none(v.get("accuracy")) for k, v in per_objective.items()},
         "implicit_constraint_value": {k: _float_or_none(v.get("constraint_value")) for k, v in per_objective.items()},
@@ -366,18 +370,6 @@ def compare(runs: Sequence[Mapping[str, Any]], *, level: float = paired.LEVEL, d
     return {"points": points, "comparisons": comparisons, "dominance": dominance, "level": level, "draws": draws}
 
 
-def _with_own_intervals(run: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's record (without its config) with the intervals and constraint verdict of its own prompts."""
-    out = {k: v for k, v in run.items() if k != "config"}
-    for k in (*OBJECTIVES, "kl"):
-        out[f"{k}_interval"] = list(paired.bootstrap_interval(run["per_prompt"][k])[1:])
-    out["constraint_verdict"] = None
-    if run.get("threshold") is not None:
-        out["constraint_verdict"] = paired.constraint_verdict(
-            paired.Interval(run[SECONDARY], *out[f"{SECONDARY}_interval"]), run["threshold"])
-    return out
-
-
 def _mean_or_none(values) -> float | None:
     finite = [float(v) for v in values if _float_or_none(v) is not None]
     return float(np.mean(finite)) if finite else None
@@ -403,7 +395,7 @@ def write_pareto(run_dirs: Iterable[str | os.PathLike], out_png: str | os.PathLi
     runs = collect_run_results(run_dirs)
     summary = compare(runs)
     summary["pareto_front"] = pareto_plot(summary["points"], out_png, title=title)
-    summary["runs"] = [_with_own_intervals(r) for r in runs]
+    summary["runs"] = [{k: v for k, v in r.items() if k != "config"} for r in runs]
     if results_json is not None:
         storage.save_text(results_json, json.dumps(summary, indent=2, default=_json_default))
     return summary

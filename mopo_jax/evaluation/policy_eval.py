@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mopo_jax.evaluation.paired import bootstrap_interval, expected_win_rates, paired_win_fractions
 from mopo_jax.models import ModelConfig, generate, residual_stream
 from mopo_jax.models.generation import check_count
 from mopo_jax.objectives import pairwise_objective_values
@@ -441,8 +442,6 @@ def judge_win_rates(
       objective_names: names for the objective indices (default helpfulness, harmlessness).
       samples_per_prompt: ``S``.
     """
-    from mopo_jax.evaluation.paired import expected_win_rates, paired_win_fractions
-
     check_count("samples_per_prompt", samples_per_prompt)
     prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
     N, S = prompt_tokens.shape[0], samples_per_prompt
@@ -462,8 +461,7 @@ def judge_win_rates(
         judge = judges[k]
         policy = np.asarray(rewards(judge, policy_features), np.float64).reshape(N, S)
         reference = np.asarray(rewards(judge, reference_features), np.float64).reshape(N, S)
-        expected = expected_win_rates(policy, reference) if N else np.zeros(0)
-        wins = paired_win_fractions(policy, reference) if N else np.zeros(0)
+        expected, wins = expected_win_rates(policy, reference), paired_win_fractions(policy, reference)
         diff = policy.mean(axis=1) - reference.mean(axis=1)
         out[objective_name(k, num_objectives, objective_names)] = {
             "expected_win_rate": float(expected.mean()) if N else float("nan"),
@@ -556,8 +554,6 @@ def evaluate_policy(
       "response_length": {"policy", "reference"}, "settings": {...}}``; intervals are 95% prompt-bootstrap intervals
       (:func:`mopo_jax.evaluation.paired.bootstrap_interval`); parts whose inputs are missing are None.
     """
-    from mopo_jax.evaluation.paired import bootstrap_interval
-
     check_count("samples_per_prompt", samples_per_prompt)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos_id = model_config.eos_id if eos_id is None else eos_id

@@ -806,13 +806,12 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     # estimate the pairwise method trains on, reported beside it.
     constraint_verdict = constraint_met = constraint_met_pairs = None
     if threshold is not None:
-        from mopo_jax.evaluation.paired import Interval
-        from mopo_jax.evaluation.paired import constraint_verdict as verdict_of
+        from mopo_jax.evaluation import paired
 
         harmless = OBJECTIVES[1]
-        interval = Interval(evaluation["expected_win_rate"][harmless],
-                            *evaluation["expected_win_rate_interval"][harmless])
-        constraint_verdict = verdict_of(interval, threshold)
+        interval = paired.Interval(evaluation["expected_win_rate"][harmless],
+                                   *evaluation["expected_win_rate_interval"][harmless])
+        constraint_verdict = paired.constraint_verdict(interval, threshold)
         constraint_met = constraint_verdict == "met"
         constraint_met_pairs = bool(implicit["constraint_values"][1] >= threshold)
     payload = {
