@@ -59,7 +59,7 @@ onpolicy=(onpolicy.candidates=8 mopo.eps=0.15)
 case "$size" in
   cpu-small) onpolicy+=(training.steps=32 training.batch_pairs=4) ;;
 esac
-baselines() {  # [SEED_PREFIX] [OVERRIDES...]: DPO on each preference and the soups between them
+dpo_endpoints() {  # PREFIX [OVERRIDES...]: DPO on each preference alone (the soups interpolate these two)
   local prefix="$1"; shift
   train "${prefix}dpo_helpful" method.name=dpo_helpful "$@"
   train "${prefix}dpo_harmless" method.name=dpo_harmless "$@"
@@ -73,13 +73,13 @@ soup() {  # PREFIX WEIGHT [OVERRIDES...]
 case "$plan" in
   front)
     train reference method.name=reference
-    baselines ""
+    dpo_endpoints ""
     train dpo_pooled method.name=dpo_pooled
     for b in "${thresholds[@]}"; do
       train "mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}"
     done ;;
   baselines)
-    baselines ""  # the front's runs: resumed at their last step when they exist
+    dpo_endpoints ""  # the front's runs: resumed at their last step when they exist
     runs=()
     for w in "${weight_grid[@]}"; do
       train "weighted_dpo_${w}" method.name=weighted_dpo "method.weights=$(weights "$w")"
@@ -92,7 +92,7 @@ case "$plan" in
     done ;;
   seed1|seed2)
     seed="${plan#seed}"
-    baselines "seed${seed}/" "seed=${seed}"
+    dpo_endpoints "seed${seed}/" "seed=${seed}"
     soup "seed${seed}/" 0.5 "seed=${seed}"
     train "seed${seed}/modpo_0.5" method.name=modpo "method.weights=$(weights 0.5)" "seed=${seed}"
     for b in "${thresholds[1]}" "${thresholds[2]}"; do
@@ -109,7 +109,7 @@ case "$plan" in
     train "mopo_lb_b${b}" method.name=mopo_pairwise "method.threshold=${b}" mopo.constraint=log_barrier ;;
   human)
     human=(preference.protocol=human)
-    baselines "human/" "${human[@]}"
+    dpo_endpoints "human/" "${human[@]}"
     soup "human/" 0.5 "${human[@]}"
     train human/modpo_0.5 method.name=modpo "method.weights=$(weights 0.5)" "${human[@]}"
     for b in "${thresholds[@]}"; do
