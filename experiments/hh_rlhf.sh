@@ -50,8 +50,9 @@ train() {
   runs+=("${root}/${name}")
 }
 weights() { python3 -c "import sys; w = float(sys.argv[1]); print(f'[{w}, {round(1 - w, 6)}]')" "$1"; }
-# Four thresholds spanning the reference (0.5) and DPO-harmless on the gold harmlessness expected win rate (0.546
-# [0.535, 0.558] for cpu-small's human-label DPO-harmless policy, benchmarks/hh_eval_stages.py, 4 samples per prompt).
+# Four thresholds spanning the reference (0.5) and DPO-harmless on the gold harmlessness expected win rate: set from
+# cpu-small's human-label DPO-harmless (0.546 [0.535, 0.558]); the gold-protocol front's DPO-harmless reached 0.566
+# [0.554, 0.578] (docs/results/hh-cpu-small/), so they still lie between the two.
 thresholds=(0.51 0.52 0.53 0.54)
 weight_grid=(0.25 0.5 0.75)
 # On CPU the on-policy runs take fewer, smaller steps (sampling dominates); the accelerator profiles keep their batch.
