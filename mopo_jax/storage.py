@@ -93,21 +93,35 @@ def load_arrays(location) -> dict[str, np.ndarray]:
 
 
 def content_key(**dependencies) -> str:
-    """A short hash of everything a cached result was computed from (config fields, input files' sizes and
-    modification times): a cache file named with it is never read for other inputs."""
+    """A short hash of everything a cached result was computed from (config fields, input files' contents): a cache
+    file named with it is never read for other inputs."""
     text = json.dumps(jsonable(dependencies), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def input_files_signature(source: str) -> list:
-    """``[(path, size, mtime), ...]`` of the files under a local source (a file or a directory); ``[source]`` for a
-    hub name or URL, whose content the name stands for."""
+    """``[(name, size, sha256), ...]`` of the files under a local source (a file or a directory; ``name`` relative to
+    it); ``[source]`` for a hub name or URL, whose content the name stands for.
+
+    Content, not modification time: a dataset copied or unpacked again with the same bytes (a new clone, a
+    re-provisioned machine) keeps its caches, and an edit that keeps the size and the second of the mtime does not.
+    """
     local = os.path.expanduser(source)
     if not is_local(source) or not os.path.exists(local):
         return [source]
-    files = [local] if os.path.isfile(local) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(local) for name in names)
-    return [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
+    if os.path.isfile(local):
+        files = [(os.path.basename(local), local)]
+    else:
+        files = sorted((os.path.relpath(os.path.join(root, name), local), os.path.join(root, name))
+                       for root, _, names in os.walk(local) for name in names)
+    signature = []
+    for name, file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        signature.append((name, os.path.getsize(file), digest.hexdigest()))
+    return signature
 
 
 def cached_stage(name: str, exists: Callable[[], bool], build: Callable[[bool], T], load: Callable[[], T], *,

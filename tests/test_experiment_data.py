@@ -5,6 +5,7 @@ pairs when the second response is the preferred one. Expectations are written ou
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -96,12 +97,23 @@ def test_caches_are_keyed_by_their_inputs_and_rebuilt_when_unreadable(tmp_path):
     # Another data setting does not read the first one's cache (a stale cache would return 8 prompt columns).
     assert prepare_data(long)["policy_train"]["prompt_tokens"].shape[1] == 24
     assert len(list((tmp_path / "work").glob("data-*"))) == 2
+    # The same bytes with another modification time (a re-copied dataset) are the same input: no new cache ...
+    os.utime(source, (source.stat().st_atime + 3600, source.stat().st_mtime + 3600))
+    prepare_data(short)
+    assert len(list((tmp_path / "work").glob("data-*"))) == 2
+    # ... and an edit that keeps the size and the mtime is another input.
+    stat, text = source.stat(), source.read_text()
+    source.write_text(text.replace("Question 7:", "Question 8:", 1))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size
+    prepare_data(short)
+    assert len(list((tmp_path / "work").glob("data-*"))) == 3
     # An edited input file is another input: its own cache.
     source.write_text(source.read_text() + json.dumps({"prompt": "One more?", "response_0": "Yes.",
                                                        "response_1": "No, never.", "better_response_id": 0,
                                                        "safer_response_id": 0}) + "\n")
     prepare_data(short)
-    assert len(list((tmp_path / "work").glob("data-*"))) == 3
+    assert len(list((tmp_path / "work").glob("data-*"))) == 4
     # A cache cut by a crash is rebuilt with a warning, not read as a BadZipFile traceback.
     (cache,) = [d for d in (tmp_path / "work").glob("data-*") if d.stat().st_mtime == max(
         x.stat().st_mtime for x in (tmp_path / "work").glob("data-*"))]
