@@ -211,7 +211,7 @@ register_method(Method(
     policy=lambda config, context: context.soup_policy(), knob="weights", check=_soups_check,
 ))
 register_method(Method(
-    name="mopo_pairwise", summary="MOPO on the human pairs (Eq. 8 and the pairwise dual)",
+    name="mopo_pairwise", summary="MOPO on the offline pairs (Eq. 8 and the pairwise dual)",
     objective=lambda config: MOPOPairwise(mopo=config.mopo, thresholds=(config.method.threshold,)),
     data=offline_pairs(), knob="threshold",
 ))
