@@ -11,6 +11,7 @@ either the old file or the new one, never a truncated one that a later run would
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -116,12 +117,22 @@ def input_files_signature(source: str) -> list:
                        for root, _, names in os.walk(local) for name in names)
     signature = []
     for name, file in files:
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        signature.append((name, os.path.getsize(file), digest.hexdigest()))
+        stat = os.stat(file)
+        signature.append((name, stat.st_size, _file_sha256(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                                                           stat.st_ino)))
     return signature
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(file: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """The file's sha256, read once per process while its stat is unchanged (every cache key of a command asks for
+    it; any write or ``utime`` moves ``ctime``, so an edit is always read again)."""
+    del size, mtime_ns, ctime_ns, inode  # the memo's key only
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cached_stage(name: str, exists: Callable[[], bool], build: Callable[[bool], T], load: Callable[[], T], *,
