@@ -128,9 +128,14 @@ def _file_sha256(file: str, size: int, mtime_ns: int, ctime_ns: int, inode: int)
     """The file's sha256, read once per process while its stat is unchanged (every cache key of a command asks for
     it; any write or ``utime`` moves ``ctime``, so an edit is always read again)."""
     del size, mtime_ns, ctime_ns, inode  # the memo's key only
+    return file_sha256(file)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (a local path or any ``epath`` URL), read in 8 MiB blocks."""
     digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+    with epath.Path(path).open("rb") as handle:
+        while block := handle.read(8 << 20):
             digest.update(block)
     return digest.hexdigest()
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import threading
@@ -52,6 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mopo_jax import storage
 from mopo_jax.training.distributed import barrier, broadcast_from_primary
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ MANIFEST_NAME = "mopo_manifest.json"
 QUARANTINE_DIR = "quarantine"
 FORMAT_VERSION = 1
 _STATE_ITEM, _META_ITEM = "state", "meta"
-_HASH_CHUNK = 8 << 20
 
 
 class CheckpointWarning(UserWarning):
@@ -235,14 +234,6 @@ def _walk_files(root: epath.Path, prefix: str = ""):
             yield rel, child
 
 
-def _digest(path: epath.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(step_dir: epath.Path, step: int, checksums: bool = True) -> None:
     """Record every file of a committed step directory; written to a temporary name, then renamed."""
     files = {}
@@ -251,7 +242,7 @@ def write_manifest(step_dir: epath.Path, step: int, checksums: bool = True) -> N
             continue
         entry = {"size": path.stat().length}
         if checksums:
-            entry["sha256"] = _digest(path)
+            entry["sha256"] = storage.file_sha256(path)
         files[rel] = entry
     manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
     tmp = step_dir / (MANIFEST_NAME + ".tmp")
@@ -279,7 +270,7 @@ def verify_step_dir(step_dir: epath.Path, verify_checksums: bool = True) -> str 
         size = path.stat().length
         if size != entry["size"]:
             return f"file {rel} has {size} bytes, {entry['size']} were written (truncated or overwritten)"
-        if verify_checksums and "sha256" in entry and _digest(path) != entry["sha256"]:
+        if verify_checksums and "sha256" in entry and storage.file_sha256(path) != entry["sha256"]:
             return f"file {rel} does not match its SHA-256 checksum (corrupted)"
     return None
 
