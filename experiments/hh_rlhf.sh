@@ -14,6 +14,8 @@
 #             at the same thresholds, 8 candidates per prompt
 #   seed1, seed2  another seed of MOPO at two thresholds and of the strongest baselines (DPO helpful / harmless,
 #             MODPO and Rewarded Soups at 0.5)
+#   weightedseeds  seeds 1 and 2 of weighted DPO at helpfulness weight 0.75 (at seed 0 the one baseline that
+#             dominates the reference), beside the seed plans' runs
 #   ablation  the paper's schedule on one threshold: the lagged reference and threshold ratchet every quarter of
 #             training (beta 0.99 and 0.9995; "never" is the front's run) and MOPO-LB (log barrier)
 #   human     the human-label track: the main methods trained on the human labels (preference.protocol=human)
@@ -99,6 +101,10 @@ case "$plan" in
     for b in "${thresholds[1]}" "${thresholds[2]}"; do
       train "seed${seed}/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "seed=${seed}"
     done ;;
+  weightedseeds)
+    for seed in 1 2; do
+      train "seed${seed}/weighted_dpo_0.75" method.name=weighted_dpo "method.weights=$(weights 0.75)" "seed=${seed}"
+    done ;;
   ablation)
     steps=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['training']['steps'])" "$config")
     quarter=$(( steps / 4 ))
@@ -116,7 +122,7 @@ case "$plan" in
     for b in "${thresholds[@]}"; do
       train "human/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${human[@]}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, seed1, seed2, ablation, human)" >&2
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, seed1, seed2, weightedseeds, ablation, human)" >&2
      exit 2 ;;
 esac
 

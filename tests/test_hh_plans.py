@@ -95,6 +95,12 @@ def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
         soups = runs[f"seed{seed}/soups_0.5"]["method.soups_from"]
         assert soups == f"[{root}/seed{seed}/dpo_helpful, {root}/seed{seed}/dpo_harmless]"
 
+    result, root, calls = _plan(tmp_path / "weightedseeds", "cpu-small-weightedseeds", python_dir)
+    assert result.returncode == 0, result.stderr
+    assert _trained(calls, root) == {
+        f"seed{seed}/weighted_dpo_0.75": {"method.name": "weighted_dpo", "method.weights": "[0.75, 0.25]", "seed": seed}
+        for seed in ("1", "2")}
+
     result, root, calls = _plan(tmp_path / "ablation", "cpu-small-ablation", python_dir)
     assert result.returncode == 0, result.stderr
     runs = _trained(calls, root)
