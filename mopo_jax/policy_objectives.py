@@ -350,9 +350,13 @@ class MODPO(Objective):
 # MOPO.
 
 
-def _mopo_metrics(state) -> dict:
+def _mopo_metrics(state, plain_estimates) -> dict:
+    """The dual state after the step, and ``secondary_estimates_plain``: this batch's plain self-normalised
+    importance-sampling estimate of ``G_k`` (Eq. 2), logged beside ``secondary_estimates`` (what the multiplier step
+    used: the robust bound of Eq. 5 when ``mopo.eps > 0``, pooled over ``mopo.estimate_window``), so that how far the
+    bound sits below the plain estimate is measured, not inferred."""
     return {"multipliers": state.multipliers, "chi": state.chi, "thresholds": state.thresholds,
-            "secondary_estimates": state.secondary_estimates}
+            "secondary_estimates": state.secondary_estimates, "secondary_estimates_plain": plain_estimates}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,7 +431,10 @@ class MOPOPairwise(_MOPO):
         return transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient, estimate.counts)
 
     def metrics(self, state, batch, aux):
-        return {**_mopo_metrics(state), **_reward_margin(batch, aux)}
+        plain = objectives.pairwise_value_samples(
+            aux["importance_log_ratios"], batch["preference_probs"], batch["label_mask"], pair_valid(batch),
+            batch.get("pair_weights")).mean()[1:]
+        return {**_mopo_metrics(state, plain), **_reward_margin(batch, aux)}
 
 
 @register_objective("mopo_candidates")
@@ -504,7 +511,9 @@ class MOPOCandidates(_MOPO):
         return transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient, estimate.counts)
 
     def metrics(self, state, batch, aux):
-        return _mopo_metrics(state)
+        plain = objectives.secondary_values(aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0),
+                                            batch.get("prompt_weights"), jnp.asarray(batch["response_valid"], bool))
+        return _mopo_metrics(state, plain)
 
 
 def _pool_pairwise_loss(log_probs, rates, multipliers, tau, mask, comparison_probs, prompt_weights):

@@ -147,6 +147,58 @@ def test_modpo_loss_matches_numpy():
     np.testing.assert_allclose(float(terms.mean()), np.sum(u * per_row) / np.sum(u), rtol=1e-5)
 
 
+def _numpy_plain_pairwise_value(log_ratios, probs, labels, valid, weights, k):
+    """V_k = 1/2 + sum_b u_b (rho_b - rho'_b)(P_bk - 1/2) / sum_b u_b (rho_b + rho'_b) over the valid rows
+    labelled for k (docs/algorithm.md, section 4)."""
+    rows = valid & labels[:, k]
+    rho = np.exp(log_ratios[rows] - log_ratios[rows].max())
+    u = weights[rows]
+    return 0.5 + np.sum(u * (rho[:, 0] - rho[:, 1]) * (probs[rows, k] - 0.5)) / np.sum(u * rho.sum(1))
+
+
+def test_mopo_metrics_log_the_plain_estimate_beside_the_robust_bound():
+    """With eps > 0 the multiplier step uses the robust bound of Eq. 5; the metrics also carry this batch's plain
+    self-normalised estimate (NumPy, on a batch with a row missing every label, a row with an empty response,
+    missing labels and row weights), and the bound lies below it. The candidate objective's plain value is the
+    closed-form weights' mean win rate over the valid candidates."""
+    log_probs, policy, reference = _log_probs(5)
+    batch = _pair_batch(6)
+    objective = po.MOPOPairwise(mj.MOPOConfig(tau=0.1, eps=0.15, refresh_every=None), thresholds=(0.55,))
+    state, rows = objective.prepare(objective.init(), batch)
+    batch = {**batch, **rows}
+    _, aux = objective.loss(state, batch, log_probs)
+    metrics = objective.metrics(objective.update(state, batch, aux), batch, aux)
+    valid = batch["response_valid"].all(1)
+    want = _numpy_plain_pairwise_value(policy - reference, batch["preference_probs"].astype(np.float64),
+                                       batch["label_mask"], valid, batch["pair_weights"], 1)
+    assert abs(want - 0.5) > 1e-3
+    np.testing.assert_allclose(np.asarray(metrics["secondary_estimates_plain"]), [want], rtol=1e-5)
+    assert float(metrics["secondary_estimates"][0]) < want - 1e-3
+
+    rng = np.random.default_rng(7)
+    prompts, candidates = 3, 4
+    prefs = rng.uniform(size=(prompts, 2, candidates, candidates)).astype(np.float32)
+    prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
+    valid = np.ones((prompts, candidates), bool)
+    valid[1, 2] = False
+    batch = {"candidate_preferences": prefs, "candidate_label_mask": np.ones(prefs.shape, bool),
+             "response_valid": valid}
+    objective = po.MOPOCandidates(mj.MOPOConfig(tau=0.2, eps=0.15, refresh_every=None), thresholds=(0.5,))
+    state = objective.init()._replace(multipliers=jnp.asarray([0.6], jnp.float32))
+    logits = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    _, aux = objective.loss(state, batch, po.ResponseLogProbs(jnp.asarray(logits), jnp.asarray(logits)))
+    metrics = objective.metrics(objective.update(state, batch, aux), batch, aux)
+    want = 0.0
+    for x in range(prompts):
+        pool = np.flatnonzero(valid[x])
+        w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
+        g = (w[0] + 0.6 * w[1]) / 0.2
+        weights = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
+        want += np.sum(weights * w[1]) / prompts
+    np.testing.assert_allclose(np.asarray(metrics["secondary_estimates_plain"]), [want], rtol=1e-5)
+    assert float(metrics["secondary_estimates"][0]) < want - 1e-3
+
+
 def test_pool_pairwise_policy_step_recovers_the_closed_form():
     """MOPO on an enumerated pool with the pairwise policy step (Eq. 8 over every pair of the pool) trains a free
     logits table to the closed form of Eq. 3 at the same multipliers (checked against NumPy)."""

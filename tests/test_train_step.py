@@ -144,6 +144,7 @@ def test_mopo_pairwise_step_matches_numpy_estimator(params):
         loss, values = _numpy_mopo_pairwise(logps, ref_logps, valid, probs, labels, np.array([multipliers]), 0.1)
         np.testing.assert_allclose(history[step]["loss"], loss, rtol=2e-4)
         np.testing.assert_allclose(history[step]["secondary_estimates"], values[1:], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(history[step]["secondary_estimates_plain"], values[1:], rtol=1e-4, atol=1e-5)
         multipliers = max(0.0, multipliers - 0.5 * (values[1] - 0.6))
         np.testing.assert_allclose(history[step]["multipliers"], [multipliers], rtol=1e-4, atol=1e-6)
     assert abs(values[1] - 0.5) > 1e-3  # the second step's estimate is not the reference's 1/2
@@ -247,6 +248,7 @@ def test_candidate_step_uses_leave_one_out_closed_form_and_no_reference_pass(par
         secondary += np.sum(weights * w[1]) / PROMPTS
     np.testing.assert_allclose(history[0]["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(history[0]["secondary_estimates"][0], secondary, rtol=1e-5)
+    np.testing.assert_allclose(history[0]["secondary_estimates_plain"][0], secondary, rtol=1e-5)
     np.testing.assert_allclose(history[0]["multipliers"][0], max(0.0, 0.4 - 0.5 * (secondary - 0.5)), rtol=1e-5)
 
 
