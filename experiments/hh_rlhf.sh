@@ -11,7 +11,9 @@
 #   baselines weighted DPO, MODPO and Rewarded Soups at 3 weights (the soups interpolate the front's DPO runs,
 #             trained here first when the front has not run)
 #   onpolicy  MOPO's Algorithm 1 (candidates sampled from the lagged reference, labelled by the preference models)
-#             at the same thresholds, 8 candidates per prompt
+#             at the same thresholds, 8 candidates per prompt, the robust estimate of Eq. 5 (eps 0.15)
+#   onpolicyplain  the same at the lowest and highest threshold with the plain estimate (eps 0): whether the
+#             threshold steers Algorithm 1 once the robust bound is out of the way
 #   seed1, seed2  another seed of MOPO at two thresholds and of the strongest baselines (DPO helpful / harmless,
 #             MODPO and Rewarded Soups at 0.5)
 #   weightedseeds  seeds 1 and 2 of weighted DPO at helpfulness weight 0.75 (at seed 0 the one baseline that
@@ -58,7 +60,7 @@ weights() { python3 -c "import sys; w = float(sys.argv[1]); print(f'[{w}, {round
 thresholds=(0.51 0.52 0.53 0.54)
 weight_grid=(0.25 0.5 0.75)
 # On CPU the on-policy runs take fewer, smaller steps (sampling dominates); the accelerator profiles keep their batch.
-onpolicy=(onpolicy.candidates=8 mopo.eps=0.15)
+onpolicy=(onpolicy.candidates=8)
 case "$size" in
   cpu-small) onpolicy+=(training.steps=32 training.batch_pairs=4) ;;
 esac
@@ -91,7 +93,11 @@ case "$plan" in
     done ;;
   onpolicy)
     for b in "${thresholds[@]}"; do
-      train "mopo_onpolicy_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" "${onpolicy[@]}"
+      train "mopo_onpolicy_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" mopo.eps=0.15 "${onpolicy[@]}"
+    done ;;
+  onpolicyplain)
+    for b in "${thresholds[0]}" "${thresholds[3]}"; do
+      train "mopo_onpolicy_plain_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" mopo.eps=0.0 "${onpolicy[@]}"
     done ;;
   seed1|seed2)
     seed="${plan#seed}"
@@ -122,7 +128,7 @@ case "$plan" in
     for b in "${thresholds[@]}"; do
       train "human/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${human[@]}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, seed1, seed2, weightedseeds, ablation, human)" >&2
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human)" >&2
      exit 2 ;;
 esac
 

@@ -117,6 +117,12 @@ def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
     runs = _trained(calls, root)
     assert result.returncode == 0 and len(runs) == 4
     assert all(o["onpolicy.candidates"] == "8" and o["training.steps"] == "32" for o in runs.values())
+    assert all(o["mopo.eps"] == "0.15" for o in runs.values())
+
+    result, root, calls = _plan(tmp_path / "onpolicyplain", "cpu-small-onpolicyplain", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and set(runs) == {"mopo_onpolicy_plain_b0.51", "mopo_onpolicy_plain_b0.54"}
+    assert all(o["mopo.eps"] == "0.0" and o["onpolicy.candidates"] == "8" for o in runs.values())
 
     result, root, calls = _plan(tmp_path / "human", "cpu-small-human", python_dir)
     runs = _trained(calls, root)
