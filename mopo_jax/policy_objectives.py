@@ -352,7 +352,7 @@ class MODPO(Objective):
 
 def _mopo_metrics(state, plain_estimates) -> dict:
     """The dual state after the step, and ``secondary_estimates_plain``: this batch's plain self-normalised
-    importance-sampling estimate of ``G_k`` (Eq. 2), logged beside ``secondary_estimates`` (what the multiplier step
+    importance-sampling estimate of ``G_k`` (Eq. 2; ``SecondaryEstimate.plain_values``), logged beside ``secondary_estimates`` (what the multiplier step
     used: the robust bound of Eq. 5 when ``mopo.eps > 0``, pooled over ``mopo.estimate_window``), so that how far the
     bound sits below the plain estimate is measured, not inferred."""
     return {"multipliers": state.multipliers, "chi": state.chi, "thresholds": state.thresholds,
@@ -423,17 +423,18 @@ class MOPOPairwise(_MOPO):
         return terms, {"log_ratios": _log_ratios(log_probs),
                        "importance_log_ratios": jax.lax.stop_gradient(jnp.asarray(importance, jnp.float32))}
 
-    def update(self, state, batch, aux):
-        transformation = self.transformation
-        estimate = transformation.estimate_from_pairs(
+    def _estimate(self, state, batch, aux):
+        return self.transformation.estimate_from_pairs(
             state, aux["importance_log_ratios"], batch["preference_probs"], batch["label_mask"], pair_valid(batch),
             batch.get("pair_weights"))
-        return transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient, estimate.counts)
+
+    def update(self, state, batch, aux):
+        estimate = self._estimate(state, batch, aux)
+        return self.transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient,
+                                                         estimate.counts)
 
     def metrics(self, state, batch, aux):
-        plain = objectives.pairwise_value_samples(
-            aux["importance_log_ratios"], batch["preference_probs"], batch["label_mask"], pair_valid(batch),
-            batch.get("pair_weights")).mean()[1:]
+        plain = self._estimate(state, batch, aux).plain_values
         return {**_mopo_metrics(state, plain), **_reward_margin(batch, aux)}
 
 
@@ -503,17 +504,18 @@ class MOPOCandidates(_MOPO):
         aux = {"log_weights": log_weights, "win_rates": jnp.moveaxis(rates, 0, 1), "base": base}
         return terms, jax.lax.stop_gradient(aux)
 
-    def update(self, state, batch, aux):
-        transformation = self.transformation
-        estimate = transformation.estimate_from_candidates(
+    def _estimate(self, state, batch, aux):
+        return self.transformation.estimate_from_candidates(
             state, aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0), aux["base"],
             jnp.asarray(batch["response_valid"], bool), batch.get("prompt_weights"))
-        return transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient, estimate.counts)
+
+    def update(self, state, batch, aux):
+        estimate = self._estimate(state, batch, aux)
+        return self.transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient,
+                                                         estimate.counts)
 
     def metrics(self, state, batch, aux):
-        plain = objectives.secondary_values(aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0),
-                                            batch.get("prompt_weights"), jnp.asarray(batch["response_valid"], bool))
-        return _mopo_metrics(state, plain)
+        return _mopo_metrics(state, self._estimate(state, batch, aux).plain_values)
 
 
 def _pool_pairwise_loss(log_probs, rates, multipliers, tau, mask, comparison_probs, prompt_weights):

@@ -121,11 +121,13 @@ class MOPOConfig:
 
 class SecondaryEstimate(NamedTuple):
     """What the multiplier step consumes: ``G_k`` (plain or robust), the robust bound's ``chi`` derivative, and the
-    weight of the data behind each value (pooled over the estimate window)."""
+    weight of the data behind each value (pooled over the estimate window); beside them the plain self-normalised
+    estimate of the same data, which the robust bound lies below (``values`` itself when ``eps = 0``)."""
 
     values: Array  # [K-1]
     chi_gradient: Array | None  # [K-1], None without the robust bound
     counts: Array  # [K-1]
+    plain_values: Array  # [K-1]
 
 
 class MOPOUpdate(NamedTuple):
@@ -268,8 +270,8 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
     def _robust_or_plain(state, samples, log_base, plain_values, counts) -> SecondaryEstimate:
         if config.eps > 0:
             bound = objectives.robust_lower_bound(samples, log_base, state.chi, config.eps)
-            return SecondaryEstimate(bound.value, bound.chi_gradient, counts)
-        return SecondaryEstimate(plain_values, None, counts)
+            return SecondaryEstimate(bound.value, bound.chi_gradient, counts, plain_values)
+        return SecondaryEstimate(plain_values, None, counts, plain_values)
 
     def estimate_from_candidates(state, log_weights, win_rates, base_log_probs, candidate_mask=None,
                                  prompt_weights=None) -> SecondaryEstimate:
