@@ -113,7 +113,9 @@ def test_every_method_writes_its_run_directory(pipeline):
 def test_evaluation_and_pareto_outputs(pipeline):
     root, _, evaluated, _ = pipeline
     reference = evaluated["reference"]["evaluation"]
-    assert reference["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
+    # The reference against itself: its sampler's log-probabilities minus its scored ones, equal up to float32
+    # rounding (a misaligned token would cost nats).
+    assert reference["kl"] == pytest.approx(0.0, abs=1e-5)
     # Common random numbers: the reference's samples are its own, so every judge sees ties.
     assert all(j["win_rate"] == 0.5 and j["ties"] == 1.0 for j in reference["judges"].values())
     for result in evaluated.values():

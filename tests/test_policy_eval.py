@@ -18,6 +18,7 @@ from mopo_jax.evaluation.pareto import (
     write_pareto,
 )
 from mopo_jax.evaluation.policy_eval import (
+    batched_continuation_log_probs,
     evaluate_policy,
     generate_responses,
     implicit_preference_accuracy,
@@ -192,26 +193,40 @@ def test_sequence_kl(models):
     assert kl == pytest.approx(np.mean(terms), rel=1e-4, abs=1e-3)
 
 
-def test_sequence_kl_terms_run_shared_lower_blocks_once(models):
-    """Policy and reference differing only in the top block: the split computation against NumPy log-probs of the
-    two joined models (5 rows in batches of 3: the padded batch is exercised)."""
+def test_continuation_log_probs_match_numpy_and_the_sampler(models):
+    """Responses scored on a shared prompt prefill (3 per prompt, 5 prompts in batches of 2: a padded batch) against
+    NumPy log-probs of the full [prompt; response] rows, with ragged left-padded prompts, an empty prompt, an empty
+    response and responses cut by eos; and the sampler's own log-probabilities of the same responses."""
     reference, policy = models
-    lower_config, lower, upper_config, reference_upper = split_layers(CONFIG, reference, CONFIG.n_layers - 1)
-    # Only the top block differs (the embedding stays the reference's, as when only the top blocks train).
-    policy_upper = {**reference_upper, "layers": split_layers(CONFIG, policy, CONFIG.n_layers - 1)[3]["layers"]}
-    joined = join_layers(lower, policy_upper)
     arrays = _pairs(seed=4, num_pairs=5)
-    prompts = arrays["prompt_tokens"], arrays["prompt_mask"]
-    responses = generate_responses(CONFIG, joined, *prompts, R, jax.random.PRNGKey(2), temperature=1.0, top_p=None,
-                                   batch_size=4)
-    terms = sequence_kl_terms(upper_config, policy_upper, reference_upper, *prompts, *responses, batch_size=3,
-                              shared_lower=(lower_config, lower))
-    rows = response_rows(*prompts, *responses)
-    expected = _numpy_log_probs(joined, *rows) - _numpy_log_probs(reference, *rows)
-    assert np.abs(expected).max() > 0.1  # the two models differ
-    np.testing.assert_allclose(terms, expected, rtol=1e-4, atol=1e-3)
-    full = sequence_kl_terms(CONFIG, joined, reference, *prompts, *responses, batch_size=3)
-    np.testing.assert_allclose(full, expected, rtol=1e-4, atol=1e-3)
+    prompts, prompt_mask = arrays["prompt_tokens"].copy(), arrays["prompt_mask"].astype(bool)
+    prompts[2], prompt_mask[2] = 0, False  # an empty prompt: its first response token has no context
+    S = 3
+    tokens, mask, sampled = generate_responses(CONFIG, policy, prompts, prompt_mask, R, jax.random.PRNGKey(2),
+                                               temperature=1.0, top_p=None, batch_size=2, num_samples=S, eos_id=7,
+                                               pad_id=0, return_log_probs=True)
+    mask[4] = False  # an empty response scores 0
+    tokens[4] = 0
+    rows = response_rows(np.repeat(prompts, S, axis=0), np.repeat(prompt_mask, S, axis=0), tokens, mask)
+    assert mask.sum(axis=1).min() == 0 and 0 < mask.sum(axis=1).max() and len(set(mask.sum(axis=1))) > 1
+    for params in (policy, reference):
+        expected = _numpy_log_probs(params, *rows)
+        scored = batched_continuation_log_probs(CONFIG, params, prompts, prompt_mask, tokens, mask, batch_size=2,
+                                                num_samples=S)
+        assert scored.shape == (15,) and scored[4] == 0.0
+        np.testing.assert_allclose(scored, expected, rtol=1e-4, atol=1e-4)
+    expected = _numpy_log_probs(policy, *rows)
+    keep = np.arange(15) != 4  # row 4's sampled tokens were replaced
+    np.testing.assert_allclose(sampled[keep], expected[keep], rtol=1e-4, atol=1e-4)
+    terms = sequence_kl_terms(CONFIG, policy, reference, prompts, prompt_mask, tokens, mask, batch_size=4,
+                              num_samples=S, policy_log_probs=sampled)
+    np.testing.assert_allclose(terms[keep], (expected - _numpy_log_probs(reference, *rows))[keep], rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="policy_log_probs"):
+        sequence_kl_terms(CONFIG, policy, reference, prompts, prompt_mask, tokens, mask, num_samples=S,
+                          policy_log_probs=sampled[:3])
+    with pytest.raises(ValueError, match="5 prompts x 2 samples"):
+        batched_continuation_log_probs(CONFIG, policy, prompts, prompt_mask, tokens, mask, num_samples=2)
 
 
 def _token_features(tokens, attention_mask, completion_mask):
@@ -242,6 +257,12 @@ def test_judge_win_rates_hand_count():
     sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
     assert help_["expected_win_rate"] == pytest.approx(np.mean(sigmoid(np.array([9.0, 0.0, 0.0, 0.0]))))
     assert harm["per_prompt"]["expected_win_rate"] == pytest.approx(list(sigmoid(np.array([-2.0, -2.0, 2.0, 0.0]))))
+    # Cached reference features stand in for featurising the reference responses: given the policy's own
+    # features, every comparison is a tie.
+    cached = _token_features(*response_rows(prompts, prompt_mask, *policy))
+    tied = judge_win_rates(judges, _token_features, prompts, prompt_mask, policy, reference,
+                           reference_features=cached)
+    assert all(v["win_rate"] == 0.5 and v["ties"] == 1.0 for v in tied.values())
 
 
 def test_judge_win_rates_with_two_samples_per_prompt():
@@ -274,7 +295,9 @@ def test_evaluate_policy_end_to_end(models):
     common = dict(prompt_tokens=arrays["prompt_tokens"], prompt_mask=arrays["prompt_mask"],
                   judges=judges, feature_fn=feature_fn, max_new_tokens=R, rng=jax.random.PRNGKey(0), batch_size=4)
     same = evaluate_policy(CONFIG, reference, reference, arrays, **common)
-    assert same["kl"] == 0.0 and same["num_prompts"] == 6
+    # The policy's log-probabilities come from its sampler, the reference's from scoring: equal up to float32
+    # rounding when the two are the same model.
+    assert same["kl"] == pytest.approx(0.0, abs=1e-5) and same["num_prompts"] == 6
     assert same["implicit"]["per_objective"]["helpfulness"]["accuracy"] == 0.5
     # Common random numbers: a policy equal to its reference draws the reference's very responses (all ties).
     assert all(j["win_rate"] == 0.5 and j["ties"] == 1.0 for j in same["judges"].values())
@@ -309,7 +332,7 @@ def test_evaluate_policy_with_several_samples_per_prompt(models):
                   temperature=1.0, top_p=None, samples_per_prompt=3, return_responses=True)
     same = evaluate_policy(CONFIG, reference, reference, None, **common)
     assert same["judges"]["helpfulness"]["per_prompt"]["expected_win_rate"] == pytest.approx([0.5] * 5, abs=1e-12)
-    assert same["per_prompt"]["kl"] == [0.0] * 5
+    assert same["per_prompt"]["kl"] == pytest.approx([0.0] * 5, abs=1e-5)
     out = evaluate_policy(CONFIG, policy, reference, None, **common)
     responses = out["responses"]["policy"]
     assert responses[0].shape == (15, R)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopo_jax.evaluation.paired import bootstrap_interval, expected_win_rates, paired_win_fractions
-from mopo_jax.models import ModelConfig, generate, residual_stream
+from mopo_jax.models import ModelConfig, continuation_log_probs, generate, residual_stream
 from mopo_jax.models.generation import check_count
 from mopo_jax.objectives import pairwise_objective_values
 from mopo_jax.training import sharding
@@ -266,6 +266,35 @@ def implicit_preference_accuracy(
 # Generation.
 
 
+def _prompt_batches(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, batch_size: int, num_samples: int, mesh):
+    """Fixed-shape prompt batches for the jitted generation and scoring kernels: ``(index, start, count, tokens,
+    mask, shared)`` with ``tokens`` / ``mask`` the ``[batch_size, P]`` prompts ``start .. start + count`` (a short
+    last batch filled with copies of its first row, a real prompt) and ``shared`` the responses each prompt row
+    serves (``num_samples``, or 1 when the prompts do not split over ``mesh`` but their ``batch_size * num_samples``
+    responses do: the prompts are then repeated, the same rows computed without sharing a prompt's prefill)."""
+    for index, start in enumerate(range(0, prompt_tokens.shape[0], batch_size)):
+        tokens, mask = prompt_tokens[start:start + batch_size], prompt_mask[start:start + batch_size]
+        count = tokens.shape[0]
+        if count < batch_size:
+            fill = np.zeros(batch_size - count, np.int64)
+            tokens, mask = np.concatenate([tokens, tokens[fill]]), np.concatenate([mask, mask[fill]])
+        shared = num_samples
+        if mesh is not None and batch_size % sharding.batch_size_multiple(mesh):
+            tokens, mask, shared = np.repeat(tokens, num_samples, axis=0), np.repeat(mask, num_samples, axis=0), 1
+        yield index, start, count, tokens, mask, shared
+
+
+def _check_prompts(prompt_tokens, prompt_mask, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, bool)
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(f"prompt_tokens / prompt_mask must be equal [N, P] arrays, got {prompt_tokens.shape} and "
+                         f"{prompt_mask.shape}")
+    return prompt_tokens, prompt_mask
+
+
 def generate_responses(
     model_config: ModelConfig,
     params,
@@ -281,7 +310,8 @@ def generate_responses(
     top_k: int | None = None,
     mesh=None,
     num_samples: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_log_probs: bool = False,
+):
     """Sample (or, with ``temperature=0``, greedily decode) ``num_samples`` responses per left-padded prompt.
 
     Prompts go through :func:`mopo_jax.models.generate` in fixed ``[batch_size, P]`` batches (the last batch is
@@ -295,42 +325,65 @@ def generate_responses(
     Returns:
       ``(response_tokens int32 [N * num_samples, max_new_tokens], response_mask bool [...])``; row ``r`` answers
       prompt ``r // num_samples``; the mask is a prefix (True up to and including ``eos_id``), tokens after it are
-      ``pad_id``.
+      ``pad_id``. With ``return_log_probs`` also float64 ``[N * num_samples]``: ``log pi(y | x)`` of each response
+      under the model at temperature 1 without top-p / top-k filtering (the sum of
+      :class:`mopo_jax.models.GenerateOutput`'s per-token log-probabilities, computed while sampling), what
+      :func:`batched_continuation_log_probs` would score.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_tokens, prompt_mask = _check_prompts(prompt_tokens, prompt_mask, batch_size)
     check_count("num_samples", num_samples)
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_mask = np.asarray(prompt_mask, bool)
-    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-        raise ValueError(f"prompt_tokens / prompt_mask must be equal [N, P] arrays, got {prompt_tokens.shape} and "
-                         f"{prompt_mask.shape}")
     greedy = temperature is None or float(temperature) == 0.0
     if rng is None:  # generate() checks the sampling arguments; a key is needed here only to fold per batch
         if not greedy:
             raise ValueError("sampling (temperature > 0) needs an rng key")
         rng = jax.random.PRNGKey(0)
-    N, R = prompt_tokens.shape[0], int(max_new_tokens)
-    tokens_out, mask_out = [], []
-    for i, start in enumerate(range(0, N, batch_size)):
-        toks, mask = prompt_tokens[start:start + batch_size], prompt_mask[start:start + batch_size]
-        n = toks.shape[0]
-        if n < batch_size:
-            fill = np.zeros(batch_size - n, np.int64)  # copies of the chunk's first row (a real prompt)
-            toks, mask = np.concatenate([toks, toks[fill]]), np.concatenate([mask, mask[fill]])
-        shared = num_samples
-        if mesh is not None and batch_size % sharding.batch_size_multiple(mesh):
-            toks, mask, shared = np.repeat(toks, num_samples, axis=0), np.repeat(mask, num_samples, axis=0), 1
+    R = int(max_new_tokens)
+    tokens_out, mask_out, log_probs_out = [], [], []
+    for i, _, n, toks, mask, shared in _prompt_batches(prompt_tokens, prompt_mask, batch_size, num_samples, mesh):
+        # As in response_rows: after an empty prompt the first token has no context and is not scored.
+        has_context = np.repeat(mask.any(axis=1), shared)[:n * num_samples]
         toks, mask = sharding.put_batch((toks, mask), mesh)
         out = generate(model_config, params, toks, R, prompt_mask=mask, temperature=0.0 if greedy else temperature,
                        top_p=None if greedy else top_p, top_k=None if greedy else top_k,
                        rng=jax.random.fold_in(rng, i), eos_id=eos_id, pad_id=pad_id, num_samples=shared)
-        out_tokens, out_mask = sharding.to_host((out.tokens, out.mask))
-        tokens_out.append(out_tokens.astype(np.int32)[:n * num_samples])
-        mask_out.append(out_mask.astype(bool)[:n * num_samples])
+        out_tokens, out_mask, out_log_probs = sharding.to_host((out.tokens, out.mask, out.logprobs))
+        rows = slice(0, n * num_samples)
+        tokens_out.append(out_tokens.astype(np.int32)[rows])
+        mask_out.append(out_mask.astype(bool)[rows])
+        out_log_probs = out_log_probs.astype(np.float64)[rows]
+        out_log_probs[:, 0] *= has_context
+        log_probs_out.append(out_log_probs.sum(axis=1))
     if not tokens_out:
-        return np.zeros((0, R), np.int32), np.zeros((0, R), bool)
-    return np.concatenate(tokens_out), np.concatenate(mask_out)
+        tokens_out, mask_out, log_probs_out = [np.zeros((0, R), np.int32)], [np.zeros((0, R), bool)], [np.zeros(0)]
+    result = (np.concatenate(tokens_out), np.concatenate(mask_out))
+    return result + (np.concatenate(log_probs_out),) if return_log_probs else result
+
+
+def batched_continuation_log_probs(model_config: ModelConfig, params, prompt_tokens, prompt_mask, response_tokens,
+                                   response_mask, batch_size: int = 16, num_samples: int = 1,
+                                   vocab_chunk: int | None = None, mesh=None) -> np.ndarray:
+    """``log pi(y | x)`` of ``num_samples`` responses per left-padded prompt (row ``r`` answers prompt
+    ``r // num_samples``, the layout :func:`generate_responses` returns); float64 ``[N * num_samples]``.
+
+    :func:`mopo_jax.models.continuation_log_probs` on fixed ``[batch_size, P]`` prompt batches (as in
+    :func:`generate_responses`; padded responses score 0 and are dropped): each prompt's columns run through the
+    model once for all of its responses.
+    """
+    prompt_tokens, prompt_mask = _check_prompts(prompt_tokens, prompt_mask, batch_size)
+    check_count("num_samples", num_samples)
+    response_tokens, response_mask = np.asarray(response_tokens, np.int32), np.asarray(response_mask, bool)
+    N, S = prompt_tokens.shape[0], num_samples
+    if response_tokens.ndim != 2 or response_tokens.shape[0] != N * S or response_mask.shape != response_tokens.shape:
+        raise ValueError(f"response_tokens / response_mask must be equal [{N} prompts x {S} samples, R] arrays, got "
+                         f"{response_tokens.shape} and {response_mask.shape}")
+    out = []
+    for _, start, n, toks, mask, shared in _prompt_batches(prompt_tokens, prompt_mask, batch_size, S, mesh):
+        rows = slice(start * S, (start + n) * S)
+        responses = [_pad_rows(a[rows], (batch_size - n) * S) for a in (response_tokens, response_mask)]
+        batch = sharding.put_batch((toks, mask, *responses), mesh)
+        values = continuation_log_probs(model_config, params, *batch, num_samples=shared, vocab_chunk=vocab_chunk)
+        out.append(sharding.to_host(values).astype(np.float64)[:n * S])
+    return np.concatenate(out) if out else np.zeros((0,), np.float64)
 
 
 def response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask) -> tuple[np.ndarray, np.ndarray,
@@ -362,33 +415,38 @@ def response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask) ->
 
 
 def sequence_kl_terms(model_config: ModelConfig, policy_params, reference_params, prompt_tokens, prompt_mask,
-                      response_tokens, response_mask, batch_size: int = 16,
-                      vocab_chunk: int | None = None, mesh=None, shared_lower=None) -> np.ndarray:
-    """Per-row ``sum_t [log pi(y_t) - log pi_ref(y_t)]`` over the response tokens; float64 ``[N]``.
+                      response_tokens, response_mask, batch_size: int = 16, vocab_chunk: int | None = None,
+                      mesh=None, num_samples: int = 1, policy_log_probs=None) -> np.ndarray:
+    """Per response ``log pi(y|x) - log pi_ref(y|x) = sum_t [log pi(y_t) - log pi_ref(y_t)]``; float64
+    ``[N * num_samples]`` (responses laid out as :func:`generate_responses` returns them).
 
-    Only the response columns are unembedded (``completion_start`` = the prompt width). With ``shared_lower =
-    (lower_config, lower_params)``, the frozen lower blocks that policy and reference share
-    (:func:`mopo_jax.models.split_layers`), ``model_config``, ``policy_params`` and ``reference_params`` are the upper
-    blocks': the shared blocks run once and only the upper blocks twice.
+    Both terms are :func:`batched_continuation_log_probs` (a prompt's prefill shared by its responses);
+    ``policy_log_probs``, the policy's values already at hand (``generate_responses(..., return_log_probs=True)``
+    of these responses), skips the policy's pass.
     """
-    tokens, attention, completion = response_rows(prompt_tokens, prompt_mask, response_tokens, response_mask)
-    hidden = None if shared_lower is None else batched_residual_stream(*shared_lower, tokens, attention, batch_size,
-                                                                       mesh)
-    log_probs = functools.partial(batched_sequence_log_probs, model_config, tokens=tokens, completion_mask=completion,
-                                  attention_mask=attention, batch_size=batch_size, vocab_chunk=vocab_chunk,
-                                  inputs_hidden=hidden, completion_start=np.shape(prompt_tokens)[1], mesh=mesh)
-    return log_probs(policy_params).astype(np.float64) - log_probs(reference_params).astype(np.float64)
+    score = functools.partial(batched_continuation_log_probs, model_config, prompt_tokens=prompt_tokens,
+                              prompt_mask=prompt_mask, response_tokens=response_tokens, response_mask=response_mask,
+                              batch_size=batch_size, num_samples=num_samples, vocab_chunk=vocab_chunk, mesh=mesh)
+    reference = score(reference_params)
+    if policy_log_probs is None:
+        return score(policy_params) - reference
+    policy = np.asarray(policy_log_probs, np.float64)
+    if policy.shape != reference.shape:
+        raise ValueError(f"policy_log_probs must be {reference.shape}, got {policy.shape}")
+    return policy - reference
 
 
 def sequence_kl(model_config: ModelConfig, policy_params, reference_params, prompt_tokens, prompt_mask,
-                response_tokens, response_mask, batch_size: int = 16, vocab_chunk: int | None = None) -> float:
-    """Monte-Carlo ``KL(pi || pi_ref)``: mean over prompts of ``sum_t [log pi(y_t) - log pi_ref(y_t)]``.
+                response_tokens, response_mask, batch_size: int = 16, vocab_chunk: int | None = None,
+                num_samples: int = 1) -> float:
+    """Monte-Carlo ``KL(pi || pi_ref) = E_x E_{y~pi}[log pi(y|x) - log pi_ref(y|x)]``: the mean over prompts of the
+    mean of :func:`sequence_kl_terms` over their responses.
 
     Unbiased only when the responses were sampled from ``pi`` itself (temperature 1, no top-p/top-k filtering);
     on tempered or filtered samples it is the log-ratio under the sampling distribution instead.
     """
     terms = sequence_kl_terms(model_config, policy_params, reference_params, prompt_tokens, prompt_mask,
-                              response_tokens, response_mask, batch_size, vocab_chunk)
+                              response_tokens, response_mask, batch_size, vocab_chunk, num_samples=num_samples)
     return float(terms.mean()) if terms.size else float("nan")
 
 
@@ -418,6 +476,7 @@ def judge_win_rates(
     reference_responses: tuple[np.ndarray, np.ndarray],
     objective_names: Sequence[str] | None = None,
     samples_per_prompt: int = 1,
+    reference_features: np.ndarray | None = None,
 ) -> dict:
     """Win rates of the policy's responses over the reference's, per judge (objective), from ``S =
     samples_per_prompt`` responses of each per prompt (rows ``r`` answer prompt ``r // S``; row ``r`` of the policy
@@ -441,6 +500,8 @@ def judge_win_rates(
       policy_responses / reference_responses: ``(tokens [N * S, R], mask [N * S, R])`` pairs.
       objective_names: names for the objective indices (default helpfulness, harmlessness).
       samples_per_prompt: ``S``.
+      reference_features: ``feature_fn``'s ``[N * S, D]`` features of ``reference_responses`` when they are at hand
+        (the reference's responses are the same for every policy evaluated against it).
     """
     check_count("samples_per_prompt", samples_per_prompt)
     prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
@@ -451,7 +512,9 @@ def judge_win_rates(
                              f"{np.shape(responses[0])[0]}")
     prompts = (np.repeat(prompt_tokens, S, axis=0), np.repeat(prompt_mask, S, axis=0))
     policy_features = np.asarray(feature_fn(*response_rows(*prompts, *policy_responses)), np.float32)
-    reference_features = np.asarray(feature_fn(*response_rows(*prompts, *reference_responses)), np.float32)
+    if reference_features is None:
+        reference_features = feature_fn(*response_rows(*prompts, *reference_responses))
+    reference_features = np.asarray(reference_features, np.float32)
     if policy_features.shape != reference_features.shape or policy_features.ndim != 2:
         raise ValueError(f"feature_fn must return equal [N, D] arrays, got {policy_features.shape} and "
                          f"{reference_features.shape}")
@@ -515,7 +578,7 @@ def evaluate_policy(
     return_responses: bool = False,
     mesh=None,
     samples_per_prompt: int = 1,
-    kl_split: tuple | None = None,
+    reference_features: np.ndarray | None = None,
 ) -> dict:
     """Implicit accuracy on held-out pairs, judge win rates against the reference and the sequence KL, in one dict.
 
@@ -543,9 +606,10 @@ def evaluate_policy(
       samples_per_prompt: responses sampled per prompt from the policy and from the reference (sharing the prompt's
         prefill; the reference's row ``r`` drawn with the policy's row ``r``'s random numbers); the win rates and
         the KL are per-prompt means over them (:func:`judge_win_rates`).
-      kl_split: ``(lower_config, lower_params, upper_config, policy_upper, reference_upper)`` when policy and
-        reference differ only in their upper blocks (:func:`mopo_jax.models.split_layers`): the KL's forward passes
-        then run the shared lower blocks once (:func:`sequence_kl_terms`).
+      reference_features: cached ``feature_fn`` features of ``reference_responses`` (see :func:`judge_win_rates`).
+
+    The KL terms are the policy's log-probabilities of its samples as its sampler computed them, minus the
+    reference's (:func:`sequence_kl_terms`).
 
     Returns:
       ``{"implicit": ..., "win_rate": {name: float}, "win_rate_stderr": {name: float}, "expected_win_rate":
@@ -578,7 +642,9 @@ def evaluate_policy(
     gen = functools.partial(generate_responses, model_config, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, batch_size=batch_size,
                             mesh=mesh, num_samples=samples_per_prompt)
-    policy_responses = gen(policy_params, rng=sample_key, temperature=temperature, top_p=top_p)
+    *policy_responses, policy_log_probs = gen(policy_params, rng=sample_key, temperature=temperature, top_p=top_p,
+                                              return_log_probs=True)
+    policy_responses = tuple(policy_responses)
     responses = {"policy": policy_responses}
     if judges:
         if feature_fn is None:
@@ -588,7 +654,8 @@ def evaluate_policy(
         reference_responses = (np.asarray(reference_responses[0], np.int32), np.asarray(reference_responses[1], bool))
         responses["reference"] = reference_responses
         per_judge = judge_win_rates(judges, feature_fn, prompt_tokens, prompt_mask, policy_responses,
-                                    reference_responses, objective_names, samples_per_prompt)
+                                    reference_responses, objective_names, samples_per_prompt,
+                                    reference_features=reference_features)
         result["judges"] = per_judge
         result["win_rate"] = {name: v["win_rate"] for name, v in per_judge.items()}
         result["win_rate_stderr"] = {name: v["win_rate_stderr"] for name, v in per_judge.items()}
@@ -598,20 +665,16 @@ def evaluate_policy(
                 name: list(bootstrap_interval(v["per_prompt"]["expected_win_rate"])[1:])
                 for name, v in per_judge.items()}
     if kl_temperature is None or (kl_temperature == temperature and top_p is None):
-        kl_responses = policy_responses  # already samples of the distribution whose KL is estimated
+        # Already samples of the distribution whose KL is estimated, with their log-probabilities from the sampler.
+        kl_responses, kl_log_probs = policy_responses, policy_log_probs
     else:
-        kl_responses = gen(policy_params, rng=kl_key, temperature=kl_temperature, top_p=None)
+        *kl_responses, kl_log_probs = gen(policy_params, rng=kl_key, temperature=kl_temperature, top_p=None,
+                                          return_log_probs=True)
+        kl_responses = tuple(kl_responses)
         responses["policy_kl"] = kl_responses
-    repeated = (np.repeat(prompt_tokens, samples_per_prompt, axis=0),
-                np.repeat(prompt_mask, samples_per_prompt, axis=0))
-    if kl_split is None:
-        terms = sequence_kl_terms(model_config, policy_params, reference_params, *repeated, *kl_responses,
-                                  batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh)
-    else:
-        lower_config, lower, upper_config, policy_upper, reference_upper = kl_split
-        terms = sequence_kl_terms(upper_config, policy_upper, reference_upper, *repeated, *kl_responses,
-                                  batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh,
-                                  shared_lower=(lower_config, lower))
+    terms = sequence_kl_terms(model_config, policy_params, reference_params, prompt_tokens, prompt_mask,
+                              *kl_responses, batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh,
+                              num_samples=samples_per_prompt, policy_log_probs=kl_log_probs)
     per_prompt_kl = terms.reshape(prompt_tokens.shape[0], samples_per_prompt).mean(axis=1)
     result["kl"] = float(per_prompt_kl.mean()) if per_prompt_kl.size else float("nan")
     result["kl_stderr"] = _stderr(per_prompt_kl)

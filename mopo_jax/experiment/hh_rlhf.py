@@ -713,17 +713,18 @@ def eval_prompt_rows(objective: np.ndarray, count: int, prompt_tokens: np.ndarra
 
 
 def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt_mask, eos_id: int, pad_id: int,
-                          eval_pairs, eval_hidden, upper_config, upper, mesh):
+                          eval_pairs, eval_hidden, upper_config, upper, feature_fn, mesh):
     """What every run's evaluation shares, computed once per evaluation setting: the reference's responses to the
     eval prompts (sampled with the win-rate key of :func:`policy_eval.sampling_keys`, the policies' common random
-    numbers) and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over
-    ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
+    numbers), the judges' features of them (``feature_fn``, layer ``preference.feature_layer`` of the base model)
+    and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over ``eval_hidden``, the
+    frozen blocks' activations of the pairs, when only the top blocks train)."""
     from mopo_jax.evaluation import policy_eval
     from mopo_jax.models.generation import SAMPLER_VERSION
 
     path = _cache_path(config, "eval_reference", prompts=np.asarray(prompt_tokens).tolist(),
                        eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers,
-                       sampler=SAMPLER_VERSION)
+                       sampler=SAMPLER_VERSION, feature_layer=config.preference.feature_layer)
 
     def build(write):
         model_config, params = model
@@ -734,6 +735,10 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
             top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size, mesh=mesh,
             num_samples=config.eval.samples_per_prompt)
         cached = {"responses": responses, "response_mask": response_mask}
+        samples = config.eval.samples_per_prompt
+        cached["features"] = np.asarray(feature_fn(*policy_eval.response_rows(
+            np.repeat(prompt_tokens, samples, axis=0), np.repeat(prompt_mask, samples, axis=0), responses,
+            response_mask)), np.float32)
         cached["pair_log_probs"] = policy_eval.pair_log_probs(
             upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=eval_hidden,
             completion_start=config.data.max_prompt_tokens, mesh=mesh)
@@ -777,26 +782,25 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"])
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
     hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval", mesh)
-    cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
-                                   eval_pairs, hidden, upper_config, upper, mesh)
-    implicit = policy_eval.implicit_preference_accuracy(
-        upper_config, trained, upper, eval_pairs, config.eval.batch_size,
-        reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
-        completion_start=config.data.max_prompt_tokens, mesh=mesh)
     feature_layer = config.preference.feature_layer
 
     def feature_fn(tokens, attention, completion):
         return response_features(model_config, params, tokens, attention, completion, layer=feature_layer,
                                  batch_size=_feature_batch_size(mesh), mesh=mesh)
 
+    cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
+                                   eval_pairs, hidden, upper_config, upper, feature_fn, mesh)
+    implicit = policy_eval.implicit_preference_accuracy(
+        upper_config, trained, upper, eval_pairs, config.eval.batch_size,
+        reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
+        completion_start=config.data.max_prompt_tokens, mesh=mesh)
     evaluation = policy_eval.evaluate_policy(
         model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
         judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
         rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
         reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
-        samples_per_prompt=config.eval.samples_per_prompt,
-        kl_split=None if lower is None else (lower_config, lower, upper_config, trained, upper),
+        samples_per_prompt=config.eval.samples_per_prompt, reference_features=cached["features"],
     )
     evaluation["implicit"] = implicit
     threshold = config.method.threshold if _method(config).knob == "threshold" else None

@@ -7,7 +7,8 @@ safetensors; those are imported lazily by the loaders.
 """
 
 from .config import ModelConfig, PRESETS, config_from_hf, get_preset
-from .generation import GenerateOutput, chat_prompt_ids, generate, generate_cli, left_pad, sample_tokens
+from .generation import (GenerateOutput, chat_prompt_ids, continuation_log_probs, generate, generate_cli, left_pad,
+                         sample_tokens)
 from .tokenizer import CHATML_TEMPLATE, load_tokenizer
 from .transformer import (
     count_params,
@@ -32,7 +33,7 @@ __all__ = [
     "init_params", "forward", "unembed", "token_log_probs", "param_logical_axes",
     "param_shapes", "count_params", "init_cache", "prefill", "repeat_cache", "decode_step", "residual_stream", "split_layers", "join_layers",
     "load_pretrained", "resolve_model", "GGUF_MODELS", "load_tokenizer", "CHATML_TEMPLATE",
-    "generate", "sample_tokens", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids", "Transformer",
+    "generate", "continuation_log_probs", "sample_tokens", "generate_cli", "GenerateOutput", "left_pad", "chat_prompt_ids", "Transformer",
 ]
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .transformer import decode_step, prefill, repeat_cache, unembed
+from .transformer import decode_step, prefill, repeat_cache, token_log_probs, unembed
 
 
 class GenerateOutput(NamedTuple):
@@ -170,6 +170,57 @@ def _generate_jit(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, 
     # this records padding where padding already is.
     _, _, out, out_mask, out_lp, _ = emit(step, last, out, out_mask, out_lp, done)
     return GenerateOutput(out, out_mask, out_lp)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_samples", "vocab_chunk"))
+def _continuation_log_probs_jit(config: ModelConfig, params, prompt_tokens, prompt_mask, response_tokens,
+                                response_mask, *, num_samples: int, vocab_chunk):
+    B, P = prompt_tokens.shape
+    R = response_tokens.shape[1]
+    hidden, cache = prefill(config, params, prompt_tokens, prompt_mask, P + R)
+    # An empty prompt leaves nothing to condition the first response token on: it is not scored (as in
+    # mopo_jax.evaluation.policy_eval.response_rows).
+    has_context = jnp.any(prompt_mask, axis=-1)
+    if num_samples > 1:
+        cache = repeat_cache(cache, num_samples)
+        hidden = jnp.repeat(hidden, num_samples, axis=0)
+        has_context = jnp.repeat(has_context, num_samples, axis=0)
+    predictors = hidden[:, None]  # column t predicts response token t
+    if R > 1:  # the last response token predicts nothing that is scored: only the first R - 1 run through the blocks
+        extended, _ = decode_step(config, params, response_tokens[:, :-1], cache, mask=response_mask[:, :-1],
+                                  return_hidden=True)
+        predictors = jnp.concatenate([predictors, extended], axis=1)
+    per_token = token_log_probs(config, params, predictors, response_tokens, vocab_chunk=vocab_chunk)
+    scored = response_mask.at[:, 0].set(response_mask[:, 0] & has_context)
+    return jnp.sum(jnp.where(scored, per_token, 0.0), axis=-1)
+
+
+def continuation_log_probs(config: ModelConfig, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
+                           *, num_samples: int = 1, vocab_chunk: int | None = None) -> jax.Array:
+    """``log pi(y | x) = sum_t m_t log pi(y_t | x, y_<t)`` of responses to left-padded prompts, float32 ``[B * S]``.
+
+    The scoring counterpart of :func:`generate`, with the same row layout: response row ``r`` answers prompt
+    ``r // num_samples`` and its mask ``m`` is a prefix (True up to and including eos). Each prompt is prefilled once
+    (:func:`prefill`) and its cache shared by its ``S = num_samples`` responses, which then run as one
+    ``R - 1``-token :func:`decode_step`; so a prompt's columns go through the blocks once, not once per response
+    (the full-sequence forward of :func:`mopo_jax.training.sequence_log_probs` over ``[prompt; response]`` rows
+    gives the same values). The log-softmax is float32 (:func:`token_log_probs`, over vocabulary chunks with
+    ``vocab_chunk``); a row with an empty mask scores exactly 0.
+    """
+    check_count("num_samples", num_samples)
+    prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, bool)
+    response_tokens, response_mask = jnp.asarray(response_tokens, jnp.int32), jnp.asarray(response_mask, bool)
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(f"prompt_tokens / prompt_mask must be equal [B, P] arrays, got {prompt_tokens.shape} and "
+                         f"{prompt_mask.shape}")
+    expected = (prompt_tokens.shape[0] * int(num_samples),)
+    if response_tokens.ndim != 2 or response_tokens.shape[:1] != expected or response_mask.shape != response_tokens.shape:
+        raise ValueError(f"response_tokens / response_mask must be equal [B * num_samples, R] arrays with "
+                         f"B * num_samples = {expected[0]}, got {response_tokens.shape} and {response_mask.shape}")
+    longest = int(np.asarray(prompt_mask).sum(axis=1).max()) if prompt_tokens.shape[0] else 0
+    _check_context(config, longest, response_tokens.shape[1])
+    return _continuation_log_probs_jit(config, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
+                                       num_samples=int(num_samples), vocab_chunk=vocab_chunk)
 
 
 def check_count(name: str, value) -> None:

@@ -584,8 +584,8 @@ def repeat_cache(cache: dict, repeats: int) -> dict:
 def decode_step(config: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
                 mask: jax.Array | None = None, positions: jax.Array | None = None,
                 *, return_hidden: bool = False):
-    """Run ``tokens [B, T]`` (T >= 1: a prompt prefill or a single decode step)
-    through the model, attending to everything already in ``cache``.
+    """Run ``tokens [B, T]`` (T >= 1: a single decode step, or a whole continuation
+    scored at once) through the model, attending to everything already in ``cache``.
 
     Tokens are written to slots ``[index, index + T)``. ``mask [B, T]`` marks real
     tokens (0 = padding, e.g. left padding of a prompt); padding slots are never
