@@ -713,18 +713,17 @@ def eval_prompt_rows(objective: np.ndarray, count: int, prompt_tokens: np.ndarra
 
 
 def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt_mask, eos_id: int, pad_id: int,
-                          eval_pairs, eval_hidden, upper_config, upper, feature_fn, mesh):
+                          eval_pairs, eval_hidden, upper_config, upper, mesh):
     """What every run's evaluation shares, computed once per evaluation setting: the reference's responses to the
     eval prompts (sampled with the win-rate key of :func:`policy_eval.sampling_keys`, the policies' common random
-    numbers), the judges' features of them (``feature_fn``, layer ``preference.feature_layer`` of the base model)
-    and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over ``eval_hidden``, the
-    frozen blocks' activations of the pairs, when only the top blocks train)."""
+    numbers) and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over
+    ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
     from mopo_jax.evaluation import policy_eval
     from mopo_jax.models.generation import SAMPLER_VERSION
 
     path = _cache_path(config, "eval_reference", prompts=np.asarray(prompt_tokens).tolist(),
                        eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers,
-                       sampler=SAMPLER_VERSION, feature_layer=config.preference.feature_layer)
+                       sampler=SAMPLER_VERSION)
 
     def build(write):
         model_config, params = model
@@ -735,10 +734,6 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
             top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size, mesh=mesh,
             num_samples=config.eval.samples_per_prompt)
         cached = {"responses": responses, "response_mask": response_mask}
-        samples = config.eval.samples_per_prompt
-        cached["features"] = np.asarray(feature_fn(*policy_eval.response_rows(
-            np.repeat(prompt_tokens, samples, axis=0), np.repeat(prompt_mask, samples, axis=0), responses,
-            response_mask)), np.float32)
         cached["pair_log_probs"] = policy_eval.pair_log_probs(
             upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=eval_hidden,
             completion_start=config.data.max_prompt_tokens, mesh=mesh)
@@ -748,6 +743,34 @@ def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt
 
     return storage.cached_stage("eval-reference", path.exists, build, lambda: storage.load_arrays(path),
                                 everywhere=True)
+
+
+def _reference_eval_features(config: ExperimentConfig, prompt_tokens, prompt_mask, reference, feature_fn, mesh):
+    """The judges' features (``feature_fn``, layer ``preference.feature_layer`` of the base model) of the reference's
+    eval responses ``reference`` (:func:`_reference_eval_cache`), computed once. Keyed by the mesh and the process
+    count too: the policy's features are computed on the evaluation's mesh, and a response the policy shares with
+    the reference (common random numbers) must get bit-identical features on both sides to score as the exact tie it
+    is; another mesh may round differently."""
+    from mopo_jax.evaluation import policy_eval
+
+    responses, response_mask = reference["responses"], reference["response_mask"]
+    layout = None if mesh is None else dict(mesh.shape)
+    path = _cache_path(config, "eval_reference_features", responses=np.asarray(responses).tolist(),
+                       response_mask=np.asarray(response_mask).tolist(), prompts=np.asarray(prompt_tokens).tolist(),
+                       feature_layer=config.preference.feature_layer, mesh=layout, processes=jax.process_count(),
+                       platform=jax.default_backend())
+
+    def build(write):
+        samples = config.eval.samples_per_prompt
+        rows = policy_eval.response_rows(np.repeat(prompt_tokens, samples, axis=0),
+                                         np.repeat(prompt_mask, samples, axis=0), responses, response_mask)
+        features = {"features": np.asarray(feature_fn(*rows), np.float32)}
+        if write:
+            storage.save_arrays(path, features)
+        return features
+
+    return storage.cached_stage("eval-reference-features", path.exists, build, lambda: storage.load_arrays(path),
+                                everywhere=True)["features"]
 
 
 def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
@@ -789,7 +812,8 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
                                  batch_size=_feature_batch_size(mesh), mesh=mesh)
 
     cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
-                                   eval_pairs, hidden, upper_config, upper, feature_fn, mesh)
+                                   eval_pairs, hidden, upper_config, upper, mesh)
+    reference_features = _reference_eval_features(config, prompt_tokens, prompt_mask, cached, feature_fn, mesh)
     implicit = policy_eval.implicit_preference_accuracy(
         upper_config, trained, upper, eval_pairs, config.eval.batch_size,
         reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
@@ -800,7 +824,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
         rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
         reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
-        samples_per_prompt=config.eval.samples_per_prompt, reference_features=cached["features"],
+        samples_per_prompt=config.eval.samples_per_prompt, reference_features=reference_features,
     )
     evaluation["implicit"] = implicit
     threshold = config.method.threshold if _method(config).knob == "threshold" else None
