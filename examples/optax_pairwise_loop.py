@@ -7,6 +7,10 @@ a log-linear policy over response features, and the MOPO pieces a user needs, ar
 * ``mopo_jax.mopo_pairwise_loss``: the policy step (regress the log-ratio margin onto the closed-form margin, each
   objective's term renormalised over the pairs that carry its label).
 
+The dual reads its estimate on *held-out* pairs, drawn like the training pairs but never trained on: on the pairs it
+fits, the policy's estimated value over-reads its true value, and a dual fed from them releases the constraint
+while it is violated (docs/algorithm.md, section 5).
+
 The policy is ``pi(y) ∝ pi_ref(y) exp(theta . phi(y))`` with ``pi_ref`` the distribution the responses were drawn
 from (standard normal features), so ``log pi/pi_ref = theta . phi - log Z``: the constant cancels in every margin
 and in the self-normalised value estimate. ``true_values`` measures the trained policy's win rates by an independent
@@ -56,6 +60,7 @@ def true_values(params, directions, samples: int = 20000, seed: int = 2) -> np.n
 def main(steps: int = 400, threshold: float = 0.58, tau: float = 0.5, verbose: bool = True):
     directions = preference_model()
     chosen, rejected, labels, mask = make_pairs(directions)
+    held_chosen, held_rejected, held_labels, held_mask = make_pairs(directions, seed=3)
     margins = mj.pairwise_win_rate_margins(labels, mask)  # [B, K]: P - 1/2, 0 where unlabelled
     config = mj.MOPOConfig(tau=tau, multiplier_lr=1.0, eps=0.0, refresh_every=None)
     transformation = mj.mopo(config)
@@ -66,8 +71,8 @@ def main(steps: int = 400, threshold: float = 0.58, tau: float = 0.5, verbose: b
 
     @jax.jit
     def train_step(params, opt_state, mopo_state):
-        # log pi/pi_ref of both responses, up to the constant -log Z shared by all of them.
-        log_ratios = jnp.stack([chosen @ params, rejected @ params], axis=-1)  # [B, 2]
+        # log pi/pi_ref of both held-out responses, up to the constant -log Z shared by all of them.
+        log_ratios = jnp.stack([held_chosen @ params, held_rejected @ params], axis=-1)  # [B, 2]
 
         def loss_fn(params):
             h = (chosen - rejected) @ params
@@ -78,9 +83,8 @@ def main(steps: int = 400, threshold: float = 0.58, tau: float = 0.5, verbose: b
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         # The dual step measures the policy before its update, as the library's objectives do.
-        estimate = transformation.estimate_from_pairs(mopo_state, log_ratios, labels, mask)
-        mopo_state = transformation.update_from_estimates(mopo_state, estimate.values, estimate.chi_gradient,
-                                                          estimate.counts)
+        estimate = transformation.estimate_from_pairs(mopo_state, log_ratios, held_labels, held_mask)
+        mopo_state = transformation.update_from_estimates(mopo_state, estimate)
         return optax.apply_updates(params, updates), opt_state, mopo_state, loss
 
     for step in range(steps):

@@ -18,7 +18,6 @@ from mopo_jax.losses import (
 )
 from mopo_jax.objectives import (
     MASKED_LOG_WEIGHT,
-    MultiplierUpdate,
     PairwiseValueSamples,
     RobustBound,
     closed_form_log_weights,
@@ -92,7 +91,6 @@ __all__ = [
     "MOPOState",
     "MOPOTransformation",
     "MOPOUpdate",
-    "MultiplierUpdate",
     "RobustBound",
     "closed_form_log_weights",
     "combined_win_rate",

@@ -7,7 +7,10 @@ valid rows in each micro-batch.
 
 Conventions: ``h = [log pi(y) - log pi_ref(y)] - [log pi(y') - log pi_ref(y')]`` is the policy's log-ratio margin of a
 pair ``(y, y')``; ``y`` is the "chosen" side. Rows are dropped with ``valid_mask`` (missing labels, padded rows, rows
-with an empty completion) and a dropped row contributes exactly zero, never NaN.
+with an empty completion) and a dropped row contributes exactly zero to the value and to the gradient, never NaN, even
+when its log-probabilities are ``-inf`` or NaN: its inputs are replaced by 0 before any arithmetic (the "double where"
+of :func:`_zero_dropped`), and the input checks look only at the kept rows. The same holds for a zero-weight row, a
+masked candidate and a token position that scores nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +55,23 @@ def _row_weights(shape, valid_mask, weights):
     return row
 
 
+def _zero_dropped(keep: Array, *values: Array | None) -> tuple[Array | None, ...]:
+    """Each value with its dropped entries set to 0, to be applied *before* any arithmetic on it.
+
+    ``jnp.where(keep, f(x), 0)`` alone has the right value but back-propagates ``0 * f'(x)``, which is NaN where ``x``
+    is ``-inf`` or NaN, into every parameter upstream of ``x``. Feeding ``f`` the finite 0 instead (the first half of
+    the "double where"; the losses' own masking is the second) makes a dropped entry's value and gradient exactly 0
+    and leaves kept entries untouched. ``keep`` covers the leading axes of every value (a ``[B]`` mask for ``[B]`` or
+    ``[B, K]`` values, ``[B, T]`` for ``[B, T, V]``); ``None`` values pass through.
+    """
+    keep = jnp.asarray(keep, bool)
+    return tuple(
+        None if value is None
+        else jnp.where(keep.reshape(keep.shape + (1,) * (jnp.ndim(value) - keep.ndim)), jnp.asarray(value), 0)
+        for value in values
+    )
+
+
 def _reduce(per_row: Array, row_weights: Array) -> LossTerms:
     per_row = jnp.where(row_weights > 0, per_row, 0.0)
     return LossTerms(jnp.sum(per_row * row_weights), jnp.sum(row_weights))
@@ -89,7 +109,8 @@ def weighted_bc_loss(
       policy_log_probs: ``[X, N]`` log-probabilities of the candidates under the trained policy (sequence log-probs
         for a language model, a log-softmax over candidates for a tabular policy).
       log_weights: ``[X, N]`` closed-form log-weights, normalised per prompt.
-      candidate_mask: optional boolean ``[X, N]``; padded candidates contribute nothing.
+      candidate_mask: optional boolean ``[X, N]``; padded candidates contribute nothing, in value or gradient, even
+        where their log-probability or log-weight is ``-inf`` or NaN (so are the candidates of a prompt of weight 0).
       prompt_weights: optional ``[X]`` weights of the prompts (default 1 each).
 
     Returns:
@@ -101,12 +122,14 @@ def weighted_bc_loss(
         validation.check_array_shape("candidate_mask", candidate_mask, ("X", "N"), sizes)
     if prompt_weights is not None:
         validation.check_array_shape("prompt_weights", prompt_weights, ("X",), sizes)
-    validation.check_finite("log_weights", log_weights)
+    mask = jnp.ones(jnp.shape(log_weights), bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
+    row = _row_weights(mask.shape[:1], jnp.any(mask, axis=-1), prompt_weights)
+    keep = mask & (row > 0)[:, None]
+    policy_log_probs, log_weights = _zero_dropped(keep, policy_log_probs, log_weights)
+    validation.check_finite("log_weights (kept candidates)", log_weights)
     weights = jax.lax.stop_gradient(jnp.exp(jnp.asarray(log_weights, jnp.float32)))
-    mask = jnp.ones(weights.shape, bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
-    per_candidate = jnp.where(mask, weights * jnp.asarray(policy_log_probs, jnp.float32), 0.0)
-    per_prompt = -jnp.sum(per_candidate, axis=-1)
-    return _reduce(per_prompt, _row_weights(per_prompt.shape, jnp.any(mask, axis=-1), prompt_weights))
+    per_candidate = jnp.where(keep, weights * jnp.asarray(policy_log_probs, jnp.float32), 0.0)
+    return _reduce(-jnp.sum(per_candidate, axis=-1), row)
 
 
 def pairwise_win_rate_margins(preference_probs: Array, label_mask: Array | None = None) -> Array:
@@ -175,7 +198,13 @@ def mopo_pairwise_loss(
     label_mask: Array | None = None,
     label_rates: Array | None = None,
 ) -> LossTerms:
-    """MOPO pairwise estimator (Eq. 8): ``(h - [m_0 + lambda . m_{1:}] / tau)^2`` with missing labels left out.
+    """MOPO pairwise estimator (Eq. 8) in win-rate units: ``(tau h - [m_0 + lambda . m_{1:}])^2 / 2``, i.e.
+    ``tau^2/2 (h - [m_0 + lambda . m_{1:}] / tau)^2``, with missing labels left out.
+
+    The factor ``tau^2/2`` leaves the minimiser unchanged and puts the gradient, ``tau (tau h - t) dh``, on the scale
+    of DPO's ``beta (sigmoid(beta h) - P) dh``: without it the gradient norm is ``2/tau^2`` times larger (hundreds at
+    ``tau = 0.1``), so global-norm clipping shrinks every MOPO step and MOPO trains at another effective step size
+    than the baselines it is compared with.
 
     Regresses the policy's log-ratio margin ``h`` onto the margin of the closed form (Eq. 3), whose log-ratio is
     ``(w_0 + lambda . w)/tau`` up to a per-prompt constant that cancels within a pair. A pair that lacks objective
@@ -184,12 +213,12 @@ def mopo_pairwise_loss(
     ``E[(h - sum_k c_k m_k / tau)^2]`` has the cross terms ``E[h m_k]``; each is estimated on the rows labelled for
     ``k``, which is the same as regressing on the inverse-propensity target::
 
-        t_b = sum_k c_k r_bk m_bk / (pi_k tau),   c = (1, lambda),  r_bk = 1 if row b carries label k,
+        t_b = sum_k c_k r_bk m_bk / pi_k,   c = (1, lambda),  r_bk = 1 if row b carries label k,
 
     with ``pi_k`` the label rate of ``k`` among the kept rows (:func:`pairwise_label_rates`): the gradient is that of
-    ``mean_b h_b^2 - 2 sum_k (c_k/tau) mean_{b labelled k}(h_b m_bk)``. When every row carries every label
+    ``tau^2/2 mean_b h_b^2 - tau sum_k c_k mean_{b labelled k}(h_b m_bk)``. When every row carries every label
     ``pi = 1`` and this is the plain squared error. With ``K = 1`` (or ``lambda = 0`` and every row labelled for
-    objective 0) and hard labels (``m = 1/2``) it is exactly IPO, ``(h - 1/(2 tau))^2``. Rows without any label
+    objective 0) and hard labels (``m = 1/2``) it is IPO, ``(h - 1/(2 tau))^2``, times ``tau^2/2``. Rows without any label
     carry no preference and are dropped.
 
     Args:
@@ -206,7 +235,9 @@ def mopo_pairwise_loss(
     Returns:
       :class:`LossTerms` over the kept rows.
     """
-    sizes = _check_pair_inputs((("policy_chosen", policy_chosen), ("valid_mask", valid_mask), ("weights", weights)))
+    sizes = _check_pair_inputs((("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
+                                ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected),
+                                ("valid_mask", valid_mask), ("weights", weights)))
     sizes = validation.check_array_shape("win_rate_margins", win_rate_margins, ("B", "K"), sizes)
     validation.check_array_shape("multipliers", multipliers, (sizes["K"] - 1,), sizes)
     if label_mask is not None:
@@ -215,19 +246,22 @@ def mopo_pairwise_loss(
         validation.check_array_shape("label_rates", label_rates, ("K",), sizes)
     validation.check_positive("tau", tau)
     validation.check_nonnegative("multipliers", multipliers)
-    validation.check_finite("win_rate_margins", win_rate_margins)
+    labels = jnp.ones(jnp.shape(win_rate_margins), bool) if label_mask is None else jnp.asarray(label_mask, bool)
+    keep = jnp.any(labels, axis=-1) if valid_mask is None else jnp.asarray(valid_mask, bool) & jnp.any(labels, axis=-1)
+    row = _row_weights(keep.shape, keep, weights)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, win_rate_margins = _zero_dropped(
+        row > 0, policy_chosen, policy_rejected, ref_chosen, ref_rejected, win_rate_margins)
+    validation.check_finite("win_rate_margins (kept rows)", win_rate_margins)
     margin = log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     margins = jnp.asarray(win_rate_margins, jnp.float32)
-    labels = jnp.ones(margins.shape, bool) if label_mask is None else jnp.asarray(label_mask, bool)
     if label_rates is None:
         label_rates = pairwise_label_rates(labels, valid_mask, weights)
     rates = jnp.asarray(label_rates, jnp.float32)
     coefficients = jnp.concatenate([jnp.ones((1,), jnp.float32), jnp.asarray(multipliers, jnp.float32)])
     scale = jnp.where(rates > 0, coefficients / jnp.where(rates > 0, rates, 1.0), 0.0)
-    target = jnp.where(labels, margins, 0.0) @ scale / tau
-    per_row = jnp.square(margin - jax.lax.stop_gradient(target))
-    keep = jnp.any(labels, axis=-1) if valid_mask is None else jnp.asarray(valid_mask, bool) & jnp.any(labels, axis=-1)
-    return _reduce(per_row, _row_weights(margin.shape, keep, weights))
+    target = jnp.where(labels, margins, 0.0) @ scale  # t_b, in win-rate units
+    per_row = 0.5 * jnp.square(tau * margin - jax.lax.stop_gradient(target))
+    return _reduce(per_row, row)
 
 
 def dpo_loss(
@@ -251,11 +285,16 @@ def dpo_loss(
     Returns:
       :class:`LossTerms`.
     """
-    _check_pair_inputs((("policy_chosen", policy_chosen), ("preference_probs", preference_probs),
-                        ("valid_mask", valid_mask), ("weights", weights), ("margin_offset", margin_offset)))
+    _check_pair_inputs((("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
+                        ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected),
+                        ("preference_probs", preference_probs), ("valid_mask", valid_mask), ("weights", weights),
+                        ("margin_offset", margin_offset)))
     validation.check_positive("beta", beta)
     if preference_probs is not None:
         validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
+    row = _row_weights(jnp.shape(policy_chosen), valid_mask, weights)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin_offset = _zero_dropped(
+        row > 0, policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin_offset)
     logits = beta * log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if margin_offset is not None:
         logits = logits - jnp.asarray(margin_offset, jnp.float32)
@@ -265,7 +304,7 @@ def dpo_loss(
         p = jnp.asarray(preference_probs, jnp.float32)
         p = jnp.where(jnp.isnan(p), 0.5, p)
         per_row = -(p * jax.nn.log_sigmoid(logits) + (1.0 - p) * jax.nn.log_sigmoid(-logits))
-    return _reduce(per_row, _row_weights(logits.shape, valid_mask, weights))
+    return _reduce(per_row, row)
 
 
 def ipo_loss(
@@ -286,11 +325,15 @@ def ipo_loss(
     Returns:
       :class:`LossTerms`.
     """
-    _check_pair_inputs((("policy_chosen", policy_chosen), ("preference_probs", preference_probs),
-                        ("valid_mask", valid_mask), ("weights", weights)))
+    _check_pair_inputs((("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
+                        ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected),
+                        ("preference_probs", preference_probs), ("valid_mask", valid_mask), ("weights", weights)))
     validation.check_positive("tau", tau)
     if preference_probs is not None:
         validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
+    row = _row_weights(jnp.shape(policy_chosen), valid_mask, weights)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = _zero_dropped(
+        row > 0, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     margin = log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     half = 0.5 / tau
     if preference_probs is None:
@@ -299,7 +342,7 @@ def ipo_loss(
         p = jnp.asarray(preference_probs, jnp.float32)
         p = jnp.where(jnp.isnan(p), 0.5, p)
         per_row = p * jnp.square(margin - half) + (1.0 - p) * jnp.square(margin + half)
-    return _reduce(per_row, _row_weights(margin.shape, valid_mask, weights))
+    return _reduce(per_row, row)
 
 
 def completion_log_probs(logits: Array, tokens: Array, completion_mask: Array) -> Array:
@@ -308,7 +351,9 @@ def completion_log_probs(logits: Array, tokens: Array, completion_mask: Array) -
     ``log pi(y | x) = sum_t m_t log softmax(logits[t-1])[tokens[t]]``: ``completion_mask[b, t]`` marks
     ``tokens[b, t]`` as a completion token, which ``logits[b, t-1]`` scores (position 0 has no predecessor and is
     never scored). The log-softmax is taken in float32 with the maximum subtracted, whatever the logits' dtype; a row
-    whose mask is empty gets exactly 0 (never NaN), so masked rows can be dropped with a ``valid_mask``.
+    whose mask is empty gets exactly 0 (never NaN), so masked rows can be dropped with a ``valid_mask``. The logits
+    of a position that scores no token (every position of such a row) are replaced by 0 before the log-softmax, so a
+    ``-inf`` or NaN there reaches neither the value nor the gradient.
 
     Args:
       logits: ``[B, T, V]`` next-token logits of a causal LM.
@@ -321,7 +366,8 @@ def completion_log_probs(logits: Array, tokens: Array, completion_mask: Array) -
     sizes = validation.check_array_shape("logits", logits, ("B", "T", "V"), {})
     validation.check_array_shape("tokens", tokens, ("B", "T"), sizes)
     validation.check_array_shape("completion_mask", completion_mask, ("B", "T"), sizes)
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[:, :-1], axis=-1)
+    scored = jnp.asarray(completion_mask, bool)[:, 1:]
+    (scoring_logits,) = _zero_dropped(scored, jnp.asarray(logits)[:, :-1])
+    log_probs = jax.nn.log_softmax(jnp.asarray(scoring_logits, jnp.float32), axis=-1)
     targets = jnp.take_along_axis(log_probs, jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
-    scored = jnp.asarray(completion_mask[:, 1:], bool)
     return jnp.sum(jnp.where(scored, targets, 0.0), axis=-1)

@@ -289,6 +289,8 @@ class PairwiseValueSamples(NamedTuple):
     samples: Array  # [K, B] Z_kb; sum_b exp(log_base[k, b]) samples[k, b] is objective k's value estimate
     log_base: Array  # [K, B] log q_kb: the labelled rows' normalised row weights, MASKED_LOG_WEIGHT elsewhere
     counts: Array  # [K] summed row weight of the rows labelled for k (their number without row weights)
+    log_normalisers: Array  # [K] log sum_b u_b (rho_b + rho'_b)/2, the self-normalisation's denominator
+    # (MASKED_LOG_WEIGHT without a labelled row): estimates of several batches pool in proportion to it
 
     def mean(self) -> Array:
         """``[K]`` value estimates: the ``q``-weighted means of the samples (1/2 with no labelled pair)."""
@@ -364,7 +366,11 @@ def pairwise_value_samples(
     centred_p = jnp.where(labelled, jnp.where(labels.T, probs.T, 0.5) - 0.5, 0.0)
     samples = 0.5 + (ratios[..., 0] - ratios[..., 1]) * centred_p / (2.0 * safe_mean[:, None])
     log_base = jnp.where(labelled, jnp.log(jnp.where(q > 0, q, 1.0)), MASKED_LOG_WEIGHT)
-    return PairwiseValueSamples(samples=jnp.where(labelled, samples, 0.5), log_base=log_base, counts=counts)
+    has_data = (counts > 0) & (mean_ratio > 0)
+    log_normalisers = jnp.where(has_data, shift[:, 0, 0] + jnp.log(jnp.where(has_data, safe_counts * safe_mean, 1.0)),
+                                MASKED_LOG_WEIGHT)
+    return PairwiseValueSamples(samples=jnp.where(labelled, samples, 0.5), log_base=log_base, counts=counts,
+                                log_normalisers=log_normalisers)
 
 
 def pairwise_objective_values(
@@ -400,8 +406,9 @@ def robust_lower_bound(
 
     ``LB(chi) = -chi log E_q[exp(-Z / chi)] - chi eps``. Its supremum over ``chi > 0`` equals
     ``inf {E_Q[Z] : KL(Q || q) <= eps}``, the worst-case mean over distributions within ``eps`` of the empirical one.
-    For MOPO, ``q(x, y) = p(x) pi_ref(y|x)`` and ``Z = rho w_k`` with ``rho = pi_lambda / pi_ref`` (see
-    :func:`importance_weighted_secondaries`), so ``E_q[Z] = E_{pi_lambda}[w_k]``. ``LB`` is concave in ``chi`` and its
+    For MOPO, ``q(x, y) = p(x) pi_ref(y|x)`` and ``Z = 1/2 + rho (w_k - 1/2)`` with ``rho = pi_lambda / pi_ref`` (see
+    :func:`importance_weighted_secondaries`; the pairwise path's sample is the same, :func:`pairwise_value_samples`),
+    so ``E_q[Z] = E_{pi_lambda}[w_k]``. ``LB`` is concave in ``chi`` and its
     derivative is ``-log E_q[e^{-Z/chi}] - E_{q_chi}[Z] / chi - eps`` with ``q_chi ∝ q e^{-Z/chi}``; both are computed in
     log space with max subtraction.
 
@@ -448,8 +455,9 @@ def optimal_robust_chi(
 ) -> Array:
     """Maximiser of the concave ``LB(chi)`` of Eq. 5 by bisection on ``log chi`` (derivative is decreasing).
 
-    Used where the exact bound is wanted (evaluation, tests); training follows ``chi`` with projected gradient steps
-    (:func:`update_multipliers`). Returns ``[K-1]`` values clipped to ``[chi_min, chi_max]``.
+    MOPO's estimate takes the bound at this ``chi`` for every batch: the bound at any other ``chi`` is lower (a
+    looser constraint read as a violated one), and a ``chi`` stepped by gradient ascent lags the optimum, which
+    moves with every batch. Returns ``[K-1]`` values clipped to ``[chi_min, chi_max]``.
     """
     num = jnp.shape(samples)[0]
     lower = jnp.full((num,), jnp.log(chi_min), jnp.float32)
@@ -472,9 +480,14 @@ def importance_weighted_secondaries(
     prompt_weights: Array | None = None,
     candidate_mask: Array | None = None,
 ) -> tuple[Array, Array]:
-    """The samples ``Z = rho w_k`` and base log-probabilities ``log q`` that feed :func:`robust_lower_bound`.
+    """The samples ``Z = 1/2 + rho (w_k - 1/2)`` and base log-probabilities ``log q`` that feed
+    :func:`robust_lower_bound`.
 
     ``rho = pi / pi_ref`` per candidate and ``q(x, y) = p(x) pi_ref(y|x)``, flattened over prompts and candidates.
+    Since ``E_q[rho] = 1``, ``E_q[Z] = E_pi[w_k]``; centring the win rate at 1/2 makes ``Z`` the same sample as the
+    pairwise path's (:func:`pairwise_value_samples`), so ``eps`` means the same on both, and a secondary that
+    every comparison ties (``w = 1/2``) reads exactly 1/2 whatever the spread of ``rho`` (docs/algorithm.md,
+    section 3).
 
     Returns:
       ``(samples [K-1, X*N], log_base_probs [X*N])``.
@@ -482,54 +495,40 @@ def importance_weighted_secondaries(
     mask = _mask_or_ones(candidate_mask, log_policy.shape)
     ref_log_probs = jnp.asarray(ref_log_probs, jnp.float32)
     log_ratio = jnp.where(mask, jnp.asarray(log_policy, jnp.float32) - ref_log_probs, 0.0)
-    samples = jnp.exp(log_ratio)[None] * jnp.where(mask[None], win_rates_k[1:], 0.0)
+    centred = jnp.where(mask[None], jnp.asarray(win_rates_k[1:], jnp.float32) - 0.5, 0.0)
+    samples = 0.5 + jnp.exp(log_ratio)[None] * centred
     prompt_weights = _normalised_prompt_weights(prompt_weights, mask.shape[0], candidate_mask)
     log_prompt = jnp.log(jnp.where(prompt_weights > 0, prompt_weights, 1.0))
     log_base = jnp.where(mask & (prompt_weights[:, None] > 0), ref_log_probs + log_prompt[:, None], MASKED_LOG_WEIGHT)
     return samples.reshape(samples.shape[0], -1), log_base.reshape(-1)
 
 
-class MultiplierUpdate(NamedTuple):
-    multipliers: Array
-    chi: Array
-
-
 def update_multipliers(
     multipliers: Array,
-    chi: Array,
     secondary_estimates: Array,
     thresholds: Array,
     multiplier_lr: float | Array,
-    chi_gradient: Array | None = None,
-    chi_lr: float | Array = 0.0,
-    chi_min: float = 1e-4,
-) -> MultiplierUpdate:
-    """Projected dual steps on ``lambda`` (Eq. 4) and projected ascent on ``chi`` (Eq. 5).
+) -> Array:
+    """Projected dual step on ``lambda`` (Eq. 4): ``lambda <- max(0, lambda - eta (G - b))``.
 
-    ``lambda <- max(0, lambda - eta (G - b))`` where ``G`` is the (plain or robust) estimate of ``E_{pi_lambda}[w_k]``:
-    a violated constraint (``G < b``) raises its multiplier, a slack one lowers it towards zero.
-    ``chi <- max(chi_min, chi + eta_chi dLB/dchi)`` follows the supremum of Eq. 5.
+    ``G`` is the (plain or robust) estimate of ``E_{pi_lambda}[w_k]``: a violated constraint (``G < b``) raises its
+    multiplier, a slack one lowers it towards zero. (The robust bound's ``chi`` is not stepped: it is set to its
+    optimum for each estimate, :func:`optimal_robust_chi`.)
 
     Args:
       multipliers: ``[K-1]`` current ``lambda``.
-      chi: ``[K-1]`` current robust dual variables.
       secondary_estimates: ``[K-1]`` ``G_k``.
       thresholds: ``[K-1]`` ``b_k``.
       multiplier_lr: step size ``eta``.
-      chi_gradient: optional ``[K-1]`` derivative of the robust bound; ``chi`` is left unchanged when omitted.
-      chi_lr: step size for ``chi``.
-      chi_min: lower end of the projection for ``chi``.
 
     Returns:
-      :class:`MultiplierUpdate` with the new ``(multipliers, chi)``.
+      ``[K-1]`` new multipliers.
     """
     validation.check_unit_interval("thresholds", thresholds)
     validation.check_finite("secondary_estimates", secondary_estimates)
     validation.check_nonnegative("multipliers", multipliers)
     validation.check_nonnegative("multiplier_lr", multiplier_lr)
-    new_multipliers = jnp.maximum(0.0, multipliers - multiplier_lr * (secondary_estimates - thresholds))
-    new_chi = chi if chi_gradient is None else jnp.maximum(chi_min, chi + chi_lr * chi_gradient)
-    return MultiplierUpdate(new_multipliers, new_chi)
+    return jnp.maximum(0.0, multipliers - multiplier_lr * (secondary_estimates - thresholds))
 
 
 def ratchet_thresholds(

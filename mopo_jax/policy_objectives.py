@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from mopo_jax import losses, objectives, validation
-from mopo_jax.state import MOPOConfig, mopo, reference_refresh_due
+from mopo_jax.state import MOPOConfig, SecondaryEstimate, mopo, reference_refresh_due
 
 Array = jax.Array
 
@@ -352,19 +352,41 @@ class MODPO(Objective):
 
 def _mopo_metrics(state, plain_estimates) -> dict:
     """The dual state after the step, and ``secondary_estimates_plain``: this batch's plain self-normalised
-    importance-sampling estimate of ``G_k`` (Eq. 2; ``SecondaryEstimate.plain_values``), logged beside ``secondary_estimates`` (what the multiplier step
-    used: the robust bound of Eq. 5 when ``mopo.eps > 0``, pooled over ``mopo.estimate_window``), so that how far the
-    bound sits below the plain estimate is measured, not inferred."""
+    importance-sampling estimate of ``G_k`` (Eq. 2; ``SecondaryEstimate.plain_values``), logged beside
+    ``secondary_estimates`` (what the multiplier step used: the robust bound of Eq. 5 when ``mopo.eps > 0``, or the
+    policy-sample measurement with ``dual: policy_samples``, pooled over ``mopo.estimate_window``), so that the gap
+    between the two is measured, not inferred."""
     return {"multipliers": state.multipliers, "chi": state.chi, "thresholds": state.thresholds,
             "secondary_estimates": state.secondary_estimates, "secondary_estimates_plain": plain_estimates}
 
 
+#: Where the multiplier step reads ``G_k``: the objective's own batch, or a measurement of the policy's own samples
+#: handed in with the batch (``dual_estimates`` / ``dual_counts``; see :class:`_MOPO`).
+DUAL_SOURCES = ("batch", "policy_samples")
+DUAL_FIELDS = {"dual_estimates": Field(("B", "K-1"), "float32", probability=True),
+               "dual_stderr": Field(("B", "K-1"), "float32"),
+               "dual_counts": Field(("B", "K-1"), "float32")}
+
+
 @dataclasses.dataclass(frozen=True)
 class _MOPO(Objective):
-    """What both MOPO objectives share: the dual state, the lagged reference and the ratchet (Eq. 4-6)."""
+    """What both MOPO objectives share: the dual state, the lagged reference and the ratchet (Eq. 4-6).
+
+    ``dual`` says where the multiplier step reads ``G_k``:
+
+    * ``"batch"``: from the batch the policy step trains on (the pairs' importance-sampling estimate, or the closed
+      form over the candidate pool);
+    * ``"policy_samples"``: from a measurement of the trained policy's own samples against the reference, made by
+      the caller (e.g. every ``M`` steps on held-out prompts, scored by the labeler) and handed in as the batch
+      fields ``dual_estimates [B, K-1]`` (the value, the same in every row), ``dual_stderr`` (its standard error,
+      logged) and ``dual_counts [B, K-1]`` (the number of prompts behind it; 0 on the steps without a fresh
+      measurement, which leave the multipliers where they are). This reads ``V_k(pi)`` itself, the quantity the constraint is judged on, where the pairs' estimate over
+      offline data, or on pairs the policy has fitted, reads something else (docs/algorithm.md, section 5).
+    """
 
     mopo: MOPOConfig = MOPOConfig()
     thresholds: tuple[float, ...] = (0.5,)
+    dual: str = "batch"
 
     def __post_init__(self):
         if isinstance(self.thresholds, list):  # hashable, so the objective can be static configuration of a jit
@@ -372,6 +394,15 @@ class _MOPO(Objective):
         if not isinstance(self.mopo, MOPOConfig):
             raise ValueError(f"{type(self).__name__}.mopo must be a MOPOConfig, got {type(self.mopo).__name__}")
         validation.check_unit_interval(f"{type(self).__name__}.thresholds", self.thresholds)
+        if self.dual not in DUAL_SOURCES:
+            raise ValueError(f"{type(self).__name__}.dual must be one of {DUAL_SOURCES}, got {self.dual!r}")
+        if self.dual == "policy_samples" and self.mopo.eps > 0:
+            raise ValueError(f"{type(self).__name__}: the robust bound (mopo.eps > 0) applies to the batch's "
+                             "importance-weighted estimate; with dual='policy_samples' set mopo.eps=0")
+
+    @property
+    def fields(self):  # type: ignore[override]
+        return {**self.batch_fields, **(DUAL_FIELDS if self.dual == "policy_samples" else {})}
 
     @property
     def transformation(self):
@@ -386,6 +417,23 @@ class _MOPO(Objective):
 
     def reference_refresh_due(self, state):
         return reference_refresh_due(state, self.mopo.refresh_every)
+
+    def _estimate(self, state, batch, aux) -> SecondaryEstimate:
+        raise NotImplementedError
+
+    def metrics(self, state, batch, aux):
+        metrics = _mopo_metrics(state, self._estimate(state, batch, aux).plain_values)
+        if self.dual == "policy_samples":  # the measurement this step handed in (counts 0: none)
+            metrics.update(policy_sample_estimates=batch["dual_estimates"][0],
+                           policy_sample_stderr=batch["dual_stderr"][0], policy_sample_counts=batch["dual_counts"][0])
+        return metrics
+
+    def update(self, state, batch, aux):
+        if self.dual == "policy_samples":
+            estimate = SecondaryEstimate.from_values(batch["dual_estimates"][0], batch["dual_counts"][0])
+        else:
+            estimate = self._estimate(state, batch, aux)
+        return self.transformation.update_from_estimates(state, estimate)
 
 
 @register_objective("mopo_pairwise")
@@ -406,7 +454,7 @@ class MOPOPairwise(_MOPO):
     """
 
     optional_fields: ClassVar = {**PAIR_OPTIONAL, "sampling_log_probs": Field(("B", 2), "float32")}
-    fields: ClassVar = PAIR_FIELDS
+    batch_fields: ClassVar = PAIR_FIELDS
 
     def prepare(self, state, batch):
         return state, _labelled_rates(batch)
@@ -428,14 +476,8 @@ class MOPOPairwise(_MOPO):
             state, aux["importance_log_ratios"], batch["preference_probs"], batch["label_mask"], pair_valid(batch),
             batch.get("pair_weights"))
 
-    def update(self, state, batch, aux):
-        estimate = self._estimate(state, batch, aux)
-        return self.transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient,
-                                                         estimate.counts)
-
     def metrics(self, state, batch, aux):
-        plain = self._estimate(state, batch, aux).plain_values
-        return {**_mopo_metrics(state, plain), **_reward_margin(batch, aux)}
+        return {**super().metrics(state, batch, aux), **_reward_margin(batch, aux)}
 
 
 @register_objective("mopo_candidates")
@@ -460,7 +502,7 @@ class MOPOCandidates(_MOPO):
 
     policy_step: str = "weighted_bc"
     candidates: str = "sampled"
-    fields: ClassVar = {
+    batch_fields: ClassVar = {
         "candidate_preferences": Field(("B", "K", "N", "N"), "float32", probability=True),
         "candidate_label_mask": Field(("B", "K", "N", "N"), "bool"),
     }
@@ -509,18 +551,12 @@ class MOPOCandidates(_MOPO):
             state, aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0), aux["base"],
             jnp.asarray(batch["response_valid"], bool), batch.get("prompt_weights"))
 
-    def update(self, state, batch, aux):
-        estimate = self._estimate(state, batch, aux)
-        return self.transformation.update_from_estimates(state, estimate.values, estimate.chi_gradient,
-                                                         estimate.counts)
-
-    def metrics(self, state, batch, aux):
-        return _mopo_metrics(state, self._estimate(state, batch, aux).plain_values)
 
 
 def _pool_pairwise_loss(log_probs, rates, multipliers, tau, mask, comparison_probs, prompt_weights):
-    """Eq. 8 over every ordered pair ``(y_i, y_j)`` of each prompt's pool, weighted by ``a_i a_j``:
-    ``sum_ij a_i a_j ((e_i - e_j))^2 / sum_ij a_i a_j = 2 Var_a(e)`` with ``e = log pi/pi_ref - g/tau`` and
+    """Eq. 8 over every ordered pair ``(y_i, y_j)`` of each prompt's pool, weighted by ``a_i a_j``, in the units of
+    :func:`mopo_jax.mopo_pairwise_loss` (``(tau h - T)^2 / 2``):
+    ``tau^2/2 sum_ij a_i a_j (e_i - e_j)^2 / sum_ij a_i a_j = tau^2 Var_a(e)`` with ``e = log pi/pi_ref - g/tau`` and
     ``g = w_0 + lambda . w``; ``a`` is the comparison policy (uniform over the pool by default)."""
     target = jax.lax.stop_gradient(objectives.combined_win_rate(rates, multipliers) / tau)
     residual = jnp.where(mask, jnp.asarray(log_probs.policy, jnp.float32) - jnp.asarray(log_probs.reference,
@@ -528,7 +564,7 @@ def _pool_pairwise_loss(log_probs, rates, multipliers, tau, mask, comparison_pro
     a = jnp.where(mask, 1.0 if comparison_probs is None else jnp.asarray(comparison_probs, jnp.float32), 0.0)
     a = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), 1e-30)
     mean = jnp.sum(a * residual, axis=-1, keepdims=True)
-    per_prompt = 2.0 * jnp.sum(a * jnp.square(residual - mean), axis=-1)
+    per_prompt = jnp.square(tau) * jnp.sum(a * jnp.square(residual - mean), axis=-1)
     row = jnp.where(jnp.any(mask, axis=-1), 1.0 if prompt_weights is None else jnp.asarray(prompt_weights,
                                                                                            jnp.float32), 0.0)
     return losses.LossTerms(jnp.sum(row * per_prompt), jnp.sum(row))

@@ -39,10 +39,11 @@ class MOPOState(NamedTuple):
     chi: Array  # [K-1] robust dual variables > 0 (unused when eps = 0)
     thresholds: Array  # [K-1] current b (ratcheted)
     threshold_floor: Array  # [K-1] lowest value the ratchet may set (the user's b, or 0)
-    lagged_values: Array  # [K-1] G recorded at the last refresh, used by the next ratchet
+    lagged_values: Array  # [K-1] plain G recorded at the last refresh, used by the next ratchet
     secondary_estimates: Array  # [K-1] G the last multiplier step used (pooled over the window)
-    estimate_totals: Array  # [W, K-1] estimate x weight of each of the last W steps (a ring buffer)
-    estimate_counts: Array  # [W, K-1] the weight (rows, prompts) behind each of those estimates
+    window_values: Array  # [W, K-1] G of each of the last W steps (a ring buffer)
+    window_plain_values: Array  # [W, K-1] the plain estimate of each of those steps
+    window_log_weights: Array  # [W, K-1] log of the data weight behind each (NO_DATA where there was none)
     step: Array  # int32 number of updates so far
 
 
@@ -57,45 +58,46 @@ def _is_number(value, integral: bool = False) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class MOPOConfig:
-    """Hyper-parameters of the MOPO iteration. ``tau``, ``eps``, ``ratchet_beta`` and ``refresh_every`` default to the
-    paper's values; the rest are this library's choices.
+    """Hyper-parameters of the MOPO iteration. The defaults solve the problem the user states (Eq. 2 at the given
+    thresholds against a fixed reference, with the plain estimate): the robust bound (``eps``, paper 0.15) and the
+    lagged reference with its threshold ratchet (``refresh_every``, paper 500) are opt-in, because each changes the
+    constraint the multipliers enforce (docs/algorithm.md, section 5).
 
     Attributes:
       tau: KL temperature of Eq. 2 (paper: 0.08).
       multiplier_lr: step size of the projected dual step on lambda.
-      eps: KL radius of the robust bound of Eq. 5 (paper: 0.15); 0 uses the plain importance-weighted mean.
-      chi_lr: step size of the projected ascent on chi.
+      eps: KL radius of the robust bound of Eq. 5 (paper: 0.15); 0 (default) uses the plain importance-weighted
+        mean. The bound is taken at its optimal ``chi`` for each batch (:func:`mopo_jax.optimal_robust_chi`).
       ratchet_beta: threshold ratchet factor of Eq. 6, ``b <- ratchet_beta * G_lagged`` (paper: 0.9995). Not DPO's
         KL strength (that is :class:`mopo_jax.DPO`'s ``beta``).
-      refresh_every: t0, steps between reference/threshold refreshes (paper: 500); ``None`` never refreshes.
+      refresh_every: t0, steps between reference/threshold refreshes (paper: 500); ``None`` (default) never
+        refreshes.
       ratchet_floor_at_initial: keep the user's thresholds as a floor of the ratchet. False (the paper's rule)
         lets ``b = ratchet_beta G_lagged`` drift below them; True only ever tightens the constraints.
       constraint: ``"multipliers"`` (MOPO) or ``"log_barrier"`` (MOPO-LB).
       barrier_sigma: sigma of MOPO-LB.
-      initial_chi: starting value of chi.
-      chi_min: lower end of chi's projection.
-      estimate_window: the multiplier step uses the weighted mean of the estimates of the last ``W`` steps (1: this
-        step's alone, the paper's per-batch estimate). A window cuts the variance of a small batch's estimate about
+      chi_min: lower end of the search for the robust bound's optimal chi.
+      estimate_window: the multiplier step uses the estimate pooled over the last ``W`` steps (1: this step's
+        alone, the paper's per-batch estimate): each step's value weighted by the data behind it, which for a
+        self-normalised estimate is its denominator, so the pooled value is the ratio of the pooled numerator and
+        denominator, not a mean of small-batch ratios. A window cuts the variance of a small batch's estimate about
         ``W``-fold; it measures policies up to ``W - 1`` steps old (on average ``(W - 1)/2``), a lag the dual step
         sees as delay (docs/algorithm.md, section 5).
     """
 
     tau: float = 0.08
     multiplier_lr: float = 0.5
-    eps: float = 0.15
-    chi_lr: float = 0.1
+    eps: float = 0.0
     ratchet_beta: float = 0.9995
-    refresh_every: int | None = 500
+    refresh_every: int | None = None
     ratchet_floor_at_initial: bool = False
     constraint: str = "multipliers"
     barrier_sigma: float = 1e-3
-    initial_chi: float = 1.0
     chi_min: float = 1e-4
     estimate_window: int = 1
 
     def __post_init__(self):
-        for name in ("tau", "multiplier_lr", "eps", "chi_lr", "ratchet_beta", "barrier_sigma", "initial_chi",
-                     "chi_min"):
+        for name in ("tau", "multiplier_lr", "eps", "ratchet_beta", "barrier_sigma", "chi_min"):
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"MOPOConfig.{name} must be a number, got {getattr(self, name)!r}")
         if self.refresh_every is not None and not _is_number(self.refresh_every, integral=True):
@@ -110,24 +112,53 @@ class MOPOConfig:
         validation.check_positive("MOPOConfig.tau", self.tau)
         validation.check_nonnegative("MOPOConfig.eps", self.eps)
         validation.check_nonnegative("MOPOConfig.multiplier_lr", self.multiplier_lr)
-        validation.check_nonnegative("MOPOConfig.chi_lr", self.chi_lr)
         validation.check_unit_interval("MOPOConfig.ratchet_beta", self.ratchet_beta)
         validation.check_positive("MOPOConfig.barrier_sigma", self.barrier_sigma)
-        validation.check_positive("MOPOConfig.initial_chi", self.initial_chi)
         validation.check_positive("MOPOConfig.chi_min", self.chi_min)
         if isinstance(self.refresh_every, numbers.Integral) and self.refresh_every < 1:
             raise ValueError(f"MOPOConfig.refresh_every must be >= 1 or None, got {self.refresh_every}")
 
 
-class SecondaryEstimate(NamedTuple):
-    """What the multiplier step consumes: ``G_k`` (plain or robust), the robust bound's ``chi`` derivative, and the
-    weight of the data behind each value (pooled over the estimate window); beside them the plain self-normalised
-    estimate of the same data, which the robust bound lies below (``values`` itself when ``eps = 0``)."""
+#: ``log`` weight of a step without data for an objective (finite, so that ``0 * NO_DATA`` stays 0).
+NO_DATA = objectives.MASKED_LOG_WEIGHT
 
-    values: Array  # [K-1]
-    chi_gradient: Array | None  # [K-1], None without the robust bound
-    counts: Array  # [K-1]
-    plain_values: Array  # [K-1]
+
+class SecondaryEstimate(NamedTuple):
+    """What the multiplier step consumes, per secondary objective ``[K-1]``:
+
+    * ``values``: ``G_k``, the plain estimate or (``eps > 0``) the robust bound of Eq. 5 at its optimal ``chi``;
+    * ``plain_values``: the plain estimate of the same data (``values`` itself when ``eps = 0``); the ratchet records
+      it;
+    * ``log_weights``: ``log`` of the weight of the data behind the value, which pools steps in the estimate window:
+      the number (or weight) of prompts for a plain mean, the self-normalisation denominator for an
+      importance-sampling ratio; :data:`NO_DATA` for an objective without data (its multiplier and ``chi`` keep
+      their values);
+    * ``chi``: the optimal ``chi`` of the robust bound, or None without it.
+
+    :meth:`from_values` builds one from values measured elsewhere (for instance from the policy's own samples).
+    """
+
+    values: Array
+    plain_values: Array
+    log_weights: Array
+    chi: Array | None = None
+
+    @classmethod
+    def from_values(cls, values, counts=None) -> "SecondaryEstimate":
+        """A plain estimate ``values [K-1]`` from ``counts [K-1]`` prompts (default 1; 0 means no data)."""
+        values = jnp.asarray(values, jnp.float32)
+        counts = jnp.ones_like(values) if counts is None else jnp.asarray(counts, jnp.float32)
+        return cls(values, values, log_data_weights(counts))
+
+    @property
+    def has_data(self) -> Array:
+        return self.log_weights > NO_DATA / 2
+
+
+def log_data_weights(weights) -> Array:
+    """``log weights``, :data:`NO_DATA` where a weight is 0 (no data)."""
+    weights = jnp.asarray(weights, jnp.float32)
+    return jnp.where(weights > 0, jnp.log(jnp.where(weights > 0, weights, 1.0)), NO_DATA)
 
 
 class MOPOUpdate(NamedTuple):
@@ -178,16 +209,17 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
     ``estimate_from_candidates(state, log_weights, win_rates, base_log_probs, candidate_mask=None,
     prompt_weights=None) -> SecondaryEstimate`` and ``estimate_from_pairs(state, policy_log_ratios, preference_probs,
     label_mask=None, valid_mask=None, weights=None) -> SecondaryEstimate``: ``G`` of a closed form over a candidate
-    pool, or of a policy from pairwise data (:func:`mopo_jax.pairwise_value_samples`); the robust bound of Eq. 5
-    (at the state's ``chi``) when ``eps > 0``, the plain estimate otherwise.
+    pool, or of a policy from pairwise data (:func:`mopo_jax.pairwise_value_samples`); the robust bound of Eq. 5 at
+    its optimal ``chi`` when ``eps > 0``, the plain estimate otherwise. Pairs the policy was trained on over-read its
+    value once it has fitted them (docs/algorithm.md, section 5): take the estimate on pairs it has not trained on,
+    or measure the policy's own samples (:meth:`SecondaryEstimate.from_values`).
 
-    ``update_from_estimates(state, estimates, chi_gradient=None, counts=None) -> MOPOState``: the multiplier (and
-    chi) step and the ratchet bookkeeping from secondary estimates ``G [K-1]`` (with the weight ``counts [K-1]`` of
-    the data behind them, default 1, for the estimate window). A secondary objective with no data in the window
-    keeps its multiplier.
+    ``update_from_estimates(state, estimate: SecondaryEstimate) -> MOPOState``: the multiplier step (Eq. 4, or
+    MOPO-LB's) from the estimate pooled over the window, and the ratchet bookkeeping. A secondary objective with no
+    data in the window keeps its multiplier, and one with no data this step keeps its ``chi``.
 
     The first refresh ratchets from the thresholds the user gave (``lagged_values`` starts at ``b``); later ones
-    from the estimate recorded at the previous refresh.
+    from the plain estimate recorded at the previous refresh.
     """
     if not isinstance(config, MOPOConfig):
         raise ValueError(f"mopo() takes a MOPOConfig, got {type(config).__name__}")
@@ -205,52 +237,46 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
         window = (config.estimate_window,) + thresholds.shape
         return MOPOState(
             multipliers=multipliers,
-            chi=jnp.full_like(thresholds, config.initial_chi),
+            chi=jnp.ones_like(thresholds),
             thresholds=thresholds,
             # Distinct buffers per field, so a jitted step may donate the whole state.
             threshold_floor=jnp.copy(thresholds) if config.ratchet_floor_at_initial else jnp.zeros_like(thresholds),
             lagged_values=jnp.copy(thresholds),
             secondary_estimates=jnp.zeros_like(thresholds),
-            estimate_totals=jnp.zeros(window, jnp.float32),
-            estimate_counts=jnp.zeros(window, jnp.float32),
+            window_values=jnp.zeros(window, jnp.float32),
+            window_plain_values=jnp.zeros(window, jnp.float32),
+            window_log_weights=jnp.full(window, NO_DATA, jnp.float32),
             step=jnp.zeros((), jnp.int32),
         )
 
-    def update_from_estimates(state: MOPOState, estimates, chi_gradient=None, counts=None) -> MOPOState:
-        """The dual half of an iteration from given secondary estimates ``G`` (e.g. from pairwise data)."""
+    def update_from_estimates(state: MOPOState, estimate: SecondaryEstimate) -> MOPOState:
+        """The dual half of an iteration from a :class:`SecondaryEstimate` (e.g. from pairwise data)."""
+        if not isinstance(estimate, SecondaryEstimate):
+            raise ValueError(f"update_from_estimates takes a SecondaryEstimate (SecondaryEstimate.from_values(G, "
+                             f"counts) for values measured elsewhere), got {type(estimate).__name__}")
         num_secondary = state.thresholds.shape[0]
-        validation.check_array_shape("estimates", estimates, (num_secondary,), {})
-        if chi_gradient is not None:
-            validation.check_array_shape("chi_gradient", chi_gradient, (num_secondary,), {})
-        if counts is not None:
-            validation.check_array_shape("counts", counts, (num_secondary,), {})
-        estimates = jnp.asarray(estimates, jnp.float32)
-        counts = jnp.ones_like(estimates) if counts is None else jnp.asarray(counts, jnp.float32)
+        for name in ("values", "plain_values", "log_weights"):
+            validation.check_array_shape(f"estimate.{name}", getattr(estimate, name), (num_secondary,), {})
         slot = state.step % config.estimate_window
-        totals = state.estimate_totals.at[slot].set(jnp.where(counts > 0, estimates * counts, 0.0))
-        weights = state.estimate_counts.at[slot].set(counts)
-        pooled_count = jnp.sum(weights, axis=0)
-        pooled = jnp.sum(totals, axis=0) / jnp.where(pooled_count > 0, pooled_count, 1.0)
-        # No data for an objective anywhere in the window: G = b, so its multiplier does not move.
-        estimates = jnp.where(pooled_count > 0, pooled, state.thresholds)
+        has_data = estimate.has_data
+        values = state.window_values.at[slot].set(jnp.where(has_data, estimate.values, 0.0))
+        plain = state.window_plain_values.at[slot].set(jnp.where(has_data, estimate.plain_values, 0.0))
+        log_weights = state.window_log_weights.at[slot].set(jnp.where(has_data, estimate.log_weights, NO_DATA))
+        pooled_has_data = jnp.any(log_weights > NO_DATA / 2, axis=0)
+        # Pooled over the window with each step's data weight: the ratio of pooled numerators and denominators.
+        share = jax.nn.softmax(jnp.where(log_weights > NO_DATA / 2, log_weights, -jnp.inf), axis=0)
+        share = jnp.where(pooled_has_data[None], share, 0.0)
+        estimates = jnp.where(pooled_has_data, jnp.sum(share * values, axis=0), state.thresholds)
+        plain_estimates = jnp.where(pooled_has_data, jnp.sum(share * plain, axis=0), state.lagged_values)
         if config.constraint == "multipliers":
-            multipliers, chi = objectives.update_multipliers(
-                state.multipliers,
-                state.chi,
-                estimates,
-                state.thresholds,
-                config.multiplier_lr,
-                chi_gradient,
-                config.chi_lr,
-                config.chi_min,
-            )
+            multipliers = objectives.update_multipliers(
+                state.multipliers, estimates, state.thresholds, config.multiplier_lr)
         else:
             multipliers = objectives.update_barrier_multipliers(
-                state.multipliers, estimates, state.thresholds, config.barrier_sigma, config.multiplier_lr
-            )
-            chi = state.chi
-            if chi_gradient is not None:
-                chi = jnp.maximum(config.chi_min, chi + config.chi_lr * chi_gradient)
+                state.multipliers, estimates, state.thresholds, config.barrier_sigma, config.multiplier_lr)
+        # No data in the window: the multiplier keeps its value (MOPO-LB's barrier term would move it otherwise).
+        multipliers = jnp.where(pooled_has_data, multipliers, state.multipliers)
+        chi = state.chi if estimate.chi is None else jnp.where(has_data, estimate.chi, state.chi)
 
         stepped = state._replace(step=state.step + 1)
         refresh = reference_refresh_due(stepped, config.refresh_every)
@@ -261,20 +287,23 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             multipliers=multipliers,
             chi=chi,
             thresholds=jnp.where(refresh, ratcheted, state.thresholds),
-            lagged_values=jnp.where(refresh, estimates, state.lagged_values),
+            lagged_values=jnp.where(refresh, plain_estimates, state.lagged_values),
             secondary_estimates=estimates,
-            estimate_totals=totals,
-            estimate_counts=weights,
+            window_values=values,
+            window_plain_values=plain,
+            window_log_weights=log_weights,
         )
 
-    def _robust_or_plain(state, samples, log_base, plain_values, counts) -> SecondaryEstimate:
+    def _robust_or_plain(samples, log_base, plain_values, log_weights) -> SecondaryEstimate:
         if config.eps > 0:
-            bound = objectives.robust_lower_bound(samples, log_base, state.chi, config.eps)
-            return SecondaryEstimate(bound.value, bound.chi_gradient, counts, plain_values)
-        return SecondaryEstimate(plain_values, None, counts, plain_values)
+            chi = objectives.optimal_robust_chi(samples, log_base, config.eps, config.chi_min)
+            bound = objectives.robust_lower_bound(samples, log_base, chi, config.eps)
+            return SecondaryEstimate(bound.value, plain_values, log_weights, chi)
+        return SecondaryEstimate(plain_values, plain_values, log_weights)
 
     def estimate_from_candidates(state, log_weights, win_rates, base_log_probs, candidate_mask=None,
                                  prompt_weights=None) -> SecondaryEstimate:
+        del state  # the estimate depends on the closed form only; kept for a uniform signature
         win_rates = jnp.asarray(win_rates, jnp.float32)
         plain = objectives.secondary_values(log_weights, win_rates, prompt_weights, candidate_mask)
         samples, log_q = (None, None)
@@ -284,13 +313,15 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             )
         mask = jnp.ones(jnp.shape(log_weights), bool) if candidate_mask is None else jnp.asarray(candidate_mask, bool)
         prompts = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.float32)
-        return _robust_or_plain(state, samples, log_q, plain, jnp.full(state.thresholds.shape, prompts))
+        return _robust_or_plain(samples, log_q, plain, log_data_weights(jnp.full(plain.shape, prompts)))
 
     def estimate_from_pairs(state, policy_log_ratios, preference_probs, label_mask=None, valid_mask=None,
                             weights=None) -> SecondaryEstimate:
+        del state
         pairs = objectives.pairwise_value_samples(policy_log_ratios, preference_probs, label_mask, valid_mask,
                                                   weights)
-        return _robust_or_plain(state, pairs.samples[1:], pairs.log_base[1:], pairs.mean()[1:], pairs.counts[1:])
+        return _robust_or_plain(pairs.samples[1:], pairs.log_base[1:], pairs.mean()[1:],
+                                pairs.log_normalisers[1:])
 
     def update(state: MOPOState, win_rates, ref_log_probs=None, candidate_mask=None, prompt_weights=None):
         validation.check_unit_interval("win_rates", win_rates)
@@ -303,8 +334,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             win_rates, state.multipliers, config.tau, base, candidate_mask
         )
         estimate = estimate_from_candidates(state, log_weights, win_rates, base, candidate_mask, prompt_weights)
-        new_state = update_from_estimates(state, estimate.values, estimate.chi_gradient, estimate.counts)
-        return MOPOUpdate(log_weights=log_weights, state=new_state)
+        return MOPOUpdate(log_weights=log_weights, state=update_from_estimates(state, estimate))
 
     return MOPOTransformation(init=init, update=update, update_from_estimates=update_from_estimates,
                               estimate_from_candidates=estimate_from_candidates,

@@ -74,6 +74,9 @@ def pipeline(tmp_path_factory, tiny_work_dir):
         "mopo_pairwise": ["method.name=mopo_pairwise", "method.threshold=0.55", "mopo.refresh_every=1"],
         "mopo_onpolicy": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
                           "onpolicy.candidates=2", "mopo.eps=0.15"],
+        "mopo_policy_dual": ["method.name=mopo_pairwise", "method.threshold=0.55", "dual.source=policy_samples",
+                             "dual.prompts=4", "dual.samples=2", "dual.every=1", "dual.margin=0.01",
+                             "mopo.multiplier_lr=2.0"],
         "user_plugin": ["plugins=[mopo_user_plugin]", "method.name=slic_harmless"],
         "mopo_onpolicy_gold": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
                                "onpolicy.candidates=2", "preference.protocol=gold"],
@@ -108,6 +111,29 @@ def test_every_method_writes_its_run_directory(pipeline):
     plugin = [json.loads(line) for line in open(root / "user_plugin" / "metrics.jsonl")]
     assert plugin[0]["loss"] == pytest.approx(1.0, abs=1e-5)  # the hinge at the reference (h = 0)
     assert "multipliers" not in plugin[0]
+
+
+def test_policy_sample_dual_drives_the_multipliers(pipeline):
+    """dual.source=policy_samples: before each step the policy's own samples on 4 dual prompts are scored against
+    the reference's; the multiplier step uses that reading (b + margin enforced) and nothing from the pairs. The
+    first reading is of the untrained policy, which with common random numbers draws the reference's own samples
+    and must read exactly 1/2; the multipliers follow lambda_t = max(0, lambda_{t-1} - 2 (G_t - 0.56)) on the
+    logged readings (recomputed in NumPy)."""
+    root, _, _, _ = pipeline
+    records = [json.loads(line) for line in open(root / "mopo_policy_dual" / "metrics.jsonl")]
+    readings = [r["policy_sample_estimates"][0] for r in records]
+    assert readings[0] == 0.5 and records[0]["policy_sample_stderr"][0] == 0.0
+    assert [r["policy_sample_counts"][0] for r in records] == [4.0, 4.0]
+    multiplier = 0.0
+    for record, reading in zip(records, readings):
+        multiplier = max(0.0, multiplier - 2.0 * (reading - 0.56))
+        assert record["multipliers"][0] == pytest.approx(multiplier, abs=1e-6)
+        assert record["secondary_estimates"][0] == pytest.approx(reading, abs=1e-7)
+        assert record["thresholds"][0] == pytest.approx(0.56, abs=1e-7)
+        assert "secondary_estimates_plain" in record  # the pairs' estimate, logged beside it
+    final = json.load(open(root / "mopo_policy_dual" / "train.json"))["dual_final"]
+    assert final["prompts"] == 4 and final["step"] == 2
+    assert 0.0 <= final["estimates"][0] <= 1.0 and np.isfinite(final["stderr"][0])
 
 
 def test_evaluation_and_pareto_outputs(pipeline):

@@ -15,7 +15,7 @@ def _random_log_probs(seed, batch=16):
 
 
 def test_mopo_pairwise_reduces_to_ipo_for_one_objective():
-    """K = 1 and hard labels: the margin P - 1/2 = 1/2 gives exactly (h - 1/(2 tau))^2."""
+    """K = 1 and hard labels: the margin P - 1/2 = 1/2 gives (tau^2/2) (h - 1/(2 tau))^2, IPO in win-rate units."""
     chosen, rejected, ref_chosen, ref_rejected = _random_log_probs(0)
     tau = 0.1
     margins = mj.pairwise_win_rate_margins(jnp.ones((16, 1)))
@@ -23,7 +23,7 @@ def test_mopo_pairwise_reduces_to_ipo_for_one_objective():
     ipo = mj.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, tau)
     h = np.asarray((chosen - ref_chosen) - (rejected - ref_rejected), np.float64)
     numpy_ipo = np.sum((h - 1 / (2 * tau)) ** 2)
-    chex.assert_trees_all_close(mopo.total, ipo.total, rtol=1e-6)
+    chex.assert_trees_all_close(mopo.total, tau**2 / 2 * ipo.total, rtol=1e-6)
     np.testing.assert_allclose(float(ipo.total), numpy_ipo, rtol=1e-5)
     assert float(mopo.denominator) == 16
 
@@ -39,11 +39,11 @@ def test_mopo_pairwise_reduces_to_ipo_when_multipliers_vanish_and_every_row_has_
     mopo = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.zeros(2), 0.08,
                                  label_mask=mask)
     ipo = mj.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.08)
-    chex.assert_trees_all_close(mopo.total, ipo.total, rtol=1e-6)
+    chex.assert_trees_all_close(mopo.total, 0.08**2 / 2 * ipo.total, rtol=1e-6)
     # With lambda > 0 the secondary labels do move the target.
     moved = mj.mopo_pairwise_loss(chosen, rejected, ref_chosen, ref_rejected, margins, jnp.ones(2), 0.08,
                                   label_mask=mask)
-    assert abs(float(moved.total) - float(ipo.total)) > 1.0
+    assert abs(float(moved.total) / (0.08**2 / 2 * float(ipo.total)) - 1) > 1e-2
 
 
 def _disjoint_label_batch(seed=3, batch=12):
@@ -66,7 +66,7 @@ def _disjoint_label_batch(seed=3, batch=12):
 def test_pairwise_loss_leaves_missing_labels_out_and_renormalises():
     """Against NumPy: each objective's target term is weighted by 1/pi_k (pi_k its label rate among the kept rows),
     rows without any label or with an empty completion are dropped; the gradient is that of the expanded square
-    mean_b h^2 - 2 sum_k (c_k/tau) mean_{b labelled k} h_b m_bk, each cross term on its own labelled rows."""
+    tau^2/2 mean_b h^2 - tau sum_k c_k mean_{b labelled k} h_b m_bk, each cross term on its own labelled rows."""
     chosen, rejected, ref_chosen, ref_rejected, probs, labels, valid, weights = _disjoint_label_batch()
     multipliers, tau = np.array([0.7]), 0.1
     margins = mj.pairwise_win_rate_margins(probs, labels)
@@ -78,7 +78,7 @@ def test_pairwise_loss_leaves_missing_labels_out_and_renormalises():
     rates = np.array([(u * labels[:, k]).sum() / u.sum() for k in range(2)])
     m = np.where(labels, probs - 0.5, 0.0)
     target = (m[:, 0] / rates[0] + multipliers[0] * m[:, 1] / rates[1]) / tau
-    np.testing.assert_allclose(float(terms.total), np.sum(u * (h - target) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(float(terms.total), np.sum(u * tau**2 / 2 * (h - target) ** 2), rtol=1e-5)
     np.testing.assert_allclose(float(terms.denominator), u.sum(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(mj.pairwise_label_rates(labels, valid, weights)), rates, rtol=1e-6)
 
@@ -90,10 +90,10 @@ def test_pairwise_loss_leaves_missing_labels_out_and_renormalises():
 
     got = np.asarray(jax.grad(library)(jnp.asarray(h, jnp.float32)), np.float64)
     coefficients = np.array([1.0, multipliers[0]])
-    want = 2 * u * h / u.sum()
+    want = tau**2 * u * h / u.sum()
     for k in range(2):
         on_k = u * labels[:, k]
-        want = want - 2 * (coefficients[k] / tau) * on_k * m[:, k] / on_k.sum()
+        want = want - tau * coefficients[k] * on_k * m[:, k] / on_k.sum()
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
     # The dropped rows and the unlabelled row get no gradient and no NaN.
     assert np.all(got[~kept] == 0.0) and np.all(np.isfinite(got))
@@ -233,3 +233,193 @@ def test_dpo_margin_offset_and_pair_weights():
     per_row = np.log1p(np.exp(-(0.3 * h - offset)))
     np.testing.assert_allclose(float(terms.total), np.sum(weights * per_row), rtol=1e-5)
     np.testing.assert_allclose(float(terms.denominator), weights.sum())
+
+
+# --- Dropped rows: exactly zero value AND gradient, whatever non-finite log-probabilities they hold ("double where").
+
+_LOG_PROB_ARGS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+
+
+def _poisoned_pair_batch(seed=21, batch=7):
+    """Row 1 is invalid, row 3 has weight 0, row 5 carries no label (dropped by the MOPO pairwise loss only)."""
+    rng = np.random.default_rng(seed)
+    log_probs = [rng.normal(size=batch).astype(np.float32) * 2 - 25 for _ in range(4)]
+    valid = np.ones(batch, bool)
+    valid[1] = False
+    weights = rng.uniform(0.5, 2.0, size=batch).astype(np.float32)
+    weights[3] = 0.0
+    labels = rng.random((batch, 2)) < 0.6
+    labels[:, 0] |= ~labels.any(1)
+    labels[5] = False
+    probs = np.where(labels, rng.uniform(size=(batch, 2)), np.nan).astype(np.float32)
+    soft = rng.uniform(size=batch).astype(np.float32)
+    soft[4] = np.nan  # unlabelled kept row: P = 1/2
+    offset = rng.normal(size=batch).astype(np.float32)
+    log_probs[0][1] = -np.inf  # dropped rows hold -inf and NaN
+    log_probs[3][1] = np.nan
+    log_probs[2][3] = np.nan
+    log_probs[1][3] = -np.inf
+    return log_probs, valid, weights, labels, probs, soft, offset
+
+
+def _pair_losses():
+    """(name, loss(log_probs, rows), rows dropped). ``rows`` selects the per-row inputs, so that the same call on a
+    slice of the batch is the reference."""
+    _, valid, weights, labels, probs, soft, offset = _poisoned_pair_batch()
+    margins = np.asarray(mj.pairwise_win_rate_margins(np.nan_to_num(probs), labels))
+    return [
+        ("mopo_pairwise", lambda lp, rows: mj.mopo_pairwise_loss(
+            *lp, margins[rows], np.array([0.6], np.float32), 0.1, valid_mask=valid[rows], weights=weights[rows],
+            label_mask=labels[rows]), [1, 3, 5]),
+        ("dpo", lambda lp, rows: mj.dpo_loss(*lp, 0.2, preference_probs=soft[rows], valid_mask=valid[rows],
+                                              weights=weights[rows], margin_offset=offset[rows]), [1, 3]),
+        ("dpo_hard", lambda lp, rows: mj.dpo_loss(*lp, 0.2, valid_mask=valid[rows], weights=weights[rows]), [1, 3]),
+        ("ipo", lambda lp, rows: mj.ipo_loss(*lp, 0.1, preference_probs=soft[rows], valid_mask=valid[rows],
+                                              weights=weights[rows]), [1, 3]),
+        ("ipo_hard", lambda lp, rows: mj.ipo_loss(*lp, 0.1, valid_mask=valid[rows], weights=weights[rows]), [1, 3]),
+    ]
+
+
+@pytest.mark.parametrize("name, loss, dropped", _pair_losses(), ids=[case[0] for case in _pair_losses()])
+def test_pair_loss_dropped_rows_with_nonfinite_log_probs_get_zero_gradient(name, loss, dropped):
+    """-inf and NaN log-probabilities in rows dropped by valid_mask, a zero weight or a missing label: finite value,
+    exactly zero gradient on the dropped rows, and on the kept rows the value and gradient of the same call with the
+    dropped rows sliced out; eagerly (no error for the dropped rows) and under jit."""
+    log_probs, *_ = _poisoned_pair_batch()
+    batch = log_probs[0].shape[0]
+    everything = np.arange(batch)
+    kept = np.setdiff1d(everything, dropped)
+    assert not all(np.isfinite(lp[dropped]).all() for lp in log_probs)  # the batch is poisoned where it is dropped
+
+    def mean(*lp, rows=everything):
+        return loss(lp, rows).mean()
+
+    want_terms = loss([lp[kept] for lp in log_probs], kept)
+    want_value, want_grads = jax.value_and_grad(lambda *lp: mean(*lp, rows=kept), argnums=(0, 1, 2, 3))(
+        *[jnp.asarray(lp[kept]) for lp in log_probs])
+    for grad_fn in (jax.value_and_grad(mean, argnums=(0, 1, 2, 3)),
+                    jax.jit(jax.value_and_grad(mean, argnums=(0, 1, 2, 3)))):
+        value, grads = grad_fn(*[jnp.asarray(lp) for lp in log_probs])
+        np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6, atol=1e-6)
+        for arg, grad, want in zip(_LOG_PROB_ARGS, grads, want_grads):
+            grad = np.asarray(grad)
+            assert np.all(np.isfinite(grad)), (arg, grad)
+            assert np.all(grad[dropped] == 0.0), (arg, grad)
+            np.testing.assert_allclose(grad[kept], np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=arg)
+    got_terms = loss([jnp.asarray(lp) for lp in log_probs], everything)  # concrete: must not raise
+    np.testing.assert_allclose(float(got_terms.total), float(want_terms.total), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(got_terms.denominator), float(want_terms.denominator), rtol=1e-6)
+
+    # A non-finite log-probability in a KEPT row is still a ValueError naming the argument (concrete inputs).
+    for position, arg in enumerate(_LOG_PROB_ARGS):
+        bad = [lp.copy() for lp in log_probs]
+        bad[position][kept[0]] = -np.inf if position % 2 else np.nan
+        with pytest.raises(ValueError, match=arg):
+            loss(bad, everything)
+
+
+def _poisoned_bc_batch(seed=22):
+    """4 prompts x 5 candidates: masked candidates, prompt 2 without any valid candidate, prompt 3 of weight 0."""
+    rng = np.random.default_rng(seed)
+    mask = np.array([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]], bool)
+    log_probs = np.log(rng.dirichlet(np.ones(5), size=4)).astype(np.float32)
+    raw = np.where(mask, rng.normal(size=(4, 5)), -np.inf)
+    log_normaliser = np.log(np.maximum(np.sum(np.exp(raw), -1, keepdims=True), 1e-30))
+    log_weights = np.where(mask, raw - log_normaliser, -1e30)
+    log_weights = log_weights.astype(np.float32)
+    prompt_weights = np.array([1.0, 2.0, 1.0, 0.0], np.float32)
+    log_probs[0, 2], log_probs[0, 4] = -np.inf, np.nan  # masked candidates
+    log_probs[2, 1], log_probs[2, 3] = np.nan, -np.inf  # prompt with no valid candidate
+    log_probs[3, 0], log_probs[3, 2] = -np.inf, np.nan  # prompt of weight 0
+    log_weights[0, 4], log_weights[2, 0] = -np.inf, np.nan  # log 0 at a masked candidate
+    return log_probs, log_weights, mask, prompt_weights
+
+
+def test_weighted_bc_masked_candidates_with_nonfinite_log_probs_get_zero_gradient():
+    """-inf / NaN at masked candidates, in a prompt without valid candidates and in a prompt of weight 0: exactly zero
+    gradient there, and on the kept candidates the value and gradient of the loss on each kept prompt's valid
+    candidates sliced out on their own; eagerly (no error for the dropped entries) and under jit."""
+    log_probs, log_weights, mask, prompt_weights = _poisoned_bc_batch()
+    kept_entries = mask & (prompt_weights > 0)[:, None]
+    kept_prompts = [x for x in range(4) if kept_entries[x].any()]
+
+    def total(lp, lw):
+        return mj.weighted_bc_loss(lp, lw, mask, prompt_weights).total
+
+    want_total, want_denominator, want_grad = 0.0, 0.0, np.zeros_like(log_probs)
+    for x in kept_prompts:  # reference: each kept prompt's valid candidates on their own, no mask at all
+        columns = np.flatnonzero(mask[x])
+        ref = lambda lp, x=x, columns=columns: mj.weighted_bc_loss(  # noqa: E731
+            lp, log_weights[x:x + 1, columns], prompt_weights=prompt_weights[x:x + 1])
+        sliced = jnp.asarray(log_probs[x:x + 1, columns])
+        terms = ref(sliced)
+        want_total += float(terms.total)
+        want_denominator += float(terms.denominator)
+        want_grad[x, columns] = np.asarray(jax.grad(lambda lp: ref(lp).total)(sliced))[0]
+    for grad_fn in (jax.jit(jax.value_and_grad(total)), jax.value_and_grad(total)):  # traced log_weights, then concrete
+        value, grad = grad_fn(jnp.asarray(log_probs), log_weights)
+        grad = np.asarray(grad)
+        np.testing.assert_allclose(float(value), want_total, rtol=1e-6)
+        assert np.all(np.isfinite(grad)), grad
+        assert np.all(grad[~kept_entries] == 0.0), grad
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)
+    terms = mj.weighted_bc_loss(jnp.asarray(log_probs), log_weights, mask, prompt_weights)  # concrete: no error
+    np.testing.assert_allclose(float(terms.total), want_total, rtol=1e-6)
+    np.testing.assert_allclose(float(terms.denominator), want_denominator, rtol=1e-6)
+
+    # Non-finite values at a KEPT candidate are still a ValueError naming the argument (concrete inputs).
+    with pytest.raises(ValueError, match="log_weights"):
+        mj.weighted_bc_loss(log_probs, np.where(np.arange(5) == 1, np.nan, log_weights), mask, prompt_weights)
+
+
+def test_completion_log_probs_unscored_nonfinite_logits_get_zero_gradient():
+    """NaN / -inf logits at positions that score no completion token (and in a row whose completion mask is empty)
+    do not reach the value or the gradient: exactly zero gradient there, and on the scored positions the value and
+    gradient of log_softmax over those positions' logits sliced out on their own; eagerly and under jit."""
+    rng = np.random.default_rng(23)
+    batch, length, vocab = 3, 6, 7
+    logits = rng.normal(size=(batch, length, vocab)).astype(np.float32) * 3
+    tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    mask = np.zeros((batch, length), bool)
+    mask[0, 3:] = True  # scored by logits[0, 2:5]
+    mask[1, [1, 4]] = True  # scored by logits[1, 0] and logits[1, 3]
+    mask[1, 0] = True  # position 0 is never scored
+    logits[0, 0, 2] = np.nan
+    logits[0, 1, :] = -np.inf  # a position whose whole vocabulary is masked out
+    logits[0, 5, 0] = np.nan  # the last position scores nothing
+    logits[1, 1, :] = np.nan
+    logits[1, 2, 4] = -np.inf
+    logits[2, 0, :] = -np.inf  # empty completion mask
+    logits[2, 3, 1] = np.nan
+    scored = [(b, t) for b in range(batch) for t in range(1, length) if mask[b, t]]
+    used = np.zeros((batch, length), bool)
+    for b, t in scored:
+        used[b, t - 1] = True
+    coefficients = jnp.asarray([1.0, -0.7, 2.0])  # distinct per row, to see each row's gradient
+
+    def weighted(l):
+        return jnp.sum(coefficients * mj.completion_log_probs(l, tokens, mask))
+
+    def reference(rows):  # rows: [n, V], the scoring positions' logits sliced out
+        log_probs = jax.nn.log_softmax(rows, axis=-1)[jnp.arange(len(scored)), [tokens[b, t] for b, t in scored]]
+        return log_probs, jnp.sum(coefficients[jnp.asarray([b for b, _ in scored])] * log_probs)
+
+    rows = jnp.asarray(np.stack([logits[b, t - 1] for b, t in scored]))
+    per_token = np.asarray(reference(rows)[0])
+    want_values = [sum(per_token[i] for i, (b, _) in enumerate(scored) if b == row) for row in range(batch)]
+    want_total, want_rows = jax.value_and_grad(lambda r: reference(r)[1])(rows)
+    want_grad = np.zeros_like(logits)
+    for i, (b, t) in enumerate(scored):
+        want_grad[b, t - 1] = np.asarray(want_rows[i])
+
+    for fn in (mj.completion_log_probs, jax.jit(mj.completion_log_probs)):
+        values = np.asarray(fn(jnp.asarray(logits), tokens, mask))
+        np.testing.assert_allclose(values, want_values, rtol=1e-6, atol=1e-6)
+        assert values[2] == 0.0
+    for grad_fn in (jax.value_and_grad(weighted), jax.jit(jax.value_and_grad(weighted))):
+        value, grad = grad_fn(jnp.asarray(logits))
+        grad = np.asarray(grad)
+        np.testing.assert_allclose(float(value), float(want_total), rtol=1e-6, atol=1e-6)
+        assert np.all(np.isfinite(grad)), grad
+        assert np.all(grad[~used] == 0.0)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)

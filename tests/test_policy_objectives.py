@@ -86,7 +86,12 @@ def test_check_batch_names_the_offending_field(make, fragment):
 def test_config_errors_are_named():
     with pytest.raises(TypeError, match="beta"):
         mj.MOPOConfig(beta=0.1)  # the ratchet factor is ratchet_beta; DPO's beta lives on DPO
-    assert mj.MOPOConfig().eps == 0.15 and mj.MOPOConfig().ratchet_beta == 0.9995 and mj.MOPOConfig().tau == 0.08
+    # The defaults solve the user's problem: plain estimate, fixed reference (robust bound and ratchet opt-in).
+    assert mj.MOPOConfig().eps == 0.0 and mj.MOPOConfig().refresh_every is None and mj.MOPOConfig().tau == 0.08
+    with pytest.raises(ValueError, match="MOPOPairwise.dual"):
+        po.MOPOPairwise(dual="samples")
+    with pytest.raises(ValueError, match="mopo.eps"):
+        po.MOPOPairwise(mj.MOPOConfig(eps=0.1), dual="policy_samples")
     with pytest.raises(ValueError, match="MOPOCandidates.policy_step"):
         po.MOPOCandidates(policy_step="bc")
     with pytest.raises(ValueError, match="MODPO.weights"):

@@ -48,23 +48,68 @@ def test_ratchet_and_lagged_reference_follow_the_period():
     assert references[5:8] == [3.0] * 3 and references[8:11] == [6.0] * 3 and references[11] == 9.0
 
 
-def test_robust_update_tracks_the_exact_bound():
-    """With lambda held fixed, chi's projected ascent converges to the maximiser and G to the exact robust bound."""
+def test_robust_update_uses_the_exact_bound_at_every_step():
+    """With eps > 0 each step's G is the exact robust bound (chi at its maximiser, found here by a dense grid over
+    chi rather than the library's bisection), and chi records that maximiser."""
     pref, ref = _problem(seed=1)
     w = mj.win_rates(pref, ref)
     eps = 0.15
-    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.0, eps=eps, chi_lr=0.5, refresh_every=None))
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.0, eps=eps, refresh_every=None))
     state = transformation.init(jnp.array([0.5]), initial_multipliers=jnp.array([0.7]))
-    update = jax.jit(transformation.update)
-    for _ in range(3000):
-        state = update(state, w, jnp.log(ref)).state
-    log_pi = mj.closed_form_log_weights(w, jnp.array([0.7]), 0.08, jnp.log(ref))
-    samples, log_q = mj.importance_weighted_secondaries(log_pi, w, jnp.log(ref))
-    chi_star = mj.optimal_robust_chi(samples, log_q, eps)
-    exact = mj.robust_lower_bound(samples, log_q, chi_star, eps).value
-    np.testing.assert_allclose(np.asarray(state.chi), np.asarray(chi_star), rtol=2e-2)
-    np.testing.assert_allclose(np.asarray(state.secondary_estimates), np.asarray(exact), atol=1e-4)
-    assert float(exact[0]) < float(mj.secondary_values(log_pi, w)[0])
+    state = jax.jit(transformation.update)(state, w, jnp.log(ref)).state
+    # Independent reference: Z = 1/2 + rho (w - 1/2) under q = p(x) pi_ref(y|x), the bound maximised on a grid.
+    w = np.asarray(w, np.float64)
+    g = (w[0] + 0.7 * w[1]) / 0.08
+    pi = ref * np.exp(g - g.max(-1, keepdims=True))
+    pi /= pi.sum(-1, keepdims=True)
+    z = (0.5 + pi / ref * (w[1] - 0.5)).ravel()
+    q = (ref / ref.shape[0]).ravel()
+    grid = np.exp(np.linspace(np.log(1e-4), np.log(1e4), 200001))
+    bounds = -grid * np.log((q[None] * np.exp(-(z[None] - z.min()) / grid[:, None])).sum(1)) + z.min() - grid * eps
+    best = int(np.argmax(bounds))
+    np.testing.assert_allclose(float(state.secondary_estimates[0]), bounds[best], atol=1e-5)
+    np.testing.assert_allclose(float(state.chi[0]), grid[best], rtol=1e-2)
+    assert bounds[best] < float((pi * w[1]).sum(-1).mean())
+
+
+def test_no_data_keeps_chi_and_every_multiplier():
+    """An objective with no labelled pair in the batch keeps its chi (robust) and its multiplier, under the
+    multiplier step and under MOPO-LB's log barrier; the objective with data moves."""
+    probs = np.array([[0.7, 0.2, np.nan], [0.4, 0.9, np.nan], [0.6, 0.3, np.nan]], np.float32)
+    labels = ~np.isnan(probs)
+    log_ratios = jnp.array([[0.3, -0.2], [-0.5, 0.1], [0.2, 0.4]])
+    for config in (mj.MOPOConfig(eps=0.15, multiplier_lr=0.5),
+                   mj.MOPOConfig(constraint="log_barrier", multiplier_lr=0.5)):
+        transformation = mj.mopo(config)
+        state = transformation.init(jnp.array([0.6, 0.6]), initial_multipliers=jnp.array([0.3, 0.01]))
+        state = state._replace(chi=jnp.array([0.2, 0.2]))
+
+        @jax.jit
+        def step(state):
+            estimate = transformation.estimate_from_pairs(state, log_ratios, jnp.where(labels, probs, 0.5), labels)
+            return transformation.update_from_estimates(state, estimate)
+
+        for _ in range(2):
+            state = step(state)
+        np.testing.assert_array_equal(np.asarray(state.multipliers[1]), np.float32(0.01), err_msg=str(config))
+        np.testing.assert_array_equal(np.asarray(state.chi[1]), np.float32(0.2), err_msg=str(config))
+        assert float(state.multipliers[0]) != 0.3, config
+
+
+def test_ratchet_records_the_plain_estimate():
+    """With eps > 0 the ratchet sets b from the plain estimate recorded at the refresh, not from the robust bound
+    the multiplier step used."""
+    pref, ref = _problem(seed=4)
+    w = mj.win_rates(pref, ref)
+    transformation = mj.mopo(mj.MOPOConfig(tau=0.08, multiplier_lr=0.0, eps=0.3, ratchet_beta=1.0,
+                                           refresh_every=1))
+    state = transformation.init(jnp.array([0.1]), initial_multipliers=jnp.array([0.5]))
+    state = transformation.update(state, w, jnp.log(ref)).state  # refresh 1 records G
+    state = transformation.update(state, w, jnp.log(ref)).state  # refresh 2 sets b from it
+    log_pi = np.asarray(mj.closed_form_log_weights(w, jnp.array([0.5]), 0.08, jnp.log(ref)), np.float64)
+    plain = float((np.exp(log_pi) * np.asarray(w[1], np.float64)).sum(-1).mean())
+    np.testing.assert_allclose(float(state.thresholds[0]), plain, rtol=1e-5)
+    assert float(state.secondary_estimates[0]) < plain - 1e-3
 
 
 def test_sampled_candidates_use_uniform_base():
@@ -117,8 +162,8 @@ def test_update_compiles_once_for_new_values_of_the_same_shape():
         (lambda p, r: mj.closed_form_log_weights(mj.win_rates(p, r), jnp.ones(1), 0.0), "tau"),
         (lambda p, r: mj.closed_form_log_weights(mj.win_rates(p, r), jnp.ones(1), -0.1), "tau"),
         (lambda p, r: mj.robust_lower_bound(jnp.ones((1, 3)), jnp.log(jnp.ones(3) / 3), jnp.ones(1), -0.1), "eps"),
-        (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.ones(1), jnp.array([1.2]), 0.1), "thresholds"),
-        (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.array([jnp.nan]), jnp.ones(1) * 0.5, 0.1),
+        (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.ones(1), jnp.array([1.2]), 0.1), "thresholds"),
+        (lambda p, r: mj.update_multipliers(jnp.ones(1), jnp.array([jnp.nan]), jnp.ones(1) * 0.5, 0.1),
          "secondary_estimates"),
         (lambda p, r: mj.MOPOConfig(tau=-1.0), "tau"),
         (lambda p, r: mj.MOPOConfig(eps=-0.5), "eps"),
@@ -127,8 +172,11 @@ def test_update_compiles_once_for_new_values_of_the_same_shape():
         (lambda p, r: mj.MOPOConfig(estimate_window=0), "estimate_window"),
         (lambda p, r: mj.MOPOConfig(ratchet_beta=1.5), "ratchet_beta"),
         (lambda p, r: mj.MOPOConfig(constraint="barrier"), "constraint"),
-        (lambda p, r: mj.mopo(mj.MOPOConfig()).update_from_estimates(mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5])),
-                                                                     jnp.array([0.5, 0.5])), "estimates"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).update_from_estimates(
+            mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5])), mj.SecondaryEstimate.from_values(jnp.array([0.5, 0.5]))),
+         "estimate.values"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).update_from_estimates(
+            mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5])), jnp.array([0.5])), "SecondaryEstimate"),
         (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([-0.1])), "thresholds"),
         (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5, 1.1])), "thresholds"),
         (lambda p, r: mj.ratchet_thresholds(jnp.array([0.5]), jnp.array([0.6]), 1.5), "ratchet_beta"),
@@ -145,3 +193,23 @@ def test_checks_are_skipped_under_jit_not_crashing():
     pref, ref = _problem()
     w = jax.jit(mj.win_rates)(pref, ref)
     assert w.shape == (2, 4, 5)
+
+
+@pytest.mark.parametrize("spread", [0.5, 1.0, 2.0])
+def test_robust_bound_of_a_tied_secondary_reads_one_half_on_both_paths(spread):
+    """A secondary whose every comparison is a tie (P = 1/2, so V = 1/2 for every policy) reads exactly 1/2 under
+    the robust bound whatever the spread of the importance weights, on the candidate path and on the pairwise path:
+    both use the same centred sample Z = 1/2 + rho (w - 1/2)."""
+    rng = np.random.default_rng(5)
+    transformation = mj.mopo(mj.MOPOConfig(eps=0.15))
+    state = transformation.init(jnp.array([0.5]))
+    log_weights = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(6, 8)) * spread, jnp.float32), axis=-1)
+    rates = jnp.stack([jnp.asarray(rng.uniform(size=(6, 8)), jnp.float32), jnp.full((6, 8), 0.5)])
+    base = jnp.full((6, 8), -np.log(8.0), jnp.float32)
+    candidates = transformation.estimate_from_candidates(state, log_weights, rates, base)
+    pairs = transformation.estimate_from_pairs(
+        state, jnp.asarray(rng.normal(size=(16, 2)) * spread, jnp.float32),
+        jnp.stack([jnp.asarray(rng.uniform(size=16), jnp.float32), jnp.full(16, 0.5)], axis=1))
+    # A constant sample's bound is 1/2 - chi eps at the smallest chi searched (chi_min = 1e-4): 1/2 - 1.5e-5.
+    np.testing.assert_allclose(float(candidates.values[0]), 0.5 - 1e-4 * 0.15, atol=1e-6)
+    np.testing.assert_allclose(float(pairs.values[0]), 0.5 - 1e-4 * 0.15, atol=1e-6)

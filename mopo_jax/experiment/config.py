@@ -147,6 +147,38 @@ class OnPolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DualConfig:
+    """Where MOPO's multiplier step reads the harmlessness win rate (:class:`mopo_jax.policy_objectives.MOPOPairwise`'s
+    ``dual``).
+
+    * ``source: batch``: the training batch's own estimate (the offline pairs' importance-weighted value; Algorithm
+      1's closed form over its candidates);
+    * ``source: policy_samples``: every ``every`` steps, ``samples`` responses of the current policy on ``prompts``
+      prompts of the labeler-train split, scored by the labelers against the reference's samples with the
+      evaluation's statistic (:mod:`mopo_jax.experiment.policy_samples`); ``seed`` is their sampling key.
+
+    ``margin``: the multipliers enforce ``b + margin`` while the run is judged against ``b`` (``method.threshold``),
+    one setting for every threshold of a plan.
+    """
+
+    source: str = "batch"
+    prompts: int = 48
+    samples: int = 2
+    every: int = 4
+    margin: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.source not in ("batch", "policy_samples"):
+            raise ValueError(f"dual.source must be 'batch' or 'policy_samples', got {self.source!r}")
+        if self.prompts < 2 or self.samples < 1 or self.every < 1:
+            raise ValueError(f"dual.prompts must be >= 2 (a standard error), dual.samples and dual.every >= 1; got "
+                             f"{self.prompts}, {self.samples} and {self.every}")
+        if not math.isfinite(self.margin) or not -1.0 < self.margin < 1.0:
+            raise ValueError(f"dual.margin must be a finite number in (-1, 1), got {self.margin}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PreferenceModelConfig:
     """Bradley-Terry labelers and judges on mean-pooled hidden states after ``feature_layer`` blocks; the ridge
     strength is chosen per model from ``l2_grid`` by ``cv_folds``-fold cross-validation on its own training split
@@ -225,6 +257,7 @@ class ExperimentConfig:
     dpo: DPO = DPO(beta=0.1)
     mopo: MOPOConfig = MOPOConfig(tau=0.1, eps=0.0, refresh_every=None)
     onpolicy: OnPolicyConfig = OnPolicyConfig()
+    dual: DualConfig = DualConfig()
     preference: PreferenceModelConfig = PreferenceModelConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
@@ -242,6 +275,12 @@ class ExperimentConfig:
             raise ValueError(f"preference.l2_grid must hold nonnegative values, got {self.preference.l2_grid}")
         if not 0.0 <= self.method.threshold <= 1.0:
             raise ValueError(f"method.threshold must be in [0, 1], got {self.method.threshold}")
+        if not 0.0 <= self.method.threshold + self.dual.margin <= 1.0:
+            raise ValueError(f"method.threshold + dual.margin must be in [0, 1], got {self.method.threshold} + "
+                             f"{self.dual.margin}")
+        if self.dual.source == "policy_samples" and self.mopo.eps > 0:
+            raise ValueError("dual.source=policy_samples measures the policy itself; the robust bound of mopo.eps "
+                             "applies to the batch's importance-weighted estimate: set mopo.eps=0")
         if self.training.reference not in ("live", "precomputed"):
             raise ValueError(f"training.reference must be 'live' or 'precomputed', got {self.training.reference!r}")
         for name in ("steps", "batch_pairs", "save_every", "micro_batches"):

@@ -477,6 +477,25 @@ class RunContext:
                                  self.data["policy_train"], labelers, self.holder, self.mesh,
                                  self.process_rows(self.config.training.batch_pairs))
 
+    @functools.cached_property
+    def policy_sample_dual(self):
+        """The run's :class:`mopo_jax.experiment.policy_samples.PolicySampleDual` (the reference's samples drawn on
+        first use)."""
+        from mopo_jax.experiment.policy_samples import PolicySampleDual
+
+        labelers = [self.labeler(k) for k in range(1, len(OBJECTIVES))]
+        return PolicySampleDual(self.config, self.model, self.data["labeler_train"], labelers,
+                                *_end_of_turn_and_pad(self.config), self.mesh)
+
+    def full_policy(self, state):
+        """The whole model's parameters of the policy in a train state (the frozen lower blocks joined on)."""
+        from mopo_jax.models import join_layers
+        from mopo_jax.training import policy_params
+
+        upper = policy_params(self.train_config.trainable, state)
+        lower = self.split[1]
+        return upper if lower is None else join_layers(lower, upper)
+
     def reference_policy(self):
         return self.split[3]
 
@@ -485,6 +504,16 @@ class RunContext:
         helpful, harmless = (_load_policy(storage.path(d) / "policy.npz", upper) for d in self.config.method.soups_from)
         w_help, w_harm = self.config.method.weights
         return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
+
+
+def _end_of_turn_and_pad(config: ExperimentConfig) -> tuple[int, int]:
+    """The token ids that end a sampled response (the chat template's end of turn) and pad it."""
+    from mopo_jax.data import end_of_turn_text
+    from mopo_jax.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.name)
+    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
+    return end_of_turn, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
 
 
 def _method(config: ExperimentConfig):
@@ -567,6 +596,12 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
         train_config = context.train_config
         _, _, upper_config, upper = context.split
         batches = method.data(config, context)
+        reads_policy_samples = getattr(train_config.objective, "dual", None) == "policy_samples"
+        if reads_policy_samples:
+            from mopo_jax.experiment.policy_samples import with_policy_sample_dual
+
+            batches = with_policy_sample_dual(batches, context.policy_sample_dual, config.dual.every,
+                                              context.full_policy, context.holder)
         progress = _Progress(config, method.name) if storage.is_primary() else None
         state, history = train(
             upper_config, train_config, upper, batches, config.training.steps, mesh,
@@ -579,6 +614,10 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
             progress.close()
         _save_policy(policy_path, policy_params(train_config.trainable, state))
         summary["final_metrics"] = history[-1] if history else None
+        if reads_policy_samples:  # the dual's reading of the trained policy, for the calibration against eval
+            final = context.policy_sample_dual.measure(context.full_policy(state))
+            summary["dual_final"] = {"estimates": final.values.tolist(), "stderr": final.stderr.tolist(),
+                                     "prompts": final.prompts, "step": int(jax.device_get(state.step))}
     if storage.is_primary():
         storage.save_json(run_dir / "train.json", summary)
     return summary
@@ -618,15 +657,13 @@ def _onpolicy_batches(config, train_config, model_config, params, lower_config, 
 
     Sampling and features run on the mesh for the whole global batch (every process gets every row back); each
     process then yields its ``rows`` of prompts."""
-    from mopo_jax.data import end_of_turn_text, iterate_batches
+    from mopo_jax.data import iterate_batches
     from mopo_jax.evaluation.policy_eval import batched_residual_stream, generate_responses, response_rows
     from mopo_jax.evaluation.preference_models import response_features, rewards
-    from mopo_jax.models import join_layers, load_tokenizer
+    from mopo_jax.models import join_layers
     from mopo_jax.training import reference_params
 
-    tokenizer = load_tokenizer(config.model.name)
-    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    end_of_turn, pad = _end_of_turn_and_pad(config)
     count, per_prompt = config.training.batch_pairs, config.onpolicy.candidates
     prompt_arrays = {"prompt_tokens": prompts["prompt_tokens"], "prompt_mask": prompts["prompt_mask"]}
 
@@ -777,10 +814,9 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     """Evaluates a trained run and writes ``RUN_DIR/eval.json`` (``overrides`` of the stored config, e.g.
     ``mesh.fsdp=4``: generation and scoring split the prompts over the mesh's batch axes; the numbers do not depend
     on the mesh)."""
-    from mopo_jax.data import end_of_turn_text
     from mopo_jax.evaluation import policy_eval
     from mopo_jax.evaluation.preference_models import response_features
-    from mopo_jax.models import join_layers, load_tokenizer
+    from mopo_jax.models import join_layers
 
     config = load_run_config(run_dir, overrides)
     mesh = experiment_mesh(config, check_training_batch=False)
@@ -798,9 +834,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     trained = sharding.put_params(upper_config, host_policy, mesh)
     policy = trained if lower is None else join_layers(lower, trained)
 
-    tokenizer = load_tokenizer(config.model.name)
-    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer).strip())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    end_of_turn, pad = _end_of_turn_and_pad(config)
     eval_pairs = data["eval"]
     rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"])
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]

@@ -177,6 +177,12 @@ def _modpo_check(config):
 # ---------------------------------------------------------------------------------------------------------------
 # The built-in methods.
 
+def _enforced_threshold(config) -> float:
+    """The threshold MOPO's multipliers enforce: ``method.threshold`` (what the run is judged on) plus
+    ``dual.margin``."""
+    return config.method.threshold + config.dual.margin
+
+
 register_method(Method(
     name="reference", summary="the pretrained model itself (no training)",
     policy=lambda config, context: context.reference_policy(),
@@ -212,12 +218,13 @@ register_method(Method(
 ))
 register_method(Method(
     name="mopo_pairwise", summary="MOPO on the offline pairs (Eq. 8 and the pairwise dual)",
-    objective=lambda config: MOPOPairwise(mopo=config.mopo, thresholds=(config.method.threshold,)),
+    objective=lambda config: MOPOPairwise(mopo=config.mopo, thresholds=(_enforced_threshold(config),),
+                                          dual=config.dual.source),
     data=offline_pairs(), knob="threshold",
 ))
 register_method(Method(
     name="mopo_onpolicy", summary="MOPO on candidates sampled from the lagged reference (Algorithm 1)",
-    objective=lambda config: MOPOCandidates(mopo=config.mopo, thresholds=(config.method.threshold,),
-                                            policy_step="weighted_bc", candidates="sampled"),
+    objective=lambda config: MOPOCandidates(mopo=config.mopo, thresholds=(_enforced_threshold(config),),
+                                            policy_step="weighted_bc", candidates="sampled", dual=config.dual.source),
     data=onpolicy_candidates, knob="threshold", needs_labelers=True,
 ))

@@ -328,10 +328,14 @@ def train_step(
             lambda: (reference, snapshot),
         )
 
+    grad_norm = optax.tree.norm(grads)
+    max_norm = config.optimizer.max_grad_norm
     metrics = {
         "loss": total * scale,
         "loss_denominator": denominator,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        # 1 when global-norm clipping shrank this step (its mean over steps is the run's clip fraction).
+        "clipped": (grad_norm > max_norm).astype(jnp.float32) if max_norm is not None else jnp.zeros(()),
         "dropped_rows": jnp.sum(~valid),
         "completion_tokens": jnp.sum(num_tokens),
         **objective.metrics(objective_state, batch, aux),
