@@ -21,6 +21,13 @@
 #   ablation  the paper's schedule on one threshold: the lagged reference and threshold ratchet every quarter of
 #             training (beta 0.99 and 0.9995; "never" is the front's run) and MOPO-LB (log barrier)
 #   human     the human-label track: the main methods trained on the human labels (preference.protocol=human)
+#   dual      MOPO (pairwise) whose multipliers read the policy's own samples (dual.source=policy_samples) at four
+#             thresholds spanning the reference and DPO-harmless (0.51-0.555); dualseed1, dualseed2: seeds 1, 2
+#   dualhuman the same trained on human labels at two thresholds (the labeler, not the judge, reads the samples)
+#   onpolicyfixed  Algorithm 1 with the fixed robust bound (centred sample, optimal chi, eps 0.15) at the dual
+#             plans' thresholds; onpolicyfixed0 the same with the plain estimate (eps 0)
+#   robust1, robust2, robust3  the policy-sample dual at b=0.54 over tau (0.05, 0.1, 0.2: one a plan) x multiplier
+#             step (2, 8, 32: a quarter of, equal to and four times the dual plans' 8)
 # A plan without the reference compares its runs with the reference's exact value (1/2 at every prompt). Every plan of
 # a SIZE shares ROOT (default runs/hh/SIZE) and its work directory ROOT/shared (tokenized data,
 # activations, preference models, the reference's eval samples), so a plan reuses what an earlier one computed; each
@@ -59,6 +66,12 @@ weights() { python3 -c "import sys; w = float(sys.argv[1]); print(f'[{w}, {round
 # [0.554, 0.578] (docs/results/hh-cpu-small/), so they still lie between the two.
 thresholds=(0.51 0.52 0.53 0.54)
 weight_grid=(0.25 0.5 0.75)
+# The policy-sample dual's plans: thresholds from the reference (0.5) to DPO-harmless (0.566 on the gold front),
+# measured every 4 steps on 32 labeler-train prompts x 2 samples (24 readings in 96 steps). The multiplier moves only
+# at a reading, so its step is larger than the per-batch dual's 0.5.
+dual_thresholds=(0.51 0.525 0.54 0.555)
+dual=(dual.source=policy_samples dual.prompts=32 dual.samples=2 dual.every=4 mopo.estimate_window=1
+      mopo.multiplier_lr=8.0)
 # On CPU the on-policy runs take fewer, smaller steps (sampling dominates); the accelerator profiles keep their batch.
 onpolicy=(onpolicy.candidates=8)
 case "$size" in
@@ -128,7 +141,31 @@ case "$plan" in
     for b in "${thresholds[@]}"; do
       train "human/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${human[@]}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human)" >&2
+  dual|dualseed1|dualseed2)
+    seed="${plan#dual}" seed="${seed#seed}" seed="${seed:-0}"
+    prefix="dual/" ; [[ $seed == 0 ]] || prefix="dualseed${seed}/"
+    for b in "${dual_thresholds[@]}"; do
+      train "${prefix}mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${dual[@]}" "seed=${seed}"
+    done ;;
+  dualhuman)
+    for b in "${dual_thresholds[0]}" "${dual_thresholds[2]}"; do
+      train "dualhuman/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${dual[@]}" \
+        preference.protocol=human
+    done ;;
+  onpolicyfixed|onpolicyfixed0)
+    eps=0.15 ; [[ $plan == onpolicyfixed0 ]] && eps=0.0
+    for b in "${dual_thresholds[@]}"; do
+      train "onpolicyfixed/mopo_onpolicy_eps${eps}_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
+        "mopo.eps=${eps}" "${onpolicy[@]}"
+    done ;;
+  robust1|robust2|robust3)
+    taus=(0.05 0.1 0.2)
+    tau="${taus[${plan#robust} - 1]}"
+    for lr in 2.0 8.0 32.0; do
+      train "robust/mopo_b${dual_thresholds[2]}_tau${tau}_lr${lr}" method.name=mopo_pairwise \
+        "method.threshold=${dual_thresholds[2]}" "${dual[@]}" "mopo.tau=${tau}" "mopo.multiplier_lr=${lr}"
+    done ;;
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualhuman, onpolicyfixed, onpolicyfixed0, robust1, robust2, robust3)" >&2
      exit 2 ;;
 esac
 

@@ -130,6 +130,46 @@ def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
     assert all(name.startswith("human/") and o["preference.protocol"] == "human" for name, o in runs.items())
 
 
+def test_policy_sample_dual_plans(tmp_path, python_dir):
+    """dual / dualseed1 / dualseed2: pairwise MOPO at four thresholds with the policy-sample dual, one seed a plan;
+    dualhuman at two thresholds on human labels; onpolicyfixed(0): Algorithm 1 at the same thresholds, eps 0.15 / 0;
+    robust1-3: one tau each over three multiplier steps at b = 0.54."""
+    thresholds = ("0.51", "0.525", "0.54", "0.555")
+    dual = {"dual.source": "policy_samples", "dual.prompts": "32", "dual.samples": "2", "dual.every": "4",
+            "mopo.estimate_window": "1"}
+    for plan, prefix, seed in (("dual", "dual/", "0"), ("dualseed1", "dualseed1/", "1"),
+                               ("dualseed2", "dualseed2/", "2")):
+        result, root, calls = _plan(tmp_path / plan, f"cpu-small-{plan}", python_dir)
+        assert result.returncode == 0, result.stderr
+        runs = _trained(calls, root)
+        assert set(runs) == {f"{prefix}mopo_b{b}" for b in thresholds}
+        for b in thresholds:
+            assert runs[f"{prefix}mopo_b{b}"] == {"method.name": "mopo_pairwise", "method.threshold": b,
+                                                  "mopo.multiplier_lr": "8.0", "seed": seed, **dual}
+        evaluated = next(c for c in calls if c[0] == "eval")[1:]
+        assert sorted(evaluated) == sorted(str(root / name) for name in runs)
+
+    result, root, calls = _plan(tmp_path / "dualhuman", "cpu-small-dualhuman", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and set(runs) == {"dualhuman/mopo_b0.51", "dualhuman/mopo_b0.54"}
+    assert all(o["preference.protocol"] == "human" and o["dual.source"] == "policy_samples" for o in runs.values())
+
+    for plan, eps in (("onpolicyfixed", "0.15"), ("onpolicyfixed0", "0.0")):
+        result, root, calls = _plan(tmp_path / plan, f"cpu-small-{plan}", python_dir)
+        runs = _trained(calls, root)
+        assert result.returncode == 0 and set(runs) == {f"onpolicyfixed/mopo_onpolicy_eps{eps}_b{b}"
+                                                        for b in thresholds}
+        assert all(o["mopo.eps"] == eps and o["method.name"] == "mopo_onpolicy" for o in runs.values())
+
+    grid = set()
+    for k, tau in (("1", "0.05"), ("2", "0.1"), ("3", "0.2")):
+        result, root, calls = _plan(tmp_path / f"robust{k}", f"cpu-small-robust{k}", python_dir)
+        runs = _trained(calls, root)
+        assert result.returncode == 0 and len(runs) == 3
+        grid |= {(o["mopo.tau"], o["mopo.multiplier_lr"], o["method.threshold"]) for o in runs.values()}
+    assert grid == {(t, lr, "0.54") for t in ("0.05", "0.1", "0.2") for lr in ("2.0", "8.0", "32.0")}
+
+
 def test_unknown_plan_and_profile(tmp_path, python_dir):
     result, _, calls = _plan(tmp_path, "cpu-small-nonsense", python_dir)
     assert result.returncode == 2 and "unknown plan 'nonsense'" in result.stderr and calls == []
