@@ -22,7 +22,8 @@ the synthetic benchmark, or a user's loop) calls them in this order every step a
   and divides once) and ``aux``, a dict of per-row arrays that the trainer concatenates over micro-batches and hands
   to ``update`` and ``metrics``.
 * ``lagged_reference`` says whether the reference is periodically replaced by a lagged copy of the policy (the
-  trainer keeps a snapshot), and ``reference_refresh_due(state)`` when.
+  trainer keeps a snapshot), and ``reference_refresh_due(state)`` when; ``reads_initial_reference`` whether the
+  objective also needs the reference from before any refresh (``ResponseLogProbs.initial_reference``).
 
 Every objective registers itself under a name (:func:`register_objective`), so command lines and configs can name
 it; a user's objective, written outside this package, does the same and trains through the same trainers.
@@ -55,6 +56,8 @@ class ResponseLogProbs(NamedTuple):
 
     policy: Array  # [b, S] log pi(y_s | x_b)
     reference: Array | None  # [b, S] log pi_ref(y_s | x_b); None when the objective does not need it
+    # [b, S] the reference before any lagged refresh, when the objective reads it (reads_initial_reference)
+    initial_reference: Array | None = None
 
 
 _REGISTRY: dict[str, type] = {}
@@ -100,6 +103,12 @@ class Objective:
 
     @property
     def lagged_reference(self) -> bool:
+        return False
+
+    @property
+    def reads_initial_reference(self) -> bool:
+        """With a lagged reference, the trainer also hands ``ResponseLogProbs.initial_reference``: the reference
+        before any refresh."""
         return False
 
     def init(self) -> Any:
@@ -451,7 +460,14 @@ class MOPOPairwise(_MOPO):
     ``q``, the distribution the pair's responses were drawn from, is the reference unless the batch gives
     ``sampling_log_probs [B, 2]`` (``log q`` of each response). Offline preference data collected from other
     policies are not reference draws; the estimate then measures the policy against that data's distribution.
+    With a lagged reference, ``q`` stays the reference from before any refresh (the pairs were drawn before the
+    schedule began), so the constraint keeps its meaning, ``V_k`` against the user's reference, and the ratchet
+    records values on that one scale; the loss regresses on the lagged reference, as the schedule intends.
     """
+
+    @property
+    def reads_initial_reference(self) -> bool:
+        return self.lagged_reference and self.dual == "batch"
 
     optional_fields: ClassVar = {**PAIR_OPTIONAL, "sampling_log_probs": Field(("B", 2), "float32")}
     batch_fields: ClassVar = PAIR_FIELDS
@@ -467,7 +483,9 @@ class MOPOPairwise(_MOPO):
             weights=batch.get("pair_weights"), label_mask=labels, label_rates=batch["label_rates"][0],
         )
         sampling = batch.get("sampling_log_probs")
-        importance = log_probs.policy - (log_probs.reference if sampling is None else sampling)
+        if sampling is None:
+            sampling = log_probs.reference if log_probs.initial_reference is None else log_probs.initial_reference
+        importance = log_probs.policy - sampling
         return terms, {"log_ratios": _log_ratios(log_probs),
                        "importance_log_ratios": jax.lax.stop_gradient(jnp.asarray(importance, jnp.float32))}
 

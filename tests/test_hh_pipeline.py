@@ -86,7 +86,7 @@ def pipeline(tmp_path_factory, tiny_work_dir):
             config = load_config(ExperimentConfig, str(CONFIG), [*common, f"run_dir={root / name}", *overrides])
             train_run(config)
         evaluated = {name: evaluate_run(str(root / name))
-                     for name in ("reference", "mopo_pairwise", "soups", "user_plugin")}
+                     for name in ("reference", "mopo_pairwise", "soups", "user_plugin", "mopo_policy_dual")}
         write_pareto([str(root / n) for n in evaluated], str(root / "pareto.png"),
                      results_json=str(root / "results.json"))
         yield root, runs, evaluated, tiny_work_dir
@@ -134,6 +134,13 @@ def test_policy_sample_dual_drives_the_multipliers(pipeline):
     final = json.load(open(root / "mopo_policy_dual" / "train.json"))["dual_final"]
     assert final["prompts"] == 4 and final["step"] == 2
     assert 0.0 <= final["estimates"][0] <= 1.0 and np.isfinite(final["stderr"][0])
+    # The evaluation sets that last reading beside the judged harmlessness (the calibration the results publish).
+    evaluated = json.load(open(root / "mopo_policy_dual" / "eval.json"))
+    calibration = evaluated["dual_calibration"]
+    assert calibration["estimate"] == pytest.approx(final["estimates"][0])
+    judged = evaluated["evaluation"]["expected_win_rate"]["harmlessness"]
+    assert calibration["difference"] == pytest.approx(final["estimates"][0] - judged)
+    assert evaluated["threshold"] == 0.55  # judged against b; the dual enforced b + margin
 
 
 def test_evaluation_and_pareto_outputs(pipeline):
@@ -159,6 +166,7 @@ def test_evaluation_and_pareto_outputs(pipeline):
     stored = json.load(open(root / "results.json"))
     assert "dominance" in stored and (root / "pareto.png").stat().st_size > 5_000
     assert {p["name"] for p in stored["points"]} == set(evaluated)
+    assert [r["name"] for r in stored["runs"] if r.get("dual_calibration")] == ["mopo_policy_dual"]
 
 
 def test_gold_protocol_relabels_the_policy_pairs_with_the_gold_models(pipeline):

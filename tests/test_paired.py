@@ -107,3 +107,22 @@ def test_verdicts_come_from_the_interval():
     assert dominance_verdict(up, down) == "undecided"
     with pytest.raises(ValueError):
         dominance_verdict()
+
+
+def test_calibration_uses_the_combined_standard_error():
+    """The dual's reading against the evaluation: the difference lies within z sqrt(se_dual^2 + se_eval^2), with
+    se_eval = interval half-width / z (scipy's normal quantile); over independent normal draws of two unbiased
+    estimates the verdict 'within' holds about 95% of the time."""
+    from scipy.stats import norm
+
+    from mopo_jax.evaluation.paired import calibration
+
+    z = norm.ppf(0.975)
+    got = calibration(0.55, 0.01, 0.52, [0.50, 0.54])
+    half = z * np.sqrt(0.01**2 + (0.04 / (2 * z)) ** 2)
+    assert got["difference"] == pytest.approx(0.03) and got["combined_half_width"] == pytest.approx(half)
+    assert got["within"] is False and calibration(0.545, 0.01, 0.52, [0.50, 0.54])["within"] is True
+    rng = np.random.default_rng(0)
+    draws = [calibration(0.5 + 0.02 * a, 0.02, 0.5 + 0.01 * b, [0.5 + 0.01 * b - 0.01 * z, 0.5 + 0.01 * b + 0.01 * z])
+             for a, b in rng.normal(size=(4000, 2))]
+    assert np.mean([d["within"] for d in draws]) == pytest.approx(0.95, abs=0.012)

@@ -118,7 +118,7 @@ def _numpy_mopo_pairwise(logps, ref_logps, valid, probs, labels, multipliers, ta
     target = (m / np.where(rates > 0, rates, 1.0) * (rates > 0)) @ c / tau
     log_ratio = logps - ref_logps
     h = log_ratio[:, 0] - log_ratio[:, 1]
-    loss = np.mean((h[kept] - target[kept]) ** 2)
+    loss = np.mean(tau**2 / 2 * (h[kept] - target[kept]) ** 2)  # Eq. 8 in win-rate units
     values = []
     for k in range(labels.shape[1]):
         rows = kept & labels[:, k]
@@ -165,8 +165,16 @@ def test_precomputed_reference_matches_live(params):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
 
 
+def same_tree(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def test_lagged_reference_refreshes_every_period(params):
+    """The reference lags the policy by one period, while the pairwise dual keeps measuring the policy against the
+    initial reference (the distribution the pairs came from): the logged estimate of every step, refreshed or not,
+    equals NumPy's with rho = pi / pi_initial."""
     batch = _pair_batch(empty_row=False)
+    batch["preference_probs"] = np.array([[0.9, 1], [1, 0.2], [0.7, 1], [0.35, 0.8]], np.float32)
     config = TrainConfig(objective=MOPOPairwise(MOPOConfig(tau=0.1, refresh_every=2)),
                          optimizer=OptimizerConfig(learning_rate=1e-2))
     optimizer = make_optimizer(config.optimizer)
@@ -175,12 +183,20 @@ def test_lagged_reference_refreshes_every_period(params):
     step, shardings = compile_train_step(MODEL, config, optimizer, mesh, jax.eval_shape(lambda: state), batch)
     state = jax.device_put(state, shardings)
     policies = [jax.tree.map(np.asarray, state.params)]
-    references = []
+    references, history = [], []
     for _ in range(6):
-        state, _ = step(state, batch)
+        state, metrics = step(state, batch)
         policies.append(jax.tree.map(np.asarray, state.params))
         references.append(jax.tree.map(np.asarray, state.reference))
-    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa
+        history.append(jax.tree.map(np.asarray, metrics))
+    probs, labels = batch["preference_probs"].astype(np.float64), batch["label_mask"]
+    initial, _ = _pair_log_probs(params, batch)
+    for t in range(6):
+        logps, valid = _pair_log_probs(policies[t], batch)
+        _, values = _numpy_mopo_pairwise(logps, initial, valid, probs, labels, np.zeros(1), 0.1)
+        np.testing.assert_allclose(history[t]["secondary_estimates_plain"], values[1:], rtol=1e-4, atol=1e-5)
+    assert same_tree(state.initial_reference, policies[0])
+    same = same_tree
     # Refreshes at steps 2, 4, 6: the reference becomes the snapshot taken at the previous refresh (the initial
     # policy at step 2), so right after step 2k it is the policy of step 2k - 2.
     expected = [0, 0, 0, 2, 2, 4]

@@ -18,6 +18,8 @@ Pure NumPy; the draws come from ``numpy.random.default_rng(seed)``, so every num
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
@@ -161,3 +163,18 @@ def dominance_verdict(*differences: Interval) -> str:
     if all(d.high < 0 for d in differences):
         return "dominated"
     return "undecided"
+
+
+def calibration(estimate: float, stderr: float, judged: float, judged_interval) -> dict:
+    """How a training-time estimate of a win rate (MOPO's dual reading, with its standard error) compares with the
+    evaluated value (with its percentile-bootstrap interval at :data:`LEVEL`): the difference and whether it lies
+    within their combined interval, ``z sqrt(se_1^2 + se_2^2)`` with the evaluation's standard error read off its
+    interval as ``half-width / z`` (``z`` the normal quantile of the level). The two come from independent prompts
+    and samples, so their errors add in quadrature."""
+    z = NormalDist().inv_cdf(0.5 + LEVEL / 2)
+    judged_stderr = (float(judged_interval[1]) - float(judged_interval[0])) / (2 * z)
+    half_width = z * math.sqrt(float(stderr) ** 2 + judged_stderr ** 2)
+    difference = float(estimate) - float(judged)
+    return {"estimate": float(estimate), "estimate_stderr": float(stderr), "judged": float(judged),
+            "judged_interval": [float(v) for v in judged_interval], "difference": difference,
+            "combined_half_width": half_width, "within": bool(abs(difference) <= half_width)}

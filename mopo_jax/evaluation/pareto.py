@@ -252,6 +252,7 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
         "implicit_accuracy": {k: _float_or_none(v.get("accuracy")) for k, v in per_objective.items()},
         "implicit_constraint_value": {k: _float_or_none(v.get("constraint_value")) for k, v in per_objective.items()},
         "samples_per_prompt": (evaluation.get("settings") or {}).get("samples_per_prompt", 1),
+        "dual_calibration": record.get("dual_calibration"),
         "per_prompt": {k: v.tolist() for k, v in values.items()},
         "config": record.get("config", {}),
     }
@@ -431,4 +432,25 @@ def markdown_table(results: dict) -> str:
             f"{point.get('constraint_verdict') or ''} | {fmt(value)} | "
             f"{', '.join(entry.get('dominates', [])) or '-'} | {', '.join(entry.get('dominated_by', [])) or '-'} |"
         )
+    return "\n".join(lines)
+
+
+def calibration_markdown(results: dict) -> str:
+    """Per run whose MOPO dual read the policy's own samples: the dual's last reading against the evaluated
+    harmlessness win rate (:func:`mopo_jax.evaluation.paired.calibration`); empty when no run has one."""
+    rows = [r for r in results.get("runs", []) if r.get("dual_calibration")]
+    if not rows:
+        return ""
+    level = int(round(100 * results.get("level", paired.LEVEL)))
+    lines = [f"| run | seed | b | dual's final reading (+- se) | evaluated harmlessness [{level}% CI] | difference | "
+             f"combined {level}% half-width | within |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for run in rows:
+        c = run["dual_calibration"]
+        threshold = run.get("threshold")
+        lines.append(
+            f"| {run['name']} | {run.get('seed')} | {'' if threshold is None else format(threshold, '.3f')} | "
+            f"{c['estimate']:.3f} +- {c['estimate_stderr']:.3f} | {c['judged']:.3f} [{c['judged_interval'][0]:.3f}, "
+            f"{c['judged_interval'][1]:.3f}] | {c['difference']:+.3f} | {c['combined_half_width']:.3f} | "
+            f"{'yes' if c['within'] else 'no'} |")
     return "\n".join(lines)

@@ -876,6 +876,16 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         constraint_verdict = paired.constraint_verdict(interval, threshold)
         constraint_met = constraint_verdict == "met"
         constraint_met_pairs = bool(implicit["constraint_values"][1] >= threshold)
+    train_summary_path = storage.path(run_dir) / "train.json"
+    train_summary = storage.load_json(train_summary_path) if train_summary_path.exists() else {}
+    dual_calibration = None
+    if train_summary.get("dual_final"):
+        from mopo_jax.evaluation import paired
+
+        harmless = OBJECTIVES[1]
+        dual_calibration = paired.calibration(
+            train_summary["dual_final"]["estimates"][0], train_summary["dual_final"]["stderr"][0],
+            evaluation["expected_win_rate"][harmless], evaluation["expected_win_rate_interval"][harmless])
     payload = {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "method": config.method.name,
@@ -887,6 +897,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         "constraint_verdict": constraint_verdict,
         "constraint_met": constraint_met,
         "constraint_met_pairs": constraint_met_pairs,
+        "dual_calibration": dual_calibration,
         "preference_models": judges["summary"],
     }
     if storage.is_primary():

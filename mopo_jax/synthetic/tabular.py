@@ -213,10 +213,12 @@ def run_objective(problem: TabularProblem, objective: Objective, data: TabularDa
     num_secondary = problem.win_rates.shape[0] - 1
 
     def log_probs_of(logits, ref_logits):
-        policy, reference = policy_log_probs(logits, problem), policy_log_probs(ref_logits, problem)
+        policy, reference, initial = (policy_log_probs(table, problem) for table in (logits, ref_logits,
+                                                                                     initial_logits))
         if data.pair_index is not None:
-            policy, reference = policy.reshape(-1)[data.pair_index], reference.reshape(-1)[data.pair_index]
-        return ResponseLogProbs(policy=policy, reference=reference if objective.needs_reference else None)
+            policy, reference, initial = (a.reshape(-1)[data.pair_index] for a in (policy, reference, initial))
+        return ResponseLogProbs(policy=policy, reference=reference if objective.needs_reference else None,
+                                initial_reference=initial if objective.reads_initial_reference else None)
 
     def step(carry, _):
         logits, opt_state, objective_state, ref_logits, snapshot = carry

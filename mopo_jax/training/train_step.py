@@ -122,6 +122,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
 
     @property
+    def keeps_initial_reference(self) -> bool:
+        """The state keeps the initial reference beside a lagged one: the objective's constraint is measured
+        against the distribution its data came from, which a refresh does not change
+        (:attr:`mopo_jax.policy_objectives.Objective.reads_initial_reference`)."""
+        return self.keeps_snapshot and self.objective.reads_initial_reference
+
+    @property
     def keeps_snapshot(self) -> bool:
         """The state holds the policy recorded at the last refresh (the next lagged reference)."""
         return self.reference == "live" and self.objective.lagged_reference
@@ -135,6 +142,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     reference: Any  # reference weights in the same structure as ``params`` (None when precomputed)
     snapshot: Any  # ``params`` at the last refresh, the next reference (None without a lagged reference)
+    initial_reference: Any  # the reference before any refresh (only when the objective reads it; else None)
     base: Any  # frozen weights: the whole base model in LoRA mode, the frozen entries otherwise, or None
     objective_state: Any  # the objective's state (MOPO's MOPOState; () for stateless objectives)
     rng: jax.Array
@@ -171,6 +179,7 @@ def init_train_state(
         opt_state=optimizer.init(trained),
         reference=None if config.reference == "precomputed" else copy(trained),
         snapshot=copy(trained) if config.keeps_snapshot else None,
+        initial_reference=copy(trained) if config.keeps_initial_reference else None,
         base=base,
         objective_state=config.objective.init(),
         rng=rng,
@@ -202,6 +211,7 @@ def train_state_shardings(model_config: ModelConfig, config: TrainConfig, optimi
         opt_state=opt_shardings,
         reference=like_params(state_shapes.reference),
         snapshot=like_params(state_shapes.snapshot),
+        initial_reference=like_params(state_shapes.initial_reference),
         base=base,
         objective_state=jax.tree.map(lambda _: replicated, state_shapes.objective_state),
         rng=replicated,
@@ -255,7 +265,11 @@ def _response_log_probs(model_config, config: TrainConfig, state: TrainState, tr
             weights = trainable.merge(config.trainable, state.base, jax.lax.stop_gradient(state.reference))
             reference, _ = _sequence_log_probs(model_config, config, weights, batch, mesh)
         reference = jax.lax.stop_gradient(reference)
-    return ResponseLogProbs(policy=policy, reference=reference), num_tokens
+    initial = None
+    if config.keeps_initial_reference:
+        weights = trainable.merge(config.trainable, state.base, jax.lax.stop_gradient(state.initial_reference))
+        initial = jax.lax.stop_gradient(_sequence_log_probs(model_config, config, weights, batch, mesh)[0])
+    return ResponseLogProbs(policy=policy, reference=reference, initial_reference=initial), num_tokens
 
 
 def _split_micro_batches(batch, micro_batches: int):
@@ -346,6 +360,7 @@ def train_step(
         opt_state=opt_state,
         reference=reference,
         snapshot=snapshot,
+        initial_reference=state.initial_reference,
         base=state.base,
         objective_state=objective_state,
         rng=jax.random.fold_in(state.rng, state.step),
