@@ -3,9 +3,9 @@
 One ``update`` call is one MOPO iteration on a batch of prompts:
 
 1. closed-form log-weights ``log rho~`` for the current multipliers (Eq. 3);
-2. the secondary estimates ``G_k``: the plain mean under ``pi_lambda`` (``eps = 0``) or the robust bound (Eq. 5),
-   pooled over the last ``estimate_window`` steps;
-3. projected steps on ``lambda`` and ``chi`` (Eq. 4, 5), or the log-barrier multipliers of MOPO-LB;
+2. the secondary estimates ``G_k``: the plain mean under ``pi_lambda`` (``eps = 0``) or the robust bound (Eq. 5) at
+   its optimal ``chi``, pooled over the last ``estimate_window`` steps;
+3. the projected step on ``lambda`` (Eq. 4), or the log-barrier multipliers of MOPO-LB;
 4. every ``t0`` steps, the threshold ratchet (Eq. 6) and a signal that the lagged reference is due.
 
 The caller then takes the policy step with :func:`mopo_jax.weighted_bc_loss` on the returned log-weights (or with
@@ -14,8 +14,8 @@ swaps in the lagged reference with :func:`lagged_reference_update`. The state is
 is jittable. The training objectives of :mod:`mopo_jax.policy_objectives` wrap exactly this.
 
 Update order (docs/algorithm.md, section 5): the policy step of iteration ``t`` uses ``lambda_t``; the multiplier step
-uses ``G`` measured at ``lambda_t`` (the closed form) or at the policy before its step (pairwise data), and the robust
-bound and its ``chi`` step are both evaluated at ``chi_t``: a simultaneous (Jacobi) update of ``lambda`` and ``chi``.
+uses ``G`` measured at ``lambda_t`` (the closed form), at the policy before its step (pairwise data), or on the
+policy's own samples (:meth:`SecondaryEstimate.from_values`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class MOPOState(NamedTuple):
     """Dual state of MOPO: ``[K-1]`` vectors, the ``[W, K-1]`` window of recent estimates, and a step count."""
 
     multipliers: Array  # [K-1] lambda >= 0
-    chi: Array  # [K-1] robust dual variables > 0 (unused when eps = 0)
+    chi: Array  # [K-1] the robust bound's optimal chi at the last step with data (unused when eps = 0)
     thresholds: Array  # [K-1] current b (ratcheted)
     threshold_floor: Array  # [K-1] lowest value the ratchet may set (the user's b, or 0)
     lagged_values: Array  # [K-1] plain G recorded at the last refresh, used by the next ratchet
