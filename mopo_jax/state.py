@@ -40,7 +40,7 @@ class MOPOState(NamedTuple):
     thresholds: Array  # [K-1] current b (ratcheted)
     threshold_floor: Array  # [K-1] lowest value the ratchet may set (the user's b, or 0)
     lagged_values: Array  # [K-1] plain G recorded at the last refresh, used by the next ratchet
-    secondary_estimates: Array  # [K-1] G the last multiplier step used (pooled over the window)
+    secondary_estimates: Array  # [K-1] G the last multiplier step with data used (pooled over the window)
     window_values: Array  # [W, K-1] G of each of the last W steps (a ring buffer)
     window_plain_values: Array  # [W, K-1] the plain estimate of each of those steps
     window_log_weights: Array  # [W, K-1] log of the data weight behind each (NO_DATA where there was none)
@@ -266,7 +266,8 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
         # Pooled over the window with each step's data weight: the ratio of pooled numerators and denominators.
         share = jax.nn.softmax(jnp.where(log_weights > NO_DATA / 2, log_weights, -jnp.inf), axis=0)
         share = jnp.where(pooled_has_data[None], share, 0.0)
-        estimates = jnp.where(pooled_has_data, jnp.sum(share * values, axis=0), state.thresholds)
+        # Without data the multiplier does not move (below) and the state keeps the last estimate it had.
+        estimates = jnp.where(pooled_has_data, jnp.sum(share * values, axis=0), state.secondary_estimates)
         plain_estimates = jnp.where(pooled_has_data, jnp.sum(share * plain, axis=0), state.lagged_values)
         if config.constraint == "multipliers":
             multipliers = objectives.update_multipliers(
