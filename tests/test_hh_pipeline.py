@@ -131,7 +131,9 @@ def test_policy_sample_dual_drives_the_multipliers(pipeline):
         assert record["secondary_estimates"][0] == pytest.approx(reading, abs=1e-7)
         assert record["thresholds"][0] == pytest.approx(0.56, abs=1e-7)
         assert "secondary_estimates_plain" in record  # the pairs' estimate, logged beside it
-    final = json.load(open(root / "mopo_policy_dual" / "train.json"))["dual_final"]
+    summary = json.load(open(root / "mopo_policy_dual" / "train.json"))
+    assert summary["clip_fraction"] == pytest.approx(np.mean([r["grad_norm"] > 1.0 for r in records]))
+    final = summary["dual_final"]
     assert final["prompts"] == 4 and final["step"] == 2
     assert 0.0 <= final["estimates"][0] <= 1.0 and np.isfinite(final["stderr"][0])
     # The evaluation sets that last reading beside the judged harmlessness (the calibration the results publish).
@@ -228,3 +230,24 @@ def test_labelers_and_judges_are_trained_on_disjoint_prompts(pipeline):
     for role in ("labeler", "judge"):
         for name in ("helpfulness", "harmlessness"):
             assert 0.0 <= summary[f"{role}_{name}"]["heldout_accuracy"] <= 1.0
+
+
+def test_dual_prompts_are_distinct_balanced_and_apart_from_training_and_evaluation(pipeline):
+    """The policy-sample dual reads distinct labeler-train prompts, half from each objective's pairs; none of them
+    is a policy-train or an evaluation prompt (its readings must not be the evaluation's, nor measure pairs the
+    policy trained on). Too few prompts is a named error."""
+    from mopo_jax.experiment.policy_samples import dual_prompt_rows
+
+    _, _, _, work_dir = pipeline
+    (data_dir,) = work_dir.glob("data-*")
+    data = {split: np.load(data_dir / f"{split}.npz") for split in ("labeler_train", "eval", "policy_train")}
+    labeler = data["labeler_train"]
+    rows = dual_prompt_rows(labeler["prompt_tokens"], labeler["objective"], 6)
+    prompt = lambda d, r: tuple(d["prompt_tokens"][r][d["prompt_mask"][r] > 0])  # noqa: E731
+    chosen = [prompt(labeler, r) for r in rows]
+    assert len(set(chosen)) == 6 and sorted(np.bincount(labeler["objective"][rows])) == [3, 3]
+    for split in ("eval", "policy_train"):
+        others = {prompt(data[split], r) for r in range(len(data[split]["prompt_tokens"]))}
+        assert not set(chosen) & others
+    with pytest.raises(ValueError, match="dual.prompts"):
+        dual_prompt_rows(labeler["prompt_tokens"], labeler["objective"], 10_000)

@@ -428,7 +428,7 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"| {point['name']} | {','.join(str(s) for s in point.get('seeds', []))} | "
             f"{with_interval(point, PRIMARY)} | {with_interval(point, SECONDARY)} | {with_interval(point, 'kl')} | "
-            f"{fmt(judged.get(PRIMARY))} / {fmt(judged.get(SECONDARY))} | {fmt(point.get('threshold'), '.2f')} | "
+            f"{fmt(judged.get(PRIMARY))} / {fmt(judged.get(SECONDARY))} | {fmt(point.get('threshold'), 'g')} | "
             f"{point.get('constraint_verdict') or ''} | {fmt(value)} | "
             f"{', '.join(entry.get('dominates', [])) or '-'} | {', '.join(entry.get('dominated_by', [])) or '-'} |"
         )
@@ -449,7 +449,7 @@ def calibration_markdown(results: dict) -> str:
         c = run["dual_calibration"]
         threshold = run.get("threshold")
         lines.append(
-            f"| {run['name']} | {run.get('seed')} | {'' if threshold is None else format(threshold, '.3f')} | "
+            f"| {run['name']} | {run.get('seed')} | {'' if threshold is None else format(threshold, 'g')} | "
             f"{c['estimate']:.3f} +- {c['estimate_stderr']:.3f} | {c['judged']:.3f} [{c['judged_interval'][0]:.3f}, "
             f"{c['judged_interval'][1]:.3f}] | {c['difference']:+.3f} | {c['combined_half_width']:.3f} | "
             f"{'yes' if c['within'] else 'no'} |")

@@ -614,6 +614,9 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
             progress.close()
         _save_policy(policy_path, policy_params(train_config.trainable, state))
         summary["final_metrics"] = history[-1] if history else None
+        if storage.is_primary():  # over every step of the run, resumed ones included, from its metrics log
+            logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            summary["clip_fraction"] = (sum(r.get("clipped", 0.0) for r in logged) / len(logged)) if logged else None
         if reads_policy_samples:  # the dual's reading of the trained policy, for the calibration against eval
             final = context.policy_sample_dual.measure(context.full_policy(state))
             summary["dual_final"] = {"estimates": final.values.tolist(), "stderr": final.stderr.tolist(),
