@@ -41,8 +41,9 @@ MESHES = {
     "data2_fsdp2_tensor2": (sharding.MeshConfig(data=2, fsdp=2, tensor=2), 8),
     "fsdp4_tensor2": (sharding.MeshConfig(data=1, fsdp=4, tensor=2), 8),
 }
-# refresh_every=500: the state carries a policy snapshot too. eps=0.15 (the paper's): the robust pairwise bound.
-MOPO = MOPOPairwise(MOPOConfig(tau=0.1), thresholds=(0.5,))
+# refresh_every=500: the state carries a policy snapshot and the initial reference too. eps=0.15 (the paper's): the
+# robust pairwise bound.
+MOPO = MOPOPairwise(MOPOConfig(tau=0.1, eps=0.15, refresh_every=500), thresholds=(0.5,))
 CASES = {
     "mopo_pairwise": dict(objective=MOPO),
     "dpo": dict(objective=DPO()),
@@ -114,7 +115,8 @@ def _run(case: str, mesh_name: str, micro_batches: int = 1, rows: tuple | None =
         "specs": {
             name: jax.tree.map(_spec, tree)
             for name, tree in dict(params=state.params, mu=mu, nu=nu, reference=state.reference,
-                                   snapshot=state.snapshot, base=state.base).items()
+                                   snapshot=state.snapshot, initial_reference=state.initial_reference,
+                                   base=state.base).items()
             if tree is not None
         },
     }
@@ -164,8 +166,9 @@ def test_parameter_and_optimizer_shardings_on_fsdp_tensor_mesh():
     assert layers["w_down"] == (None, None, "fsdp")  # [L, 129, D]
     assert layers["attn_norm"]["scale"] == layers["mlp_norm"]["scale"] == (None, None)
     assert params["final_norm"]["scale"] == (None,)
-    # Optimizer moments, the live reference and the policy snapshot are laid out like the parameters.
-    for name in ("mu", "nu", "reference", "snapshot"):
+    # Optimizer moments, the live reference, the policy snapshot and the initial reference are laid out like the
+    # parameters.
+    for name in ("mu", "nu", "reference", "snapshot", "initial_reference"):
         assert specs[name] == params, name
 
 

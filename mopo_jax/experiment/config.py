@@ -162,7 +162,7 @@ class DualConfig:
     """
 
     source: str = "batch"
-    prompts: int = 48
+    prompts: int = 32
     samples: int = 2
     every: int = 4
     margin: float = 0.0
