@@ -9,7 +9,7 @@ a log-linear policy over response features, and the MOPO pieces a user needs, ar
 
 The dual reads its estimate on *held-out* pairs, drawn like the training pairs but never trained on: on the pairs it
 fits, the policy's estimated value over-reads its true value, and a dual fed from them releases the constraint
-while it is violated (docs/algorithm.md, section 5).
+while it is violated (docs/algorithm.md, section 4).
 
 The policy is ``pi(y) ∝ pi_ref(y) exp(theta . phi(y))`` with ``pi_ref`` the distribution the responses were drawn
 from (standard normal features), so ``log pi/pi_ref = theta . phi - log Z``: the constant cancels in every margin

@@ -16,7 +16,7 @@ import tempfile
 
 
 def main(argv: list[str]) -> int:
-    from mopo_jax.evaluation.pareto import calibration_markdown, markdown_table, write_pareto
+    from mopo_jax.evaluation.pareto import results_markdown, write_pareto
 
     if len(argv) < 2:
         print(__doc__)
@@ -35,8 +35,7 @@ def main(argv: list[str]) -> int:
             (run_dir / "eval.json").write_text(json.dumps(record))
             run_dirs.append(str(run_dir))
         results = write_pareto(run_dirs, out / "pareto.png", results_json=out / "results.json")
-    calibration = calibration_markdown(results)
-    table = markdown_table(results) + (f"\n\nMOPO's dual against the evaluation:\n\n{calibration}" if calibration else "")
+    table = results_markdown(results)
     (out / "results.md").write_text(table + "\n")
     print(table)
     return 0

@@ -173,15 +173,12 @@ def _add_compilation_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pareto(args) -> int:
     from mopo_jax import storage
-    from mopo_jax.evaluation.pareto import calibration_markdown, markdown_table, write_pareto
+    from mopo_jax.evaluation.pareto import results_markdown, write_pareto
 
     write_pareto(args.run_dirs, args.out, results_json=args.results)
     print(f"wrote {args.out}" + (f" and {args.results}" if args.results else ""))
     if args.results:
-        results = storage.load_json(args.results)
-        calibration = calibration_markdown(results)
-        table = markdown_table(results) + (f"\n\nMOPO's dual against the evaluation:\n\n{calibration}" if calibration
-                                           else "")
+        table = results_markdown(storage.load_json(args.results))
         storage.save_text(args.results.rsplit(".", 1)[0] + ".md", table + "\n")
         print(table)
     return 0

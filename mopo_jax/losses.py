@@ -218,8 +218,8 @@ def mopo_pairwise_loss(
     with ``pi_k`` the label rate of ``k`` among the kept rows (:func:`pairwise_label_rates`): the gradient is that of
     ``tau^2/2 mean_b h_b^2 - tau sum_k c_k mean_{b labelled k}(h_b m_bk)``. When every row carries every label
     ``pi = 1`` and this is the plain squared error. With ``K = 1`` (or ``lambda = 0`` and every row labelled for
-    objective 0) and hard labels (``m = 1/2``) it is IPO, ``(h - 1/(2 tau))^2``, times ``tau^2/2``. Rows without any label
-    carry no preference and are dropped.
+    objective 0) and hard labels (``m = 1/2``) it is IPO, ``(h - 1/(2 tau))^2``, times ``tau^2/2``. Rows without any
+    label carry no preference and are dropped.
 
     Args:
       policy_chosen, policy_rejected, ref_chosen, ref_rejected: ``[B]`` sequence log-probabilities.

@@ -389,8 +389,9 @@ class _MOPO(Objective):
       the caller (e.g. every ``M`` steps on held-out prompts, scored by the labeler) and handed in as the batch
       fields ``dual_estimates [B, K-1]`` (the value, the same in every row), ``dual_stderr`` (its standard error,
       logged) and ``dual_counts [B, K-1]`` (the number of prompts behind it; 0 on the steps without a fresh
-      measurement, which leave the multipliers where they are). This reads ``V_k(pi)`` itself, the quantity the constraint is judged on, where the pairs' estimate over
-      offline data, or on pairs the policy has fitted, reads something else (docs/algorithm.md, section 5).
+      measurement, which leave the multipliers where they are). This reads ``V_k(pi)`` itself, the quantity the
+      constraint is judged on, where the pairs' estimate over offline data, or on pairs the policy has fitted, reads
+      something else (docs/algorithm.md, section 4).
     """
 
     mopo: MOPOConfig = MOPOConfig()

@@ -211,7 +211,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
     label_mask=None, valid_mask=None, weights=None) -> SecondaryEstimate``: ``G`` of a closed form over a candidate
     pool, or of a policy from pairwise data (:func:`mopo_jax.pairwise_value_samples`); the robust bound of Eq. 5 at
     its optimal ``chi`` when ``eps > 0``, the plain estimate otherwise. Pairs the policy was trained on over-read its
-    value once it has fitted them (docs/algorithm.md, section 5): take the estimate on pairs it has not trained on,
+    value once it has fitted them (docs/algorithm.md, section 4): take the estimate on pairs it has not trained on,
     or measure the policy's own samples (:meth:`SecondaryEstimate.from_values`).
 
     ``update_from_estimates(state, estimate: SecondaryEstimate) -> MOPOState``: the multiplier step (Eq. 4, or

@@ -454,3 +454,11 @@ def calibration_markdown(results: dict) -> str:
             f"{c['judged_interval'][1]:.3f}] | {c['difference']:+.3f} | {c['combined_half_width']:.3f} | "
             f"{'yes' if c['within'] else 'no'} |")
     return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """What ``mopo pareto`` writes to ``results.md``: :func:`markdown_table`, then :func:`calibration_markdown` when
+    any run's dual read the policy's own samples."""
+    calibration = calibration_markdown(results)
+    return markdown_table(results) + (f"\n\nMOPO's dual against the evaluation:\n\n{calibration}" if calibration
+                                      else "")

@@ -3,7 +3,7 @@
 The constraint of Eq. 2 is on the policy's win rate against the reference, which the evaluation measures from the
 policy's samples. The pairwise estimate over offline pairs (importance weights ``pi/pi_ref`` on responses that the
 reference did not draw) measures something else, and over-reads once the policy has fitted the pairs it is measured
-on (docs/algorithm.md, section 5). :class:`PolicySampleDual` measures ``V_k`` directly, with the evaluation's own
+on (docs/algorithm.md, section 4). :class:`PolicySampleDual` measures ``V_k`` directly, with the evaluation's own
 statistic, on a *dual prompt set* of its own:
 
 * prompts: distinct prompts of the labeler-train split (disjoint by construction from the policy-train pairs and
