@@ -24,6 +24,8 @@
 #   dual      MOPO (pairwise) whose multipliers read the policy's own samples (dual.source=policy_samples) at four
 #             thresholds spanning the reference and DPO-harmless (0.51-0.555); dualseed1, dualseed2: seeds 1, 2
 #   dualhuman the same trained on human labels at two thresholds (the labeler, not the judge, reads the samples)
+#   dualmargin, dualmarginseed1, dualmarginseed2  the dual plans with the multipliers enforcing b + 0.015
+#             (dual.margin; one setting for every threshold, see below), seeds 0, 1, 2
 #   onpolicyfixed  Algorithm 1 with the fixed robust bound (centred sample, optimal chi, eps 0.15) at the dual
 #             plans' thresholds; onpolicyfixed0 the same with the plain estimate (eps 0)
 #   robust1, robust2, robust3  the policy-sample dual at b=0.54 over tau (0.05, 0.1, 0.2: one a plan) x multiplier
@@ -72,6 +74,11 @@ weight_grid=(0.25 0.5 0.75)
 dual_thresholds=(0.51 0.525 0.54 0.555)
 dual=(dual.source=policy_samples dual.prompts=32 dual.samples=2 dual.every=4 mopo.estimate_window=1
       mopo.multiplier_lr=8.0)
+# The dual settles where its reading equals the threshold it enforces, so the evaluated value lands about on it
+# (the dual plans: +0.002 to +0.014 above b, three seeds pooled) and a pooled 95% lower end about one half-width
+# below. That half-width was 0.010-0.015 at every threshold (docs/results/hh-cpu-small-dual/pooled/), so the margin
+# plans enforce b + 0.015 at every threshold, and are judged against b.
+dual_margin=0.015
 # On CPU the on-policy runs take fewer, smaller steps (sampling dominates); the accelerator profiles keep their batch.
 onpolicy=(onpolicy.candidates=8)
 case "$size" in
@@ -147,6 +154,13 @@ case "$plan" in
     for b in "${dual_thresholds[@]}"; do
       train "${prefix}mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${dual[@]}" "seed=${seed}"
     done ;;
+  dualmargin|dualmarginseed1|dualmarginseed2)
+    seed="${plan#dualmargin}" seed="${seed#seed}" seed="${seed:-0}"
+    prefix="dualmargin/" ; [[ $seed == 0 ]] || prefix="dualmarginseed${seed}/"
+    for b in "${dual_thresholds[@]}"; do
+      train "${prefix}mopo_m${dual_margin}_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${dual[@]}" \
+        "dual.margin=${dual_margin}" "seed=${seed}"
+    done ;;
   dualhuman)
     for b in "${dual_thresholds[0]}" "${dual_thresholds[2]}"; do
       train "dualhuman/mopo_b${b}" method.name=mopo_pairwise "method.threshold=${b}" "${dual[@]}" \
@@ -165,7 +179,7 @@ case "$plan" in
       train "robust/mopo_b${dual_thresholds[2]}_tau${tau}_lr${lr}" method.name=mopo_pairwise \
         "method.threshold=${dual_thresholds[2]}" "${dual[@]}" "mopo.tau=${tau}" "mopo.multiplier_lr=${lr}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualhuman, onpolicyfixed, onpolicyfixed0, robust1, robust2, robust3)" >&2
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualmargin, dualmarginseed1, dualmarginseed2, dualhuman, onpolicyfixed, onpolicyfixed0, robust1, robust2, robust3)" >&2
      exit 2 ;;
 esac
 

@@ -132,6 +132,7 @@ def test_seed_ablation_onpolicy_and_human_plans(tmp_path, python_dir):
 
 def test_policy_sample_dual_plans(tmp_path, python_dir):
     """dual / dualseed1 / dualseed2: pairwise MOPO at four thresholds with the policy-sample dual, one seed a plan;
+    dualmargin(seed1, seed2): the same enforcing b + 0.015;
     dualhuman at two thresholds on human labels; onpolicyfixed(0): Algorithm 1 at the same thresholds, eps 0.15 / 0;
     robust1-3: one tau each over three multiplier steps at b = 0.54."""
     thresholds = ("0.51", "0.525", "0.54", "0.555")
@@ -148,6 +149,17 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
                                                   "mopo.multiplier_lr": "8.0", "seed": seed, **dual}
         evaluated = next(c for c in calls if c[0] == "eval")[1:]
         assert sorted(evaluated) == sorted(str(root / name) for name in runs)
+
+    for plan, prefix, seed in (("dualmargin", "dualmargin/", "0"), ("dualmarginseed1", "dualmarginseed1/", "1"),
+                               ("dualmarginseed2", "dualmarginseed2/", "2")):
+        result, root, calls = _plan(tmp_path / plan, f"cpu-small-{plan}", python_dir)
+        assert result.returncode == 0, result.stderr
+        runs = _trained(calls, root)
+        assert set(runs) == {f"{prefix}mopo_m0.015_b{b}" for b in thresholds}
+        for b in thresholds:
+            assert runs[f"{prefix}mopo_m0.015_b{b}"] == {
+                "method.name": "mopo_pairwise", "method.threshold": b, "mopo.multiplier_lr": "8.0",
+                "dual.margin": "0.015", "seed": seed, **dual}
 
     result, root, calls = _plan(tmp_path / "dualhuman", "cpu-small-dualhuman", python_dir)
     runs = _trained(calls, root)
