@@ -197,6 +197,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert again == []
 
 
+def test_attempt_killed_before_its_first_checkpoint_leaves_no_steps_behind(tmp_path):
+    """An attempt killed before any checkpoint committed logged steps that the rerun, starting over, logs again:
+    the log keeps each step once, the rerun's (the metric records of the killed attempt differ in their times)."""
+    model = get_preset("tiny")
+    metrics_path = tmp_path / "metrics.jsonl"
+    killed = [{"step": 1, "loss": -1.0}, {"step": 2, "loss": -2.0}]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in killed) + '{"step": 3, "lo')  # torn last line
+    _, history = train(model, MOPO_CONFIG, init_params(model, jax.random.PRNGKey(0)),
+                       lambda pos: batches(pos, model.vocab_size), 2, sharding.make_mesh(MESH),
+                       CheckpointConfig(str(tmp_path / "ckpt"), save_every=SAVE_EVERY),
+                       metrics_path=str(metrics_path), rng=1)
+    logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert [r["loss"] for r in logged] == [r["loss"] for r in history] and -1.0 not in [r["loss"] for r in logged]
+
+
 def _largest_file(step_dir: Path) -> Path:
     files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
     return max(files, key=lambda p: p.stat().st_size)

@@ -182,6 +182,8 @@ def train(
         else:
             state = _initial_state(model_config, train_config, optimizer, params, key, mesh, state_shardings)
             position, start = dict(initial_position or {}), 0
+            if metrics_log is not None:  # an attempt killed before its first checkpoint (or a save torn by it)
+                metrics_log.truncate_after(0)
 
         step_fn = None
         warned_zero_gradient: list[int] = []

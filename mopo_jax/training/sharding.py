@@ -178,9 +178,23 @@ def put_batch(arrays, mesh: Mesh | None):
 
 
 def put_tree(tree, shardings):
-    """``tree`` (host arrays, or arrays on one process's devices, the same on every process) placed in ``shardings``
-    (global arrays: each device receives only its shard)."""
-    return jax.device_put(jax.tree.map(np.asarray, tree), shardings)
+    """``tree`` placed in ``shardings`` as global arrays, each process materialising only the shards its devices hold.
+
+    Leaves may be host arrays (the same on every process: each device's slice is cut from it, nothing is sent between
+    processes), or ``jax.Array`` leaves already placed, across processes too (kept when already in their sharding, else
+    resharded on the devices; a global array is never fetched to the host, which is impossible when it spans
+    processes)."""
+    def put(leaf, target):
+        if isinstance(leaf, jax.Array):
+            if leaf.sharding.is_equivalent_to(target, leaf.ndim):
+                return leaf
+            if leaf.is_fully_addressable and target.is_fully_addressable:
+                return jax.device_put(leaf, target)
+            return jax.jit(lambda x: x, out_shardings=target)(leaf)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def to_host(tree):
