@@ -376,3 +376,94 @@ def test_split_layers_with_cached_lower_activations_equals_full_forward():
     rejoined = join_layers(lower, upper)
     for a, b in zip(jax.tree.leaves(rejoined), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------
+# Safetensors read by blocks (LazyTensor): what a host of a multi-host job reads
+# ---------------------------------------------------------------------------
+
+def test_safetensors_blocks_match_the_safetensors_reader(tmp_path):
+    """Every block of a stacked, transposed and windowed lazy leaf equals the same block of the tensors read whole by
+    the safetensors library (torch framework, bfloat16 and float32 files), and nothing is read before indexing."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+    from mopo_jax.models import weights
+
+    rng = np.random.default_rng(0)
+    tensors = {f"layers.{i}.w": torch.tensor(rng.normal(size=(6, 10)), dtype=torch.bfloat16) for i in range(3)}
+    tensors["embed"] = torch.tensor(rng.normal(size=(7, 5)), dtype=torch.float32)
+    save_file({k: v for k, v in tensors.items() if k.startswith("layers.0")}, str(tmp_path / "a.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("layers.0")}, str(tmp_path / "b.safetensors"))
+    stored = {**load_file(str(tmp_path / "a.safetensors")), **load_file(str(tmp_path / "b.safetensors"))}
+    whole = {k: v.float().numpy() for k, v in stored.items()}
+
+    directory = weights._SafetensorsDir(str(tmp_path))
+    names = [(f"layers.{i}.w",) for i in range(3)]
+    cases = {
+        "stacked": (directory.stack(names), np.stack([whole[f"layers.{i}.w"] for i in range(3)])),
+        "transposed": (directory.stack(names, transpose=True),
+                       np.stack([whole[f"layers.{i}.w"].T for i in range(3)])),
+        "window": (directory.stack(names, window=(slice(None), slice(4, 8))),
+                   np.stack([whole[f"layers.{i}.w"][:, 4:8] for i in range(3)])),
+        "window_transposed": (directory.stack(names, transpose=True, window=(slice(1, 5),)),
+                              np.stack([whole[f"layers.{i}.w"][1:5].T for i in range(3)])),
+        "single": (directory.tensor("model.embed", "embed"), whole["embed"]),
+    }
+    for label, (lazy, expected) in cases.items():
+        assert lazy.shape == expected.shape and lazy.dtype == np.float32, label
+        np.testing.assert_array_equal(np.asarray(lazy), expected, err_msg=label)
+        for _ in range(20):
+            block = tuple(slice(*sorted(rng.integers(0, n + 1, 2))) for n in expected.shape)
+            np.testing.assert_array_equal(lazy[block], expected[block], err_msg=f"{label} {block}")
+    # The remote path (an object store: runs of rows by byte ranges, here 40 bytes a read) reads the same blocks.
+    remote = weights._SafetensorsDir(str(tmp_path))
+    for handle in {id(h): h for h in remote._where.values()}.values():
+        handle._local, handle.REMOTE_READ_BYTES = False, 40
+    for transpose in (False, True):
+        lazy = remote.stack(names, transpose=transpose, window=(slice(1, 6), slice(2, 9)))
+        expected = np.stack([whole[f"layers.{i}.w"][1:6, 2:9] for i in range(3)])
+        expected = expected.transpose(0, 2, 1) if transpose else expected
+        for _ in range(20):
+            block = tuple(slice(*sorted(rng.integers(0, n + 1, 2))) for n in expected.shape)
+            np.testing.assert_array_equal(lazy[block], expected[block], err_msg=f"remote {transpose} {block}")
+    assert cases["single"][0].astype(np.float16)[1:3].dtype == np.float16
+    with pytest.raises(IndexError, match="unit-step slices"):
+        cases["stacked"][0][::2]
+    with pytest.raises(KeyError, match="'layers.9.w' not found"):
+        directory.stack([("layers.9.w",)])
+
+
+def test_sharded_placement_reads_each_device_its_own_block(tmp_path, monkeypatch):
+    """`put_params` of a model loaded on the host from safetensors reads, per device, only the block of that
+    device's shard (a process of a multi-host job is asked for its own devices' shards only, so it never reads the
+    whole model), and places exactly the values a whole read gives."""
+    pytest.importorskip("torch")
+    from mopo_jax.models import weights
+    from mopo_jax.training import sharding
+
+    _hf_model("llama-gqa-untied").save_pretrained(tmp_path)
+    config, lazy = M.load_pretrained(str(tmp_path), on_host=True)
+    assert all(isinstance(leaf, weights.LazyTensor) for leaf in jax.tree.leaves(lazy))
+    _, eager = M.load_pretrained(str(tmp_path))
+    elements_read = []
+    original = weights._SafetensorsFile.read_block
+
+    def recording(self, name, bounds):
+        block = original(self, name, bounds)
+        elements_read.append(block.size)
+        return block
+
+    monkeypatch.setattr(weights._SafetensorsFile, "read_block", recording)
+    mesh = sharding.make_mesh(sharding.parse_mesh("fsdp=8"))
+    placed = sharding.put_params(config, lazy, mesh)
+    sharded = 0
+    for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(eager)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        sharded += any(axis is not None for axis in got.sharding.spec)
+    assert sharded >= 8  # embed, lm_head and the projections are split over the 8 devices
+    # What was read is what the devices hold, each distinct block once (JAX asks once for devices holding the same
+    # block, e.g. the replicated norms): no device's read was larger than its own block.
+    held = sum(shard.data.size for leaf in jax.tree.leaves(placed)
+               for shard in {str(s.index): s for s in leaf.addressable_shards}.values())
+    assert sum(elements_read) == held
+    assert max(elements_read) < max(leaf.size for leaf in jax.tree.leaves(placed))

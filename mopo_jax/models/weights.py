@@ -7,7 +7,6 @@ imported lazily inside the functions.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, Callable
@@ -126,8 +125,10 @@ def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any 
         ``*.safetensors``; Llama family or GPT-2), or a Hub repo id (needs network).
       dtype: compute dtype stored in ``config.dtype``.
       param_dtype: dtype of the returned parameter arrays.
-      on_host: return NumPy arrays (host memory) instead of arrays on the default device: a model that only fits
-        sharded over many devices is then placed shard by shard (:func:`mopo_jax.training.sharding.put_params`).
+      on_host: return host leaves instead of arrays on the default device, for a model that only fits sharded
+        over many devices: :class:`LazyTensor` leaves from a safetensors directory (nothing read until a block is
+        indexed; :func:`mopo_jax.training.sharding.put_params` then has each process read only the blocks its
+        devices hold), NumPy arrays from a GGUF file.
       **config_overrides: extra ``ModelConfig`` fields (e.g. ``remat="full"``).
     """
     import jax.numpy as jnp
@@ -139,8 +140,11 @@ def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any 
         config, np_params = load_hf_numpy(path)
     config = config.replace(dtype=dtype, param_dtype=param_dtype, **config_overrides)
     pdt = config.weight_dtype
-    params = _tree_map((lambda a: np.asarray(a, dtype=pdt)) if on_host else (lambda a: jnp.asarray(a, dtype=pdt)),
-                       np_params)
+
+    def host(leaf):
+        return leaf.astype(pdt) if isinstance(leaf, LazyTensor) else np.asarray(leaf, dtype=pdt)
+
+    params = _tree_map(host if on_host else (lambda a: jnp.asarray(np.asarray(a), dtype=pdt)), np_params)
     _check_shapes(config, params, path)
     return config, params
 
@@ -300,24 +304,90 @@ def _read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
+# Stored dtypes of the safetensors format and their NumPy types (bfloat16 and float8 through ml_dtypes, which jax
+# ships).
+def _safetensors_dtype(code: str) -> np.dtype:
+    import ml_dtypes
+
+    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    if code not in table:
+        raise ValueError(f"safetensors dtype {code!r} is not supported")
+    return np.dtype(table[code])
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file read by blocks (a local path or any ``epath`` URL such as ``gs://``). The format is
+    an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and byte offsets into the data)
+    and the row-major data. A local file is memory-mapped, so a block costs its own size in memory (the pages read
+    stay in the page cache, shared by every device of the process); a remote one is read a run of rows at a time."""
+
+    #: Bytes of one read of a remote file's rows (a block needing more rows is assembled from several).
+    REMOTE_READ_BYTES = 64 << 20
+
+    def __init__(self, location: str):
+        from mopo_jax import storage
+
+        self.location = str(location)
+        self._local = storage.is_local(location)
+        self._path = storage.path(location)
+        with self._path.open("rb") as handle:
+            raw = handle.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"{location}: not a safetensors file (shorter than its 8-byte header length)")
+            size = int.from_bytes(raw, "little")
+            header = json.loads(handle.read(size))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + size
+        self.tensors = {name: (_safetensors_dtype(info["dtype"]), tuple(info["shape"]), info["data_offsets"][0])
+                        for name, info in header.items()}
+
+    def read_block(self, name: str, bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """The block of tensor ``name`` with per-axis ``(start, stop)`` ``bounds`` (a copy, in the stored dtype)."""
+        dtype, shape, offset = self.tensors[name]
+        index = tuple(slice(a, b) for a, b in bounds)
+        if self._local:
+            whole = np.memmap(os.fspath(self._path), dtype=dtype, mode="r", offset=self._data_start + offset,
+                              shape=shape)
+            return np.array(whole[index])
+        if not shape:
+            with self._path.open("rb") as handle:
+                handle.seek(self._data_start + offset)
+                return np.frombuffer(handle.read(dtype.itemsize), dtype=dtype).reshape(())
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        step = max(1, self.REMOTE_READ_BYTES // max(row_bytes, 1))
+        (first, last), rest = bounds[0], index[1:]
+        parts = []
+        with self._path.open("rb") as handle:
+            for start in range(first, last, step):
+                stop = min(last, start + step)
+                handle.seek(self._data_start + offset + start * row_bytes)
+                rows = np.frombuffer(handle.read((stop - start) * row_bytes), dtype=dtype)
+                parts.append(rows.reshape((stop - start,) + shape[1:])[(slice(None),) + rest])
+        if not parts:
+            return np.zeros(tuple(b - a for a, b in bounds), dtype)
+        return np.concatenate(parts)
+
+
 class _SafetensorsDir:
-    """Lazy tensor access across (possibly sharded) safetensors files."""
+    """The tensors of a (possibly sharded) directory of safetensors files, by name."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
+        from mopo_jax import storage
 
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        root = storage.path(path)
+        files = sorted(str(f) for f in root.glob("*.safetensors"))
         if not files:
-            others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
+            others = [f.name for f in root.iterdir() if f.name.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
             hint = f" (found {others}; only safetensors is supported)" if others else ""
             raise FileNotFoundError(f"{path}: no *.safetensors weight files{hint}")
         self.path = path
-        self._handles = [safe_open(f, framework="numpy") for f in files]
-        self._where = {}
-        for h in self._handles:
-            for k in h.keys():
-                self._where[k] = h
-        # Strip common wrapper prefixes ("model.", "transformer.") lazily via lookup.
+        self._where: dict[str, _SafetensorsFile] = {}
+        for location in files:
+            handle = _SafetensorsFile(location)
+            for name in handle.tensors:
+                self._where[name] = handle
         self.keys = set(self._where)
 
     def find(self, *candidates: str) -> str | None:
@@ -329,16 +399,84 @@ class _SafetensorsDir:
     def has(self, *candidates) -> bool:
         return self.find(*candidates) is not None
 
-    def get(self, *candidates: str) -> np.ndarray:
-        k = self.find(*candidates)
-        if k is None:
-            raise KeyError(f"{self.path}: tensor {candidates[0]!r} not found in safetensors files")
-        a = self._where[k].get_tensor(k)
-        return np.asarray(a, dtype=np.float32)
+    def tensor(self, *candidates: str, transpose: bool = False, window: tuple[slice, ...] = ()) -> "LazyTensor":
+        """The first of ``candidates`` present, as a :class:`LazyTensor` (nothing read yet)."""
+        return self.stack([candidates], transpose=transpose, window=window, stacked=False)
+
+    def stack(self, candidates_per_layer, transpose: bool = False, window: tuple[slice, ...] = (),
+              stacked: bool = True) -> "LazyTensor":
+        """One tensor per layer (each given as its candidate names), stacked on a new leading axis."""
+        names = []
+        for candidates in candidates_per_layer:
+            name = self.find(*candidates)
+            if name is None:
+                raise KeyError(f"{self.path}: tensor {candidates[0]!r} not found in safetensors files")
+            names.append(name)
+        return LazyTensor(tuple((self._where[n], n) for n in names), transpose, window, stacked)
+
+
+class LazyTensor:
+    """A parameter that stays in its safetensors files until a block of it is indexed: ``lazy[index]`` (a tuple of
+    slices, as ``jax.make_array_from_callback`` passes for one device's shard) reads only that block, so a host of a multi-host job reads about its own shards rather than the whole model.
+    ``np.asarray(lazy)`` reads it all.
+
+    It is one stored tensor, or one per layer stacked on a new leading axis (``stacked``); ``window`` picks a block of
+    each stored tensor (e.g. GPT-2's fused q/k/v columns) and ``transpose`` swaps its two axes after that (stored
+    ``[out, in]`` matrices become ``[in, out]``). Values are float32 unless :meth:`astype` asks for another dtype."""
+
+    def __init__(self, sources, transpose: bool, window: tuple[slice, ...], stacked: bool,
+                 dtype: Any = np.float32):
+        self._sources, self._transpose, self._stacked = tuple(sources), bool(transpose), bool(stacked)
+        stored = sources[0][0].tensors[sources[0][1]][1]
+        for handle, name in sources:
+            if handle.tensors[name][1] != stored:
+                raise ValueError(f"{handle.location}: tensor {name!r} has shape {handle.tensors[name][1]}, its "
+                                 f"stacked neighbours {stored}")
+        window = tuple(window) + (slice(None),) * (len(stored) - len(window))
+        self._window = tuple(slice(*w.indices(n)[:2]) for w, n in zip(window, stored))
+        block = tuple(w.stop - w.start for w in self._window)
+        if self._transpose:
+            if len(block) != 2:
+                raise ValueError(f"only a matrix can be transposed, {sources[0][1]!r} has shape {stored}")
+            block = block[::-1]
+        self.shape = ((len(sources),) if stacked else ()) + block
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def astype(self, dtype) -> "LazyTensor":
+        out = LazyTensor.__new__(LazyTensor)
+        out.__dict__.update(self.__dict__)
+        out.dtype = np.dtype(dtype)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[tuple(slice(None) for _ in self.shape)]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        if len(index) != self.ndim or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
+            raise IndexError(f"a LazyTensor takes a tuple of unit-step slices, got {index}")
+        bounds = [i.indices(n)[:2] for i, n in zip(index, self.shape)]
+        if self._stacked:
+            (first, last), bounds = bounds[0], bounds[1:]
+            blocks = [self._read(self._sources[i], bounds) for i in range(first, last)]
+            return np.stack(blocks) if blocks else np.zeros((0,) + tuple(b - a for a, b in bounds), self.dtype)
+        return self._read(self._sources[0], bounds)
+
+    def _read(self, source, bounds) -> np.ndarray:
+        """The block ``bounds`` (per axis ``(start, stop)``, in this tensor's axes) of one stored tensor."""
+        handle, name = source
+        stored = bounds[::-1] if self._transpose else bounds  # in the stored tensor's axes
+        stored = tuple((w.start + a, w.start + b) for (a, b), w in zip(stored, self._window))
+        block = handle.read_block(name, stored)
+        return np.ascontiguousarray(block.T if self._transpose else block, dtype=self.dtype)
 
 
 def load_hf_numpy(path: str) -> tuple[ModelConfig, dict]:
-    """Read a Hugging Face model directory into ``(config, numpy params)``."""
+    """A Hugging Face model directory as ``(config, params)`` whose leaves are :class:`LazyTensor` (NumPy arrays
+    once ``np.asarray``-ed; nothing is read before)."""
     hf = _read_hf_config(path)
     config = config_from_hf(hf)
     st = _SafetensorsDir(path)
@@ -353,14 +491,15 @@ def load_hf_numpy(path: str) -> tuple[ModelConfig, dict]:
 
 
 def _convert_llama(cfg: ModelConfig, st: _SafetensorsDir) -> dict:
+    """Llama-family tensors as :class:`LazyTensor` leaves: ``[out, in]`` projections transposed to ``[in, out]``,
+    layers stacked."""
     L = cfg.n_layers
 
-    def t(name):
-        return st.get("model." + name, name)
+    def t(name, transpose=False):
+        return st.tensor("model." + name, name, transpose=transpose)
 
     def stack(fmt, transpose=False):
-        arrs = [t(fmt.format(i)) for i in range(L)]
-        return np.stack([a.T if transpose else a for a in arrs])
+        return st.stack([("model." + fmt.format(i), fmt.format(i)) for i in range(L)], transpose=transpose)
 
     pre = "layers.{}."
     layers = {
@@ -391,26 +530,29 @@ def _convert_llama(cfg: ModelConfig, st: _SafetensorsDir) -> dict:
     if not cfg.tie_embeddings:
         if not st.has("lm_head.weight"):
             raise KeyError(f"{st.path}: config has tie_word_embeddings=False but 'lm_head.weight' is missing")
-        params["lm_head"] = st.get("lm_head.weight").T
+        params["lm_head"] = st.tensor("lm_head.weight", transpose=True)
     return params
 
 
 def _convert_gpt2(cfg: ModelConfig, st: _SafetensorsDir) -> dict:
+    """GPT-2 tensors as :class:`LazyTensor` leaves (its Conv1D weights are already ``[in, out]``; the fused
+    ``c_attn`` is read as three column windows)."""
     L, D = cfg.n_layers, cfg.d_model
 
     def t(name):
-        return st.get("transformer." + name, name)
+        return st.tensor("transformer." + name, name)
 
-    def stack(fmt, fn=lambda a: a):
-        return np.stack([fn(t(fmt.format(i))) for i in range(L)])
+    def stack(fmt, window=()):
+        return st.stack([("transformer." + fmt.format(i), fmt.format(i)) for i in range(L)], window=window)
 
-    # GPT-2 uses Conv1D: weights are already [in, out].
-    c_attn_w = stack("h.{}.attn.c_attn.weight")  # [L, D, 3D]
-    c_attn_b = stack("h.{}.attn.c_attn.bias")    # [L, 3D]
+    def thirds(fmt, matrix):
+        return [stack(fmt, ((slice(None),) if matrix else ()) + (slice(k * D, (k + 1) * D),)) for k in range(3)]
+
+    wq, wk, wv = thirds("h.{}.attn.c_attn.weight", matrix=True)  # stored [D, 3D]
+    bq, bk, bv = thirds("h.{}.attn.c_attn.bias", matrix=False)   # stored [3D]
     layers = {
         "attn_norm": {"scale": stack("h.{}.ln_1.weight"), "bias": stack("h.{}.ln_1.bias")},
-        "wq": c_attn_w[:, :, :D], "wk": c_attn_w[:, :, D:2 * D], "wv": c_attn_w[:, :, 2 * D:],
-        "bq": c_attn_b[:, :D], "bk": c_attn_b[:, D:2 * D], "bv": c_attn_b[:, 2 * D:],
+        "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
         "wo": stack("h.{}.attn.c_proj.weight"), "bo": stack("h.{}.attn.c_proj.bias"),
         "mlp_norm": {"scale": stack("h.{}.ln_2.weight"), "bias": stack("h.{}.ln_2.bias")},
         "w_up": stack("h.{}.mlp.c_fc.weight"), "b_up": stack("h.{}.mlp.c_fc.bias"),
@@ -425,5 +567,5 @@ def _convert_gpt2(cfg: ModelConfig, st: _SafetensorsDir) -> dict:
     if not cfg.tie_embeddings:
         if not st.has("lm_head.weight"):
             raise KeyError(f"{st.path}: config has tie_word_embeddings=False but 'lm_head.weight' is missing")
-        params["lm_head"] = st.get("lm_head.weight").T
+        params["lm_head"] = st.tensor("lm_head.weight", transpose=True)
     return params

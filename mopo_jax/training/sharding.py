@@ -181,7 +181,8 @@ def put_tree(tree, shardings):
     """``tree`` placed in ``shardings`` as global arrays, each process materialising only the shards its devices hold.
 
     Leaves may be host arrays (the same on every process: each device's slice is cut from it, nothing is sent between
-    processes), or ``jax.Array`` leaves already placed, across processes too (kept when already in their sharding, else
+    processes), lazily read ones (:class:`mopo_jax.models.weights.LazyTensor`: each process reads only the blocks of
+    the files that its devices hold), or ``jax.Array`` leaves already placed, across processes too (kept when already in their sharding, else
     resharded on the devices; a global array is never fetched to the host, which is impossible when it spans
     processes)."""
     def put(leaf, target):
@@ -191,8 +192,8 @@ def put_tree(tree, shardings):
             if leaf.is_fully_addressable and target.is_fully_addressable:
                 return jax.device_put(leaf, target)
             return jax.jit(lambda x: x, out_shardings=target)(leaf)
-        host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+        host = leaf if hasattr(leaf, "shape") and hasattr(leaf, "__getitem__") else np.asarray(leaf)
+        return jax.make_array_from_callback(tuple(host.shape), target, lambda index: np.asarray(host[index]))
 
     return jax.tree.map(put, tree, shardings)
 
