@@ -111,6 +111,12 @@ class Objective:
         before any refresh."""
         return False
 
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        """The objectives (columns of ``label_mask``) whose labelled pairs the loss or the constraints need: a
+        training set with none for one of them trains or constrains nothing there, so callers refuse it."""
+        return ()
+
     def init(self) -> Any:
         return ()
 
@@ -209,6 +215,11 @@ class DPO(Objective):
 
     def __post_init__(self):
         validation.check_positive(f"{type(self).__name__}.beta", self.beta)
+
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        return (self.label,)
+
     fields: ClassVar = PAIR_FIELDS
     optional_fields: ClassVar = PAIR_OPTIONAL
 
@@ -237,6 +248,11 @@ class IPO(Objective):
 
     def __post_init__(self):
         validation.check_positive(f"{type(self).__name__}.tau", self.tau)
+
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        return (self.label,)
+
     fields: ClassVar = PAIR_FIELDS
     optional_fields: ClassVar = PAIR_OPTIONAL
 
@@ -263,6 +279,10 @@ class _Scalarised(Objective):
     weights: tuple[float, ...] = (0.5, 0.5)
     fields: ClassVar = PAIR_FIELDS
     optional_fields: ClassVar = PAIR_OPTIONAL
+
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        return tuple(k for k, weight in enumerate(self.weights) if weight != 0)
 
     def __post_init__(self):
         if isinstance(self.weights, list):
@@ -334,6 +354,10 @@ class MODPO(Objective):
     weights: tuple[float, ...] = (0.5, 0.5)
     fields: ClassVar = {**PAIR_FIELDS, "reward_margins": Field(("B", "K-1"), "float32")}
     optional_fields: ClassVar = PAIR_OPTIONAL
+
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        return (0,)  # the secondaries enter through reward_margins
 
     def __post_init__(self):
         if isinstance(self.weights, list):
@@ -413,6 +437,10 @@ class _MOPO(Objective):
     @property
     def fields(self):  # type: ignore[override]
         return {**self.batch_fields, **(DUAL_FIELDS if self.dual == "policy_samples" else {})}
+
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        return tuple(range(len(self.thresholds) + 1))  # the primary and every constrained secondary
 
     @property
     def transformation(self):

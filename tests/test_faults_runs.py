@@ -110,8 +110,14 @@ def test_a_run_directory_holds_one_configuration(tmp_path, capsys):
     stored = (run_dir / "config.yaml").read_bytes()
     (run_dir / "checkpoints").mkdir()
 
-    # Resuming the same configuration (another mesh or more steps do not make another run) is silent.
+    # Resuming the same configuration (another mesh or more steps do not make another run) is silent; the stored
+    # config then records the steps the run is trained to.
     _claim_run_dir(load_config(ExperimentConfig, str(TINY), [*common, "mesh.fsdp=2", "training.steps=9"]), False)
+    import yaml
+
+    resumed = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resumed["training"]["steps"] == 9 and resumed["mesh"]["fsdp"] == 2
+    _claim_run_dir(first, force_new=False)
     assert (run_dir / "config.yaml").read_bytes() == stored
 
     # Another learning rate through the command line: exit 2, the diff named, nothing touched.

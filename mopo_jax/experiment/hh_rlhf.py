@@ -459,6 +459,15 @@ class RunContext:
         from mopo_jax.data import iterate_batches
 
         objective = self.train_config.objective
+        labelled = np.asarray(arrays["label_mask"], bool).sum(axis=0)
+        for k in objective.labels_read:
+            if k >= labelled.shape[0] or labelled[k] == 0:
+                role = "constrains" if k > 0 and getattr(objective, "thresholds", None) else "trains on"
+                raise ValueError(
+                    f"method.name={self.config.method.name}: no policy-train pair carries a {OBJECTIVES[k]} label, "
+                    f"which the method {role} (objective {k}); data.subsets={list(self.config.data.subsets)}, "
+                    f"data.source={self.config.data.source}: add the subset or label column that gives "
+                    f"{OBJECTIVES[k]} pairs")
         wanted = {"tokens", "completion_mask", "attention_mask", "inputs_hidden", "ref_log_probs", *objective.fields,
                   *objective.optional_fields}
         keys = [k for k in arrays if k in wanted]
@@ -547,29 +556,47 @@ def run_config_diff(stored: dict, new: dict) -> list[str]:
             if keep(name) and old.get(name) != fresh.get(name)]
 
 
+def _stored_config_diff(config: ExperimentConfig) -> list[str] | None:
+    """How ``config`` differs from the run stored in its ``run_dir`` (``[]``: the same run), or ``None`` when the
+    directory holds no run yet."""
+    stored_path = storage.path(config.run_dir) / "config.yaml"
+    if not stored_path.exists():
+        return None
+    return run_config_diff(yaml.safe_load(stored_path.read_text()) or {}, _plain_config(config))
+
+
+def _plain_config(config: ExperimentConfig) -> dict:
+    return json.loads(json.dumps(_as_plain(dataclasses.asdict(config))))  # tuples as lists, as YAML stores them
+
+
+def _check_run_dir(config: ExperimentConfig, force_new: bool) -> None:
+    """Raises ``ValueError`` (touching nothing) when ``run_dir`` holds a run of another configuration and
+    ``force_new`` does not ask to move it aside."""
+    diff = _stored_config_diff(config)
+    if not diff:
+        return
+    if not force_new:
+        raise ValueError(f"{config.run_dir} holds a run of another configuration ({'; '.join(diff)}); resume it "
+                         "with its own config, choose a new run_dir, or pass --force-new to move it aside")
+    if not storage.is_local(config.run_dir):
+        raise ValueError(f"--force-new cannot move a remote run directory ({config.run_dir}); choose a new run_dir")
+
+
 def _claim_run_dir(config: ExperimentConfig, force_new: bool) -> None:
     """A run directory holds one run: its config is written once; a rerun must match it (resume), or, with
-    ``force_new``, the old run is moved aside first. Raises ``ValueError`` (touching nothing) on a mismatch."""
-    run_dir = storage.path(config.run_dir)
-    stored_path = run_dir / "config.yaml"
-    plain = json.loads(json.dumps(_as_plain(dataclasses.asdict(config))))  # tuples as lists, as YAML stores them
-    if stored_path.exists():
-        stored = yaml.safe_load(stored_path.read_text()) or {}
-        diff = run_config_diff(stored, plain)
-        if not diff:
-            return
-        if not force_new:
-            raise ValueError(f"{config.run_dir} holds a run of another configuration ({'; '.join(diff)}); resume it "
-                             "with its own config, choose a new run_dir, or pass --force-new to move it aside")
-        if not storage.is_local(config.run_dir):
-            raise ValueError(f"--force-new cannot move a remote run directory ({config.run_dir}); choose a new run_dir")
+    ``force_new``, the old run is moved aside first. Raises ``ValueError`` (touching nothing) on a mismatch. The
+    stored config follows the settings that do not make another run (``training.steps``, the mesh, ...), so it
+    says what the run was last trained with."""
+    _check_run_dir(config, force_new)
+    if _stored_config_diff(config):  # force_new: checked above
         if storage.is_primary():
             aside = f"{os.path.normpath(config.run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(config.run_dir, aside)
             _log(f"moved the previous run in {config.run_dir} to {aside}")
         storage.barrier("run-dir-moved")
     if storage.is_primary():
-        storage.save_text(stored_path, yaml.safe_dump(plain, sort_keys=False))
+        storage.save_text(storage.path(config.run_dir) / "config.yaml",
+                          yaml.safe_dump(_plain_config(config), sort_keys=False))
 
 
 def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, Any]:
@@ -585,13 +612,17 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
     method = _method(config)
     mesh = experiment_mesh(config)
     run_dir = storage.path(config.run_dir)
-    _claim_run_dir(config, force_new)
+    # The directory is claimed only once the data, the models and the method's batches have loaded: a run that
+    # fails before (a missing label, a wrong model name) leaves no run behind that a fixed rerun would collide with.
+    _check_run_dir(config, force_new)
     policy_path = run_dir / "policy.npz"
     context = RunContext(config, mesh)
     summary = {"method": method.name, "run_dir": config.run_dir, "mesh": dict(mesh.shape),
                "processes": jax.process_count()}
     if not method.trains:
-        _save_policy(policy_path, method.policy(config, context))
+        policy = method.policy(config, context)
+        _claim_run_dir(config, force_new)
+        _save_policy(policy_path, policy)
     else:
         train_config = context.train_config
         _, _, upper_config, upper = context.split
@@ -602,6 +633,7 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
 
             batches = with_policy_sample_dual(batches, context.policy_sample_dual, config.dual.every,
                                               context.full_policy, context.holder)
+        _claim_run_dir(config, force_new)
         progress = _Progress(config, method.name) if storage.is_primary() else None
         state, history = train(
             upper_config, train_config, upper, batches, config.training.steps, mesh,
@@ -613,10 +645,11 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
         if progress:
             progress.close()
         _save_policy(policy_path, policy_params(train_config.trainable, state))
-        summary["final_metrics"] = history[-1] if history else None
         if storage.is_primary():  # over every step of the run, resumed ones included, from its metrics log
             logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
             summary["clip_fraction"] = (sum(r.get("clipped", 0.0) for r in logged) / len(logged)) if logged else None
+            # A rerun of a finished run trains no step: its last step is the log's.
+            summary["final_metrics"] = history[-1] if history else (logged[-1] if logged else None)
         if reads_policy_samples:  # the dual's reading of the trained policy, for the calibration against eval
             final = context.policy_sample_dual.measure(context.full_policy(state))
             summary["dual_final"] = {"estimates": final.values.tolist(), "stderr": final.stderr.tolist(),

@@ -1,0 +1,49 @@
+"""A run's files say what happened: a constraint or an objective without a single labelled pair stops the run before
+its directory is claimed, a rerun of a finished run keeps its final metrics, and the stored config records the steps
+the run was trained to (the `tiny` profile, real SmolLM2 and HH-RLHF pairs, through `mopo train`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lm_assets import HH_DATA as DATA, needs_hh_data, needs_smollm2
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "experiments" / "configs" / "hh_tiny.yaml"
+
+pytestmark = [needs_hh_data, needs_smollm2]
+
+
+def _train(work_dir, run_dir, *overrides):
+    from mopo_jax.cli import main
+
+    return main(["train", "--config", str(CONFIG), f"work_dir={work_dir}", f"data.source={DATA}",
+                 f"run_dir={run_dir}", "training.batch_pairs=8", "training.save_every=2", *overrides])
+
+
+@pytest.mark.parametrize("method,missing", [("mopo_pairwise", "harmlessness"), ("dpo_harmless", "harmlessness")])
+def test_an_objective_without_labelled_pairs_stops_the_run(tiny_work_dir, tmp_path, capsys, method, missing):
+    run_dir = tmp_path / "run"
+    assert _train(tiny_work_dir, run_dir, f"method.name={method}", "data.subsets=[helpful-base]") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and missing in errors[0] and "data.subsets" in errors[0] and method in errors[0], errors
+    assert not run_dir.exists()  # nothing claimed: the fixed command runs without --force-new
+
+
+def test_reruns_keep_the_final_metrics_and_the_config_records_the_steps(tiny_work_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=2") == 0
+    first = json.loads((run_dir / "train.json").read_text())
+    assert first["final_metrics"]["step"] == 2
+    assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=2") == 0  # nothing left to do
+    again = json.loads((run_dir / "train.json").read_text())
+    assert again["final_metrics"] == first["final_metrics"]
+    assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=3") == 0  # extended
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["steps"] == 3
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert json.loads((run_dir / "train.json").read_text())["final_metrics"]["step"] == 3
