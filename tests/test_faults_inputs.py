@@ -79,6 +79,33 @@ def test_user_problem_writes_results_when_mopo_meets_no_threshold(tmp_path, monk
     assert (out / "policies.npz").exists()
 
 
+@pytest.mark.parametrize("case", ["infeasible_everywhere", "one_candidate"])
+def test_user_problem_without_a_feasible_threshold_writes_statuses(tmp_path, case):
+    """A threshold the exact solver cannot meet either (0.99), or a problem with one candidate per prompt (nothing to
+    trade): results.json is written with the statuses, no crash in the summary lines."""
+    import json
+
+    from mopo_jax import cli
+    from mopo_jax.synthetic import problems
+
+    path = tmp_path / "p.npz"
+    if case == "one_candidate":
+        np.savez(path, pref=np.full((2, 3, 1, 1), 0.5), ref=np.ones((3, 1)))
+        thresholds = []
+    else:
+        problems.save_problem(problems.make_thurstone_ties(seed=3, num_prompts=4, num_candidates=5), path)
+        thresholds = ["--thresholds", "0.99"]
+    out = tmp_path / "out"
+    assert cli.main(["synthetic", "--problem", str(path), "--tau", "0.1", *thresholds, "--out", str(out),
+                     "plots=false", "steps=2"]) == 0
+    (result,) = json.load(open(out / "results.json"))["structures"].values()
+    if case == "infeasible_everywhere":
+        assert result["exact"]["points"][0]["feasible"] is False
+        assert [p["status"] for p in result["methods"]["mopo_weighted_bc"]["points"]] == ["infeasible"]
+    points = result["methods"]["mopo_weighted_bc"]["points"]
+    assert points and all(p["status"] in ("feasible", "infeasible") for p in points), points
+
+
 @pytest.mark.parametrize("override, field", [("tolerance=-1", "tolerance"), ("tolerance=nan", "tolerance"),
                                              ("steps=0", "steps"), ("steps=-5", "steps")])
 def test_synthetic_config_validates_fields(override, field):

@@ -227,6 +227,11 @@ def _ratio_text(ratio: float | None) -> str:
     return "n/a (exact front has no volume)" if ratio is None else f"{ratio:.5f}"
 
 
+def _optional(value: float | None, spec: str) -> str:
+    """A number, or "n/a" where there is none (e.g. a gap when the exact solver finds no threshold feasible)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One structure.
 
@@ -475,8 +480,9 @@ def run_structure(
         }
         policies[name] = _softmax(result.logits)
         error = entries["estimate_error"]
-        log(f"  {name}: {config.sampled_pairs} pairs, max |primary gap| {error['max_abs_primary_gap']:.4f}, "
-            f"max violation {error['max_violation']:.4f} (compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
+        log(f"  {name}: {config.sampled_pairs} pairs, max |primary gap| "
+            f"{_optional(error['max_abs_primary_gap'], '.4f')}, max violation {_optional(error['max_violation'], '.4f')} "
+            f"(compile {compile_seconds:.2f} s, run {run_seconds:.2f} s)")
 
     weight_points = _weight_points(num_objectives, config.sweep_resolution)
     expert_logits = None
@@ -640,8 +646,7 @@ METHOD_ORDER = ("mopo_weighted_bc", "mopo_pairwise", "mopo_pairwise_sampled", "d
 
 def summary_table(structures: dict[str, Any]) -> str:
     """Markdown table: per structure and method, hypervolume ratio, mean KL, thresholds met, mean primary gap."""
-    def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
+    fmt = _optional
 
     lines = ["| structure | method | hypervolume ratio | mean KL | thresholds met | mean primary gap |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
