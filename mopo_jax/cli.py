@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -134,14 +135,28 @@ def _eval(args) -> int:
     from mopo_jax import storage
     from mopo_jax.experiment.hh_rlhf import evaluate_run
 
+    # Every run that can be evaluated is; the others are named at the end (exit 2), none stops the rest. Each
+    # process meets the same failure (the same files), so a multi-process job stays in step.
+    failed = []
     for run_dir in args.run_dirs:
-        result = evaluate_run(run_dir, _mesh_overrides(args.mesh))
+        try:
+            if storage.is_local(run_dir) and os.path.isdir(run_dir) and not os.access(run_dir, os.W_OK):
+                raise ValueError(f"{run_dir} is not writable: eval.json could not be saved there")
+            result = evaluate_run(run_dir, _mesh_overrides(args.mesh))
+        except (ValueError, OSError) as error:
+            failed.append(run_dir)
+            print(f"mopo eval: {run_dir}: {error}", file=sys.stderr)
+            continue
         if storage.is_primary():
             evaluation = result["evaluation"]
             print(json.dumps({"run": run_dir, "expected_win_rate": evaluation["expected_win_rate"],
                               "interval": evaluation["expected_win_rate_interval"], "kl": evaluation["kl"],
                               "judged_win_rate": evaluation["win_rate"],
                               "constraint": result["constraint_verdict"]}))
+    if failed:
+        print(f"mopo eval: error: {len(failed)} of {len(args.run_dirs)} runs not evaluated: {', '.join(failed)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -175,7 +190,7 @@ def _pareto(args) -> int:
     from mopo_jax import storage
     from mopo_jax.evaluation.pareto import results_markdown, write_pareto
 
-    write_pareto(args.run_dirs, args.out, results_json=args.results)
+    write_pareto(args.run_dirs, args.out, results_json=args.results, skip_missing=args.skip_missing)
     print(f"wrote {args.out}" + (f" and {args.results}" if args.results else ""))
     if args.results:
         table = results_markdown(storage.load_json(args.results))
@@ -233,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("run_dirs", nargs="+")
     pareto.add_argument("--out", required=True, help="PNG path")
     pareto.add_argument("--results", default=None, help="also write the aggregated results.json here")
+    pareto.add_argument("--skip-missing", action="store_true",
+                        help="leave out (with a warning) runs without a readable eval.json instead of stopping (exit 2)")
     pareto.set_defaults(handler=_pareto)
 
     generate = commands.add_parser("generate", help="greedy chat completion with a pretrained model")

@@ -149,6 +149,28 @@ def test_a_broken_run_is_kept_off_the_front():
         result_from_eval(broken_kl, "runs/a")
 
 
+def test_pareto_refuses_impossible_win_rates_and_missing_runs(tmp_path, capsys):
+    from mopo_jax.cli import main
+
+    judge = {"win_rate": 0.5, "per_prompt": {"expected_win_rate": [0.6, 0.4]}}
+    record = {"name": "a", "method": "dpo_helpful",
+              "evaluation": {"judges": {"helpfulness": judge, "harmlessness": judge}, "per_prompt": {"kl": [0.1, 0.2]}}}
+    good, impossible, judged, never = (tmp_path / name for name in ("good", "impossible", "judged", "never"))
+    for directory, text in ((good, json.dumps(record)), (impossible, json.dumps(record).replace("0.6, 0.4", "7.5, 0.4")),
+                            (judged, json.dumps(record).replace('"win_rate": 0.5', '"win_rate": -0.1'))):
+        directory.mkdir()
+        (directory / "eval.json").write_text(text)
+    never.mkdir()  # trained, never evaluated
+    out = str(tmp_path / "p.png")
+    for run, words in ((impossible, "helpfulness per-prompt win rate 7.5"), (judged, "judged win rate -0.1"),
+                       (never, "cannot read eval.json"), (tmp_path / "no-such-run", "cannot read eval.json")):
+        assert main(["pareto", str(good), str(run), "--out", out]) == 2, run
+        error = capsys.readouterr().err
+        assert str(run) in error and words in error and error.count("\n") == 1, error
+    with pytest.warns(UserWarning, match="skipping .*never"):
+        assert main(["pareto", str(good), str(never), "--out", out, "--skip-missing"]) == 0
+
+
 def test_metrics_hold_each_step_once_after_resumes(tmp_path):
     import shutil
 

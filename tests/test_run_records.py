@@ -47,3 +47,15 @@ def test_reruns_keep_the_final_metrics_and_the_config_records_the_steps(tiny_wor
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert json.loads((run_dir / "train.json").read_text())["final_metrics"]["step"] == 3
+
+
+def test_eval_evaluates_every_run_it_can_and_names_the_others(tiny_work_dir, tmp_path, capsys):
+    from mopo_jax.cli import main
+
+    run_dir, untrained = tmp_path / "run", tmp_path / "untrained"
+    assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=1") == 0
+    untrained.mkdir()
+    assert main(["eval", str(untrained), str(run_dir)]) == 2
+    errors = capsys.readouterr().err
+    assert f"{untrained}:" in errors and "1 of 2 runs not evaluated" in errors
+    assert (run_dir / "eval.json").exists()  # the run after the broken one was evaluated

@@ -236,6 +236,14 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
     if broken:
         raise ValueError(f"{where}: eval.json holds non-finite {', '.join(broken)}; a broken run is not placed on "
                          "the front")
+    # A win rate is a probability: a value outside [0, 1] is a corrupt or hand-edited file, not a result.
+    outside = [f"{k} per-prompt win rate {values[k][(values[k] < 0) | (values[k] > 1)][0]:g}" for k in OBJECTIVES
+               if ((values[k] < 0) | (values[k] > 1)).any()]
+    outside += [f"{k} judged win rate {float(judges[k]['win_rate']):g}" for k in OBJECTIVES
+                if not 0.0 <= float(judges[k]["win_rate"]) <= 1.0]
+    if outside:
+        raise ValueError(f"{where}: eval.json holds win rates outside [0, 1] ({', '.join(outside)}); it is not a "
+                         "result of `mopo eval`")
     out = {
         "name": str(name),
         "method": str(record.get("method", name)),
@@ -264,8 +272,9 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
 def collect_run_results(run_dirs: Iterable[str | os.PathLike], *, strict: bool = False) -> list[dict[str, Any]]:
     """Read ``RUN_DIR/eval.json`` of every run (see :func:`result_from_eval`).
 
-    A missing or unreadable file raises with ``strict=True`` and is skipped with a warning otherwise; a broken or
-    outdated one always raises.
+    A missing or unreadable file (a run never evaluated, a directory that does not exist, a truncated file) raises
+    ``ValueError`` naming it with ``strict=True`` and is skipped with a warning otherwise; a broken or outdated one
+    always raises.
     """
     out = []
     for run_dir in run_dirs:
@@ -273,7 +282,8 @@ def collect_run_results(run_dirs: Iterable[str | os.PathLike], *, strict: bool =
             record = storage.load_json(storage.path(run_dir) / "eval.json")
         except (OSError, json.JSONDecodeError) as e:
             if strict:
-                raise
+                raise ValueError(f"{run_dir}: cannot read eval.json ({type(e).__name__}: {e}); evaluate the run "
+                                 "with `mopo eval`, or leave it out") from e
             warnings.warn(f"skipping {run_dir}: cannot read eval.json ({e})", stacklevel=2)
             continue
         out.append(result_from_eval(record, os.fspath(run_dir)))
@@ -385,15 +395,17 @@ def _json_default(obj):
 
 
 def write_pareto(run_dirs: Iterable[str | os.PathLike], out_png: str | os.PathLike,
-                 results_json: str | os.PathLike | None = None, *, title: str | None = None) -> dict[str, Any]:
+                 results_json: str | os.PathLike | None = None, *, title: str | None = None,
+                 skip_missing: bool = False) -> dict[str, Any]:
     """Collect ``eval.json`` of ``run_dirs``, compare them (:func:`compare`), plot the plane to ``out_png`` and
-    optionally write ``results_json``.
+    optionally write ``results_json``. A run without a readable ``eval.json`` is an error (``ValueError`` naming
+    it) unless ``skip_missing``.
 
     Returns (and writes) ``{"runs": per-run records with their own intervals and verdict, "points" (seeds pooled),
     "comparisons", "dominance" (verdicts from paired intervals), "pareto_front" (non-dominated point estimates, the
     drawn line), "level", "draws"}``.
     """
-    runs = collect_run_results(run_dirs)
+    runs = collect_run_results(run_dirs, strict=not skip_missing)
     summary = compare(runs)
     summary["pareto_front"] = pareto_plot(summary["points"], out_png, title=title)
     summary["runs"] = [{k: v for k, v in r.items() if k != "config"} for r in runs]
