@@ -213,3 +213,73 @@ class AppendLog:
             self._lines = [self.path.read_text()] if self.path.exists() else []
         self._lines.append(text)
         _write_bytes(self.path, "".join(self._lines).encode())
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class DirectoryLock:
+    """An exclusive lock on a local directory for one job (``with DirectoryLock(dir, "mopo train"): ...``): the
+    primary process creates ``DIR.lock`` beside it (host, pid, what holds it; beside, so that neither creating the
+    lock nor moving the directory aside touches the directory) atomically and removes it on exit; every process
+    of the job learns the outcome, so the whole job stops when another job holds the directory. A lock left by a
+    process that no longer runs on this host (a kill -9, a crash) is stale: it is taken over with a warning. A lock
+    from another host is trusted (its process cannot be checked from here): remove the file if that job is gone.
+    Remote directories (``gs://``) have no atomic create here, so they are not locked."""
+
+    def __init__(self, location: str | os.PathLike, holder: str):
+        self.location, self.holder = os.fspath(location), holder
+        self._file = os.path.normpath(self.location) + ".lock"
+        self._owned = False
+
+    def _try_acquire(self) -> str | None:
+        """Creates the lock file; returns None, or a description of the live job that holds it."""
+        import socket
+
+        os.makedirs(os.path.dirname(os.path.abspath(self._file)), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder}
+        for _ in range(2):
+            try:
+                fd = os.open(self._file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(open(self._file).read())
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                same_host = other.get("host") == me["host"]
+                if same_host and isinstance(other.get("pid"), int) and not _process_alive(other["pid"]):
+                    warnings.warn(f"{self.location}: taking over the lock of {other.get('holder')} (pid "
+                                  f"{other['pid']}), which no longer runs", stacklevel=3)
+                    os.remove(self._file)
+                    continue
+                return (f"{other.get('holder', 'a process')} (pid {other.get('pid', '?')} on host "
+                        f"{other.get('host', '?')})")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(me))
+            self._owned = True
+            return None
+        return "a process that keeps re-creating the lock"
+
+    def __enter__(self) -> "DirectoryLock":
+        if not is_local(self.location):
+            return self
+        held_by = self._try_acquire() if is_primary() else None
+        if broadcast_from_primary(int(held_by is not None)):
+            raise ValueError(f"{self.location} is in use by {held_by or 'another job'} ({self._file}); wait for it, "
+                             "or remove the lock file if that job is gone")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._owned:
+            try:
+                os.remove(self._file)
+            except FileNotFoundError:
+                pass
+            self._owned = False

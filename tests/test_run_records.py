@@ -59,3 +59,29 @@ def test_eval_evaluates_every_run_it_can_and_names_the_others(tiny_work_dir, tmp
     errors = capsys.readouterr().err
     assert f"{untrained}:" in errors and "1 of 2 runs not evaluated" in errors
     assert (run_dir / "eval.json").exists()  # the run after the broken one was evaluated
+
+
+def test_one_job_per_run_directory(tiny_work_dir, tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    lock = tmp_path / "run.lock"
+    # A live job holds it: the second one stops, naming it, and touches nothing.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "holder": "mopo train x"}))
+        assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=1") == 2
+        error = capsys.readouterr().err
+        assert f"pid {holder.pid}" in error and "mopo train x" in error and str(lock) in error
+        assert not run_dir.exists() and lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its process is gone (a kill -9): the lock is stale, taken over with a warning, and released at the end.
+    with pytest.warns(UserWarning, match="taking over the lock"):
+        assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=1") == 0
+    assert (run_dir / "policy.npz").exists() and not lock.exists()
+    assert os.path.exists(run_dir / "config.yaml")

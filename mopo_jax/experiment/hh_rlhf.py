@@ -615,6 +615,13 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
     # The directory is claimed only once the data, the models and the method's batches have loaded: a run that
     # fails before (a missing label, a wrong model name) leaves no run behind that a fixed rerun would collide with.
     _check_run_dir(config, force_new)
+    with storage.DirectoryLock(config.run_dir, f"mopo train {method.name}"):  # one job per run directory
+        return _train_locked(config, force_new, method, mesh, run_dir)
+
+
+def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_dir) -> dict[str, Any]:
+    from mopo_jax.training import CheckpointConfig, policy_params, train
+
     policy_path = run_dir / "policy.npz"
     context = RunContext(config, mesh)
     summary = {"method": method.name, "run_dir": config.run_dir, "mesh": dict(mesh.shape),
