@@ -271,5 +271,8 @@ def load_config(cls, path: str | None = None, overrides: Sequence[str] = ()):
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from error
     if data is None or data == "":
-        data = {}
+        # An empty file is almost always a mistake (a failed copy, the wrong path): running on the defaults would
+        # silently be another experiment.
+        raise ValueError(f"config file {path} is empty; give its settings, or leave out --config to use the "
+                         "defaults")
     return config_from_mapping(cls, data, path, overrides)

@@ -84,7 +84,9 @@ def test_non_finite_step_stops_without_saving_it(tmp_path):
     ("optimizer.learning_rate=.inf", "learning_rate"), ("optimizer.learning_rate=-1.0", "learning_rate"),
     ("dpo.beta=-0.1", "DPO.beta"), ("mopo.tau=0", "MOPOConfig.tau"), ("training.steps=-1", "training.steps"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens"), ("onpolicy.temperature=-1.0", "onpolicy.temperature"),
-    ("data.policy_pairs=0", "data.policy_pairs"),
+    ("data.policy_pairs=0", "data.policy_pairs"), ("preference.l2_grid=[nan]", "preference.l2_grid"),
+    ("preference.cv_folds=0", "preference.cv_folds"), ("preference.feature_layer=0", "preference.feature_layer"),
+    ("method.weights=[nan, nan]", "method.weights"), ("method.weights=[0, 0]", "method.weights"),
 ])
 def test_invalid_settings_stop_before_anything_loads(tmp_path, capsys, override, field):
     from mopo_jax.cli import main
@@ -95,6 +97,16 @@ def test_invalid_settings_stop_before_anything_loads(tmp_path, capsys, override,
     error = capsys.readouterr().err
     assert field in error and error.count("\n") == 1  # one line, no traceback
     assert not run_dir.exists() and not (tmp_path / "work").exists()
+
+
+def test_an_empty_config_file_is_an_error(tmp_path, capsys):
+    from mopo_jax.cli import main
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert main(["train", "--config", str(empty), f"run_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err
+    assert str(empty) in error and "empty" in error and not (tmp_path / "run").exists()
 
 
 def test_a_run_directory_holds_one_configuration(tmp_path, capsys):

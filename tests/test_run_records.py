@@ -85,3 +85,14 @@ def test_one_job_per_run_directory(tiny_work_dir, tmp_path, capsys):
         assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "training.steps=1") == 0
     assert (run_dir / "policy.npz").exists() and not lock.exists()
     assert os.path.exists(run_dir / "config.yaml")
+
+
+@pytest.mark.parametrize("override,key", [("preference.feature_layer=999", "preference.feature_layer"),
+                                          ("model.trainable_top_layers=999", "model.trainable_top_layers"),
+                                          ("data.max_prompt_tokens=100000", "data.max_prompt_tokens")])
+def test_settings_that_do_not_fit_the_model_stop_before_it_runs(tiny_work_dir, tmp_path, capsys, override, key):
+    run_dir = tmp_path / "run"
+    assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", override) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and key in errors[0] and "smollm2" in errors[0], errors
+    assert not run_dir.exists()

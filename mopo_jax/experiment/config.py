@@ -271,8 +271,17 @@ class ExperimentConfig:
             except ImportError as error:
                 raise ValueError(f"plugins: cannot import {module!r}: {error}") from error
         methods.get_method(self.method.name).validate(self)
-        if not self.preference.l2_grid or min(self.preference.l2_grid) < 0:
-            raise ValueError(f"preference.l2_grid must hold nonnegative values, got {self.preference.l2_grid}")
+        if not self.preference.l2_grid or not all(math.isfinite(v) and v >= 0 for v in self.preference.l2_grid):
+            raise ValueError(f"preference.l2_grid must hold finite nonnegative values, got {self.preference.l2_grid}")
+        if self.preference.cv_folds < 2:
+            raise ValueError(f"preference.cv_folds must be >= 2 (cross-validation over l2_grid), got "
+                             f"{self.preference.cv_folds}")
+        if self.preference.feature_layer < 1:
+            raise ValueError(f"preference.feature_layer must be >= 1 (a block's output), got "
+                             f"{self.preference.feature_layer}")
+        weights = self.method.weights
+        if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"method.weights must be finite, nonnegative and not all 0, got {list(weights)}")
         if not 0.0 <= self.method.threshold <= 1.0:
             raise ValueError(f"method.threshold must be in [0, 1], got {self.method.threshold}")
         if not 0.0 <= self.method.threshold + self.dual.margin <= 1.0:

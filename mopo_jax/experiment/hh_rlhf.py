@@ -181,9 +181,28 @@ def _load_model(name: str, dtype: str, param_dtype: str, remat: str, attention: 
 
 def _base_model(config: ExperimentConfig, mesh):
     """The pretrained model, its parameters placed on ``mesh`` (read once per process, placed once per mesh:
-    parameters are immutable arrays)."""
+    parameters are immutable arrays). The settings that depend on the model are checked here, before anything
+    runs on it."""
     spec = config.model
-    return _load_model(spec.name, spec.dtype, spec.param_dtype, spec.remat, spec.attention, mesh)
+    model_config, params = _load_model(spec.name, spec.dtype, spec.param_dtype, spec.remat, spec.attention, mesh)
+    _check_model_settings(config, model_config)
+    return model_config, params
+
+
+def _check_model_settings(config: ExperimentConfig, model_config) -> None:
+    """``ValueError`` naming the key when a setting does not fit the model (its blocks, its context)."""
+    blocks = model_config.n_layers
+    if config.preference.feature_layer > blocks:
+        raise ValueError(f"preference.feature_layer={config.preference.feature_layer}: {config.model.name} has "
+                         f"{blocks} blocks; choose a layer in [1, {blocks}]")
+    if config.model.trainable_top_layers >= blocks:
+        raise ValueError(f"model.trainable_top_layers={config.model.trainable_top_layers}: {config.model.name} has "
+                         f"{blocks} blocks and at least one stays frozen below the trained ones; choose at most "
+                         f"{blocks - 1} (or 0 with model.lora_rank, or 0 to train every parameter)")
+    length = config.data.max_prompt_tokens + config.data.max_response_tokens
+    if length > model_config.max_seq_len:
+        raise ValueError(f"data.max_prompt_tokens + data.max_response_tokens = {length}: {config.model.name} "
+                         f"takes sequences of at most {model_config.max_seq_len} tokens")
 
 
 def _feature_batch_size(mesh, preferred: int = 32) -> int:
