@@ -316,6 +316,13 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"mopo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FileNotFoundError as error:
+        from mopo_jax.models.weights import ModelUnavailable
+
+        if not isinstance(error, ModelUnavailable):
+            raise
+        print(f"mopo {args.command}: error: model: {error}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as error:
         extra = EXTRA_OF_COMMAND.get(args.command, "all")
         print(f"mopo {args.command}: error: {error}; this command needs the {extra!r} extra: "

