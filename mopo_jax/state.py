@@ -326,6 +326,14 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
 
     def update(state: MOPOState, win_rates, ref_log_probs=None, candidate_mask=None, prompt_weights=None):
         validation.check_unit_interval("win_rates", win_rates)
+        # K = 1 + the state's constraints: a mismatch is named here, not left to a dot_general inside jit.
+        sizes = validation.check_array_shape("win_rates", win_rates, ("K", "X", "N"),
+                                             {"K": jnp.shape(state.multipliers)[0] + 1})
+        for name, value, expected in (("ref_log_probs", ref_log_probs, ("X", "N")),
+                                      ("candidate_mask", candidate_mask, ("X", "N")),
+                                      ("prompt_weights", prompt_weights, ("X",))):
+            if value is not None:
+                validation.check_array_shape(name, value, expected, sizes)
         win_rates = jnp.asarray(win_rates, jnp.float32)
         if ref_log_probs is None:
             base = objectives.masked_log_normalize(jnp.zeros(win_rates.shape[1:], jnp.float32), candidate_mask)

@@ -180,6 +180,12 @@ def test_update_compiles_once_for_new_values_of_the_same_shape():
         (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([-0.1])), "thresholds"),
         (lambda p, r: mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5, 1.1])), "thresholds"),
         (lambda p, r: mj.ratchet_thresholds(jnp.array([0.5]), jnp.array([0.6]), 1.5), "ratchet_beta"),
+        # Three objectives' win rates against a one-constraint state (K = 2): named, not a dot_general error.
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).update(mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5])),
+                                                       np.full((3, 4, 5), 0.5)), r"win_rates .*K = 2"),
+        (lambda p, r: mj.mopo(mj.MOPOConfig()).update(mj.mopo(mj.MOPOConfig()).init(jnp.array([0.5])),
+                                                       np.full((2, 4, 5), 0.5), ref_log_probs=np.zeros((4, 6))),
+         "ref_log_probs"),
     ],
 )
 def test_boundary_value_errors(call, fragment):
