@@ -104,3 +104,32 @@ def test_an_unknown_model_name_is_one_line(tiny_work_dir, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "smollm3-typo" in errors[0] and "model" in errors[0], errors
     assert not run_dir.exists()
+
+
+def test_a_source_too_small_for_the_splits(tmp_path, capsys):
+    """A source whose prompts leave a split empty stops with one line naming the source and the split (not a
+    reshape error); a split smaller than its cap is reported with the cap's key."""
+    import gzip
+
+    from mopo_jax.configs import load_config
+    from mopo_jax.data.hh_rlhf import HHRLHFWarning
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import prepare_data
+
+    small = tmp_path / "hh3"
+    small.mkdir()
+    for subset in ("helpful-base", "harmless-base"):
+        with gzip.open(Path(DATA) / f"{subset}-test.jsonl.gz", "rt") as source:
+            lines = [next(source) for _ in range(3)]
+        with gzip.open(small / f"{subset}-test.jsonl.gz", "wt") as out:
+            out.writelines(lines)
+    run_dir = tmp_path / "run"
+    assert _train(tmp_path / "work", run_dir, f"data.source={small}", "method.name=dpo_helpful") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(small) in errors[0] and "split has no pair" in errors[0], errors
+    assert not run_dir.exists()
+
+    config = load_config(ExperimentConfig, str(CONFIG), [f"work_dir={tmp_path / 'work2'}", f"data.source={DATA}",
+                                                         "data.policy_pairs=100000"])
+    with pytest.warns(HHRLHFWarning, match=r"data.policy_pairs=100000: the policy_train split has only \d+"):
+        prepare_data(config)

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ import numpy as np
 import yaml
 
 from mopo_jax import storage
+from mopo_jax.data.hh_rlhf import HHRLHFWarning
 from mopo_jax.experiment.config import ExperimentConfig
 from mopo_jax.training import sharding
 
@@ -146,8 +148,17 @@ def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
     splits = split_by_prompt(loaded.subsets, salt=config.data.split_salt)
     tokenizer = load_tokenizer(config.model.name)
     arrays, reports = {}, {"load": loaded.report.to_dict()}
+    source = config.data.pairs.source if config.data.format == "pairs" else config.data.source
     for split, cap_field in SPLIT_CAPS.items():
-        rows = _balanced(splits[split], getattr(config.data, cap_field))
+        cap = getattr(config.data, cap_field)
+        if len(splits[split]) == 0:
+            raise ValueError(f"data.source={source}: the {split} split has no pair (the pairs are split by prompt "
+                             f"into {', '.join(SPLIT_CAPS)}; {sum(len(v) for v in splits.values())} pairs in all): "
+                             "the source is too small for this experiment")
+        rows = _balanced(splits[split], cap)
+        if len(rows) < cap:
+            warnings.warn(f"data.{cap_field}={cap}: the {split} split has only {len(rows)} usable pairs in "
+                          f"{source}; the run uses those", HHRLHFWarning, stacklevel=2)
         arrays[split], report = format_and_tokenize(
             rows, tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens
         )
