@@ -48,8 +48,16 @@ def is_primary() -> bool:
 def _write_bytes(destination: epath.Path, payload: bytes) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temporary.write_bytes(payload)
-    temporary.replace(destination)
+    try:
+        temporary.write_bytes(payload)
+        temporary.replace(destination)
+    except BaseException:
+        # A full disk or an interrupt mid-write: leave neither a half-written file nor its space behind.
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        raise
 
 
 def jsonable(value):

@@ -133,3 +133,25 @@ def test_a_source_too_small_for_the_splits(tmp_path, capsys):
                                                          "data.policy_pairs=100000"])
     with pytest.warns(HHRLHFWarning, match=r"data.policy_pairs=100000: the policy_train split has only \d+"):
         prepare_data(config)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while a file (e.g. the policy) is written: the old file stays whole and the partial temporary
+    file is removed, not left taking the space."""
+    import errno
+
+    from mopo_jax import storage
+
+    target = tmp_path / "policy.npz"
+    storage.save_bytes(target, b"old")
+    cls = type(storage.path(target))
+    original = cls.write_bytes
+
+    def full_disk(self, data):
+        original(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cls, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        storage.save_bytes(target, b"x" * 4096)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["policy.npz"]
