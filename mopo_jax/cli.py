@@ -137,12 +137,16 @@ def _eval(args) -> int:
 
     # Every run that can be evaluated is; the others are named at the end (exit 2), none stops the rest. Each
     # process meets the same failure (the same files), so a multi-process job stays in step.
+    overrides = [token for token in args.run_dirs if "=" in token]
+    run_dirs = [token for token in args.run_dirs if "=" not in token]
+    if not run_dirs:
+        raise ValueError("mopo eval: give at least one run directory")
     failed = []
-    for run_dir in args.run_dirs:
+    for run_dir in run_dirs:
         try:
             if storage.is_local(run_dir) and os.path.isdir(run_dir) and not os.access(run_dir, os.W_OK):
                 raise ValueError(f"{run_dir} is not writable: eval.json could not be saved there")
-            result = evaluate_run(run_dir, _mesh_overrides(args.mesh))
+            result = evaluate_run(run_dir, [*overrides, *_mesh_overrides(args.mesh)])
         except (ValueError, OSError) as error:
             failed.append(run_dir)
             print(f"mopo eval: {run_dir}: {error}", file=sys.stderr)
@@ -154,7 +158,7 @@ def _eval(args) -> int:
                               "judged_win_rate": evaluation["win_rate"],
                               "constraint": result["constraint_verdict"]}))
     if failed:
-        print(f"mopo eval: error: {len(failed)} of {len(args.run_dirs)} runs not evaluated: {', '.join(failed)}",
+        print(f"mopo eval: error: {len(failed)} of {len(run_dirs)} runs not evaluated: {', '.join(failed)}",
               file=sys.stderr)
         return 2
     return 0
@@ -238,8 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compilation_cache_arguments(train)
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate trained runs (writes RUN_DIR/eval.json)")
-    evaluate.add_argument("run_dirs", nargs="+")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate trained runs (writes RUN_DIR/eval.json)",
+        description="Evaluates each RUN_DIR with its stored config; key=value arguments override how it is evaluated "
+        "(eval.*, mesh.*, work_dir), never what was trained.")
+    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR | key=value")
     _add_job_arguments(evaluate)
     _add_compilation_cache_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)

@@ -60,6 +60,12 @@ def test_eval_evaluates_every_run_it_can_and_names_the_others(tiny_work_dir, tmp
     assert f"{untrained}:" in errors and "1 of 2 runs not evaluated" in errors
     assert (run_dir / "eval.json").exists()  # the run after the broken one was evaluated
 
+    # How it is evaluated may change (eval.*), what it trained may not.
+    assert main(["eval", str(run_dir), "eval.max_new_tokens=4"]) == 0
+    assert json.loads((run_dir / "eval.json").read_text())["evaluation"]["settings"]["max_new_tokens"] == 4
+    assert main(["eval", str(run_dir), "optimizer.learning_rate=1.0"]) == 2
+    assert "optimizer.learning_rate cannot change at evaluation" in capsys.readouterr().err
+
 
 def test_one_job_per_run_directory(tiny_work_dir, tmp_path, capsys):
     import os

@@ -575,6 +575,8 @@ def _method(config: ExperimentConfig):
 #: Fields that may differ between the runs of one run directory: where things live, how the devices are arranged,
 #: how long it trains and how it is evaluated. Anything else defines another run.
 RUN_INDEPENDENT_FIELDS = ("run_dir", "work_dir", "mesh", "eval", "training.steps", "training.save_every")
+#: What ``mopo eval`` may override in a run's stored config: how it is evaluated, never what was trained.
+EVAL_OVERRIDE_FIELDS = ("work_dir", "mesh", "eval")
 
 
 def _flat_fields(mapping: dict, prefix: str = "") -> dict[str, Any]:
@@ -902,6 +904,11 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     from mopo_jax.evaluation.preference_models import response_features
     from mopo_jax.models import join_layers
 
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if not any(key == f or key.startswith(f + ".") for f in EVAL_OVERRIDE_FIELDS):
+            raise ValueError(f"{key} cannot change at evaluation (only eval.*, mesh.* and work_dir can): it is "
+                             f"part of what {run_dir} trained; train another run")
     config = load_run_config(run_dir, overrides)
     mesh = experiment_mesh(config, check_training_batch=False)
     data = prepare_data(config)
