@@ -138,28 +138,21 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
     thresholds = ("0.51", "0.525", "0.54", "0.555")
     dual = {"dual.source": "policy_samples", "dual.prompts": "32", "dual.samples": "2", "dual.every": "4",
             "mopo.estimate_window": "1"}
-    for plan, prefix, seed in (("dual", "dual/", "0"), ("dualseed1", "dualseed1/", "1"),
-                               ("dualseed2", "dualseed2/", "2")):
+    margin = {"dual.margin": "0.015"}
+    for plan, prefix, seed, run, extra in (
+            ("dual", "dual/", "0", "mopo_b", {}), ("dualseed1", "dualseed1/", "1", "mopo_b", {}),
+            ("dualseed2", "dualseed2/", "2", "mopo_b", {}), ("dualmargin", "dualmargin/", "0", "mopo_m0.015_b", margin),
+            ("dualmarginseed1", "dualmarginseed1/", "1", "mopo_m0.015_b", margin),
+            ("dualmarginseed2", "dualmarginseed2/", "2", "mopo_m0.015_b", margin)):
         result, root, calls = _plan(tmp_path / plan, f"cpu-small-{plan}", python_dir)
         assert result.returncode == 0, result.stderr
         runs = _trained(calls, root)
-        assert set(runs) == {f"{prefix}mopo_b{b}" for b in thresholds}
+        assert set(runs) == {f"{prefix}{run}{b}" for b in thresholds}
         for b in thresholds:
-            assert runs[f"{prefix}mopo_b{b}"] == {"method.name": "mopo_pairwise", "method.threshold": b,
-                                                  "mopo.multiplier_lr": "8.0", "seed": seed, **dual}
+            assert runs[f"{prefix}{run}{b}"] == {"method.name": "mopo_pairwise", "method.threshold": b,
+                                                  "mopo.multiplier_lr": "8.0", "seed": seed, **dual, **extra}
         evaluated = next(c for c in calls if c[0] == "eval")[1:]
         assert sorted(evaluated) == sorted(str(root / name) for name in runs)
-
-    for plan, prefix, seed in (("dualmargin", "dualmargin/", "0"), ("dualmarginseed1", "dualmarginseed1/", "1"),
-                               ("dualmarginseed2", "dualmarginseed2/", "2")):
-        result, root, calls = _plan(tmp_path / plan, f"cpu-small-{plan}", python_dir)
-        assert result.returncode == 0, result.stderr
-        runs = _trained(calls, root)
-        assert set(runs) == {f"{prefix}mopo_m0.015_b{b}" for b in thresholds}
-        for b in thresholds:
-            assert runs[f"{prefix}mopo_m0.015_b{b}"] == {
-                "method.name": "mopo_pairwise", "method.threshold": b, "mopo.multiplier_lr": "8.0",
-                "dual.margin": "0.015", "seed": seed, **dual}
 
     result, root, calls = _plan(tmp_path / "dualhuman", "cpu-small-dualhuman", python_dir)
     runs = _trained(calls, root)

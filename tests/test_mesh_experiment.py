@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 
 from lm_assets import HH_DATA as DATA, needs_hh_data, needs_smollm2
 from mopo_jax.training import distributed
+from processes import communicate, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "experiments" / "configs" / "hh_tiny.yaml"
@@ -128,12 +128,6 @@ def test_eval_same_numbers_on_two_meshes(runs):
     assert first["response_length"] == second["response_length"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two_processes(work_dir: Path, run_dir: Path, plugin_dir: Path, mesh: str = "data=2,fsdp=4",
                           local_devices: int = 4, signal_at: int | None = None, signal_name: str = "TERM",
                           signal_process: int | None = None, signal_after: Path | None = None,
@@ -141,7 +135,7 @@ def _launch_two_processes(work_dir: Path, run_dir: Path, plugin_dir: Path, mesh:
     """Two `mopo train` processes (gloo) of one job on ``mesh``, ``local_devices`` CPU devices each; with
     ``signal_at`` the data source of process ``signal_process`` (of both without it) sends SIG``signal_name`` to
     itself as it draws batch ``signal_at`` (once ``signal_after`` exists, if given). Returns ``[(exit status, output)]`` per process."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(plugin_dir), str(REPO), os.environ.get("PYTHONPATH", "")]))
     for name in ("MOPO_TEST_SIGNAL_AT", "MOPO_TEST_SIGNAL", "MOPO_TEST_SIGNAL_PROCESS", "MOPO_TEST_SIGNAL_AFTER"):
@@ -159,13 +153,7 @@ def _launch_two_processes(work_dir: Path, run_dir: Path, plugin_dir: Path, mesh:
         env=env, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = []
     for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            out, _ = proc.communicate()
-            pytest.fail(f"a process of the two-process job on {mesh} still ran after {timeout_s} s:\n{out[-3000:]}")
+        out, _ = communicate(proc, procs, timeout_s, f"a process of the two-process job on {mesh}")
         outputs.append((proc.returncode, out))
     return outputs
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from mopo_jax.training import distributed
+from processes import communicate, free_port
 
 TIMEOUT_S = 240
 # data=2 across the two processes is covered through the command line (tests/test_mesh_experiment.py).
@@ -90,12 +90,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(script: Path, process_id: int, num_processes: int, port: int, local_devices: int) -> subprocess.Popen:
     """``worker.py PROCESS_ID NUM_PROCESSES PORT MESHES OUT_DIR`` with ``local_devices`` simulated CPU devices."""
     env = dict(os.environ)
@@ -110,13 +104,7 @@ def _launch(script: Path, process_id: int, num_processes: int, port: int, local_
 
 
 def _result(proc: subprocess.Popen, name: str, procs) -> dict:
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{name} timed out after {TIMEOUT_S}s\nstdout:\n{out}\nstderr (tail):\n{err[-4000:]}")
+    out, err = communicate(proc, procs, TIMEOUT_S, name)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         for p in procs:
@@ -132,7 +120,7 @@ def _result(proc: subprocess.Popen, name: str, procs) -> dict:
 def test_two_processes_match_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     pair = [_launch(script, 0, 2, port, 2), _launch(script, 1, 2, port, 2)]
     first, second = (_result(p, f"process {i} of 2", pair) for i, p in enumerate(pair))
     reference = _launch(script, 0, 1, 0, 4)  # one process, 4 devices (after the pair: 2 CPU cores)
