@@ -36,11 +36,13 @@ def _synthetic(args) -> int:
         overrides.append(f"tau={args.tau}")
     config = load_config(SyntheticConfig, args.config, overrides)
     if args.problem:
-        run_user_problem(args.problem, args.thresholds, config, args.out)
+        # A problem's results go under its own name, never over the benchmark's runs/synthetic/results.json.
+        out = args.out or os.path.join("runs", "synthetic", os.path.splitext(os.path.basename(args.problem))[0])
+        run_user_problem(args.problem, args.thresholds, config, out)
     else:
         if args.thresholds is not None:
             raise ValueError("--thresholds applies to --problem; the built-in structures use their own sweeps")
-        run_benchmark(config, args.out)
+        run_benchmark(config, args.out or os.path.join("runs", "synthetic"))
     return 0
 
 
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every canonical preference structure and method, or solves --problem FILE. "
         "Extra key=value arguments override fields of SyntheticConfig (e.g. steps=1000 structures=bt_aligned).",
     )
-    synthetic.add_argument("--out", default="runs/synthetic", help="output directory (results.json, plots)")
+    synthetic.add_argument("--out", default=None, help="output directory (results.json, plots) [runs/synthetic; "
+                           "with --problem P: runs/synthetic/P's file name without its extension]")
     synthetic.add_argument("--problem", help=".npz with pref [K,X,N,N] (NaN = unlabeled), ref [X,N], "
                            "optional mu [X,N], prompt_weights [X]")
     synthetic.add_argument("--tau", type=float, help="KL temperature (default 0.08)")

@@ -106,6 +106,18 @@ def test_user_problem_without_a_feasible_threshold_writes_statuses(tmp_path, cas
     assert points and all(p["status"] in ("feasible", "infeasible") for p in points), points
 
 
+def test_a_user_problem_writes_under_its_own_name(tmp_path, monkeypatch):
+    from mopo_jax import cli
+    from mopo_jax.synthetic import problems
+
+    path = tmp_path / "my_problem.npz"
+    problems.save_problem(problems.make_bt_conflicting(num_prompts=3, num_candidates=4), path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["synthetic", "--problem", str(path), "plots=false", "steps=2"]) == 0
+    assert (tmp_path / "runs" / "synthetic" / "my_problem" / "results.json").exists()
+    assert not (tmp_path / "runs" / "synthetic" / "results.json").exists()
+
+
 @pytest.mark.parametrize("override, field", [("tolerance=-1", "tolerance"), ("tolerance=nan", "tolerance"),
                                              ("steps=0", "steps"), ("steps=-5", "steps")])
 def test_synthetic_config_validates_fields(override, field):
