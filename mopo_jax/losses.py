@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mopo_jax import validation
 
@@ -239,6 +240,11 @@ def mopo_pairwise_loss(
                                 ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected),
                                 ("valid_mask", valid_mask), ("weights", weights)))
     sizes = validation.check_array_shape("win_rate_margins", win_rate_margins, ("B", "K"), sizes)
+    if validation.is_concrete(win_rate_margins):  # margins w - w' = P - 1/2 lie in [-1/2, 1/2]; raw P does not
+        margins = np.asarray(win_rate_margins, np.float64)
+        if (np.abs(margins[~np.isnan(margins)]) > 0.5 + 1e-6).any():
+            raise ValueError(f"win_rate_margins must be win-rate margins in [-1/2, 1/2] (P - 1/2 for a pair, "
+                             f"mj.pairwise_win_rate_margins), got a value of {np.nanmax(np.abs(margins)):.6g}")
     validation.check_array_shape("multipliers", multipliers, (sizes["K"] - 1,), sizes)
     if label_mask is not None:
         validation.check_array_shape("label_mask", label_mask, ("B", "K"), sizes)

@@ -338,6 +338,8 @@ def pairwise_value_samples(
     """
     sizes = validation.check_array_shape("policy_log_ratios", policy_log_ratios, ("B", 2), {})
     sizes = validation.check_array_shape("preference_probs", preference_probs, ("B", "K"), sizes)
+    # Probabilities P, not the loss's margins P - 1/2 (which are negative for half the pairs): NaN where unlabelled.
+    validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
     if label_mask is not None:
         validation.check_array_shape("label_mask", label_mask, ("B", "K"), sizes)
     if valid_mask is not None:

@@ -171,13 +171,24 @@ PAIR_FIELDS = {
 PAIR_OPTIONAL = {"pair_weights": Field(("B",), "float32")}
 
 
+def response_valid(batch: dict) -> Array:
+    """``[B, S]`` ``batch["response_valid"]``, which the trainer adds (a composing user's loop too: True where the
+    response has a scored token, e.g. ``completion_mask.any(-1)``); its absence is named, not a bare KeyError."""
+    if "response_valid" not in batch:
+        raise ValueError("batch has no 'response_valid' [B, S]: the trainer adds it to every batch (True where a "
+                         "response has at least one scored token, e.g. completion_mask.any(-1))")
+    return jnp.asarray(batch["response_valid"], bool)
+
+
 def pair_valid(batch: dict) -> Array:
     """``[B]`` True where both responses of the pair have a scored token."""
-    valid = jnp.asarray(batch["response_valid"], bool)
+    valid = response_valid(batch)
     return valid[:, 0] & valid[:, 1]
 
 
 def _pair_args(log_probs: ResponseLogProbs):
+    if log_probs.reference is None:
+        raise ValueError("this objective needs the reference's log-probabilities: ResponseLogProbs.reference is None")
     return log_probs.policy[:, 0], log_probs.policy[:, 1], log_probs.reference[:, 0], log_probs.reference[:, 1]
 
 
@@ -423,8 +434,12 @@ class _MOPO(Objective):
     dual: str = "batch"
 
     def __post_init__(self):
-        if isinstance(self.thresholds, list):  # hashable, so the objective can be static configuration of a jit
-            object.__setattr__(self, "thresholds", tuple(self.thresholds))
+        # One float per constraint, as a tuple: hashable, so the objective can be static configuration of a jit.
+        # (Elements may be traced: the tabular trainer vmaps over thresholds.)
+        thresholds = self.thresholds
+        if isinstance(thresholds, (int, float)) or (hasattr(thresholds, "ndim") and thresholds.ndim == 0):
+            thresholds = (thresholds,)
+        object.__setattr__(self, "thresholds", tuple(thresholds))
         if not isinstance(self.mopo, MOPOConfig):
             raise ValueError(f"{type(self).__name__}.mopo must be a MOPOConfig, got {type(self.mopo).__name__}")
         validation.check_unit_interval(f"{type(self).__name__}.thresholds", self.thresholds)
@@ -441,6 +456,14 @@ class _MOPO(Objective):
     @property
     def labels_read(self) -> tuple[int, ...]:
         return tuple(range(len(self.thresholds) + 1))  # the primary and every constrained secondary
+
+    def check_batch(self, batch: dict, where: str = "batch") -> dict:
+        sizes = super().check_batch(batch, where)
+        if "K" in sizes and sizes["K"] != len(self.thresholds) + 1:
+            raise ValueError(f"{where}: {sizes['K']} objectives' labels for {len(self.thresholds)} threshold(s): "
+                             f"{type(self).__name__} needs K = {len(self.thresholds) + 1} (the primary and one per "
+                             "threshold)")
+        return sizes
 
     @property
     def transformation(self):
@@ -569,7 +592,7 @@ class MOPOCandidates(_MOPO):
 
     def _pool(self, batch, reference):
         """Win rates ``[K, b, N]``, the base ``log pi_ref`` of the closed form ``[b, N]`` and the pool mask."""
-        mask = jnp.asarray(batch["response_valid"], bool)
+        mask = response_valid(batch)
         preferences = jnp.moveaxis(jnp.asarray(batch["candidate_preferences"], jnp.float32), 1, 0)
         labels = jnp.moveaxis(jnp.asarray(batch["candidate_label_mask"], bool), 1, 0)
         if self.candidates == "sampled":
@@ -596,7 +619,7 @@ class MOPOCandidates(_MOPO):
     def _estimate(self, state, batch, aux):
         return self.transformation.estimate_from_candidates(
             state, aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0), aux["base"],
-            jnp.asarray(batch["response_valid"], bool), batch.get("prompt_weights"))
+            response_valid(batch), batch.get("prompt_weights"))
 
 
 

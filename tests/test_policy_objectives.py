@@ -305,3 +305,30 @@ def test_user_objective_trains_through_the_sharded_step_and_the_loop(tmp_path):
     state, history = train(MODEL, config, params, batches, 3, mesh, checkpoints)
     assert [h["step"] for h in history] == [3] and int(state.objective_state["steps"]) == 3
     np.testing.assert_allclose(history[0]["loss"], single[2]["loss"], rtol=1e-5)
+
+
+def test_the_public_api_names_misuse_at_the_boundary():
+    """What a composing user gets wrong is named where it happens, not a KeyError, a TypeError or a silent number."""
+    log_probs, _, _ = _log_probs(0)
+    batch = _pair_batch()
+    # A single threshold given as a number is one constraint.
+    assert po.MOPOPairwise(mj.MOPOConfig(), thresholds=0.5).thresholds == (0.5,)
+    # Three objectives' labels for one threshold.
+    objective = po.MOPOPairwise(mj.MOPOConfig(), thresholds=(0.5,))
+    three = {**batch, "preference_probs": np.full((10, 3), 0.5, np.float32), "label_mask": np.ones((10, 3), bool)}
+    with pytest.raises(ValueError, match="3 objectives' labels for 1 threshold"):
+        objective.check_batch(three)
+    # The trainer's response_valid left out of a user's batch.
+    dpo = po.DPO(beta=0.1)
+    without = {k: v for k, v in batch.items() if k != "response_valid"}
+    with pytest.raises(ValueError, match="no 'response_valid'"):
+        dpo.loss((), without, log_probs)
+    # No reference log-probabilities for an objective that reads them.
+    with pytest.raises(ValueError, match="ResponseLogProbs.reference is None"):
+        dpo.loss((), batch, log_probs._replace(reference=None))
+    # A probability outside [0, 1] for the estimator; raw P where the loss takes margins P - 1/2.
+    with pytest.raises(ValueError, match="preference_probs: value 1.7"):
+        mj.pairwise_objective_values(np.zeros((2, 2), np.float32), np.array([[1.7, 0.5], [0.5, 0.5]], np.float32))
+    h = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"win_rate_margins must be win-rate margins in \[-1/2, 1/2\]"):
+        mj.mopo_pairwise_loss(h, h, h, h, np.full((4, 2), 0.9, np.float32), np.zeros(1, np.float32), 0.1)
