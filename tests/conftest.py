@@ -21,3 +21,42 @@ def tiny_work_dir(tmp_path_factory):
     that needs them and read by the others, as runs of one experiment share them."""
     return tmp_path_factory.mktemp("tiny_shared")
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_what_the_module_built():
+    """After each module: drop JAX's compiled programs and the experiment's in-process model caches, so a pytest
+    worker's memory is that of the module it runs, not the sum of every module it ran before (two workers share
+    this machine's memory with the multi-process tests' subprocesses)."""
+    yield
+    import gc
+    import sys
+
+    experiment = sys.modules.get("mopo_jax.experiment.hh_rlhf")
+    if experiment is not None:
+        for cached in (experiment._load_model, experiment._load_host_model):
+            cached.cache_clear()
+    tokenizer = sys.modules.get("mopo_jax.models.tokenizer")
+    if tokenizer is not None:
+        for name in ("_hf_tokenizer", "_gguf_tokenizer"):
+            getattr(tokenizer, name).cache_clear()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+
+
+_MEMORY_LOG = os.environ.get("MOPO_TEST_MEMORY_LOG")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """With MOPO_TEST_MEMORY_LOG=FILE, one line per test: the process's peak resident memory after it (MiB) and
+    the test, to find what raises a worker's peak."""
+    yield
+    if _MEMORY_LOG:
+        import resource
+
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        children_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        with open(_MEMORY_LOG, "a") as handle:
+            handle.write(f"{peak_mib:.0f}\t{children_mib:.0f}\t{os.getpid()}\t{item.nodeid}\n")
