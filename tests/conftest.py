@@ -23,12 +23,9 @@ def tiny_work_dir(tmp_path_factory):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _free_what_the_module_built():
-    """After each module: drop JAX's compiled programs and the experiment's in-process model caches, so a pytest
-    worker's memory is that of the module it runs, not the sum of every module it ran before (two workers share
-    this machine's memory with the multi-process tests' subprocesses)."""
-    yield
+def free_memory() -> None:
+    """Drops JAX's compiled programs and the experiment's in-process model and tokenizer caches (whatever of them
+    is loaded), so a test process holds what the current work needs, not everything it ran before."""
     import gc
     import sys
 
@@ -43,6 +40,19 @@ def _free_what_the_module_built():
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_what_the_module_built():
+    """After each module (two workers share this machine's memory with the multi-process tests' subprocesses)."""
+    yield
+    free_memory()
+
+
+@pytest.fixture(scope="session")
+def release_memory():
+    """``free_memory`` for a test or fixture that builds several large things in turn."""
+    return free_memory
 
 
 _MEMORY_LOG = os.environ.get("MOPO_TEST_MEMORY_LOG")
