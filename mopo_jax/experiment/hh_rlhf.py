@@ -504,10 +504,14 @@ class RunContext:
         for k in objective.labels_read:
             if k >= labelled.shape[0] or labelled[k] == 0:
                 role = "constrains" if k > 0 and getattr(objective, "thresholds", None) else "trains on"
+                data = self.config.data
+                labels = data.pairs.columns.labels
+                where = (f"data.pairs.source={data.pairs.source}, label column "
+                         f"{labels[k] if k < len(labels) else '(none)'!r} (data.pairs.columns.labels)"
+                         if data.format == "pairs" else f"data.subsets={list(data.subsets)}, data.source={data.source}")
                 raise ValueError(
                     f"method.name={self.config.method.name}: no policy-train pair carries a {OBJECTIVES[k]} label, "
-                    f"which the method {role} (objective {k}); data.subsets={list(self.config.data.subsets)}, "
-                    f"data.source={self.config.data.source}: add the subset or label column that gives "
+                    f"which the method {role} (objective {k}); {where}: add the subset or label column that gives "
                     f"{OBJECTIVES[k]} pairs")
         wanted = {"tokens", "completion_mask", "attention_mask", "inputs_hidden", "ref_log_probs", *objective.fields,
                   *objective.optional_fields}
