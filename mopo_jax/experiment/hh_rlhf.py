@@ -616,17 +616,18 @@ def _plain_config(config: ExperimentConfig) -> dict:
     return json.loads(json.dumps(_as_plain(dataclasses.asdict(config))))  # tuples as lists, as YAML stores them
 
 
-def _check_run_dir(config: ExperimentConfig, force_new: bool) -> None:
+def _check_run_dir(config: ExperimentConfig, force_new: bool) -> list[str] | None:
     """Raises ``ValueError`` (touching nothing) when ``run_dir`` holds a run of another configuration and
-    ``force_new`` does not ask to move it aside."""
+    ``force_new`` does not ask to move it aside; returns :func:`_stored_config_diff`."""
     diff = _stored_config_diff(config)
     if not diff:
-        return
+        return diff
     if not force_new:
         raise ValueError(f"{config.run_dir} holds a run of another configuration ({'; '.join(diff)}); resume it "
                          "with its own config, choose a new run_dir, or pass --force-new to move it aside")
     if not storage.is_local(config.run_dir):
         raise ValueError(f"--force-new cannot move a remote run directory ({config.run_dir}); choose a new run_dir")
+    return diff
 
 
 def _claim_run_dir(config: ExperimentConfig, force_new: bool) -> None:
@@ -634,8 +635,7 @@ def _claim_run_dir(config: ExperimentConfig, force_new: bool) -> None:
     ``force_new``, the old run is moved aside first. Raises ``ValueError`` (touching nothing) on a mismatch. The
     stored config follows the settings that do not make another run (``training.steps``, the mesh, ...), so it
     says what the run was last trained with."""
-    _check_run_dir(config, force_new)
-    if _stored_config_diff(config):  # force_new: checked above
+    if _check_run_dir(config, force_new):  # another run, and force_new (checked) moves it aside
         if storage.is_primary():
             aside = f"{os.path.normpath(config.run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(config.run_dir, aside)

@@ -7,6 +7,7 @@ imported lazily inside the functions.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Callable
@@ -464,8 +465,7 @@ class LazyTensor:
         self.ndim = len(self.shape)
 
     def astype(self, dtype) -> "LazyTensor":
-        out = LazyTensor.__new__(LazyTensor)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.dtype = np.dtype(dtype)
         return out
 
