@@ -654,8 +654,6 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
     when ``run_dir`` holds a run of another configuration (unless ``force_new``: see :func:`_claim_run_dir`) and
     :class:`mopo_jax.training.loop.NonFiniteError` when a step goes non-finite (nothing of it saved).
     """
-    from mopo_jax.training import CheckpointConfig, policy_params, train
-
     method = _method(config)
     mesh = experiment_mesh(config)
     run_dir = storage.path(config.run_dir)
