@@ -217,11 +217,19 @@ def test_gold_protocol_relabels_the_policy_pairs_with_the_gold_models(pipeline):
     np.testing.assert_array_equal(sampled.policy_pairs()["preference_probs"], sampled_pairs["preference_probs"])
 
 
+def _pipeline_splits(work_dir):
+    """The tokenized splits the pipeline's runs trained on, read through their content-keyed cache (other modules'
+    runs share the work directory with other data settings, so the cache is found by key, not by listing)."""
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment.config import ExperimentConfig
+    from mopo_jax.experiment.hh_rlhf import prepare_data
+
+    return prepare_data(load_config(ExperimentConfig, str(CONFIG), [f"work_dir={work_dir}", f"data.source={DATA}"]))
+
+
 def test_labelers_and_judges_are_trained_on_disjoint_prompts(pipeline):
     _, _, evaluated, work_dir = pipeline
-    (data_dir,) = work_dir.glob("data-*")  # one data setting: one content-keyed cache
-    data = {split: np.load(data_dir / f"{split}.npz") for split in ("labeler_train", "judge_train",
-                                                                                     "eval", "policy_train")}
+    data = _pipeline_splits(work_dir)
     prompts = {split: {tuple(row[mask > 0]) for row, mask in zip(d["prompt_tokens"], d["prompt_mask"])}
                for split, d in data.items()}
     assert not prompts["labeler_train"] & prompts["judge_train"]
@@ -239,8 +247,7 @@ def test_dual_prompts_are_distinct_balanced_and_apart_from_training_and_evaluati
     from mopo_jax.experiment.policy_samples import dual_prompt_rows
 
     _, _, _, work_dir = pipeline
-    (data_dir,) = work_dir.glob("data-*")
-    data = {split: np.load(data_dir / f"{split}.npz") for split in ("labeler_train", "eval", "policy_train")}
+    data = _pipeline_splits(work_dir)
     labeler = data["labeler_train"]
     rows = dual_prompt_rows(labeler["prompt_tokens"], labeler["objective"], 6)
     prompt = lambda d, r: tuple(d["prompt_tokens"][r][d["prompt_mask"][r] > 0])  # noqa: E731
