@@ -84,6 +84,7 @@ def test_non_finite_step_stops_without_saving_it(tmp_path):
     ("optimizer.learning_rate=.inf", "learning_rate"), ("optimizer.learning_rate=-1.0", "learning_rate"),
     ("dpo.beta=-0.1", "DPO.beta"), ("mopo.tau=0", "MOPOConfig.tau"), ("training.steps=-1", "training.steps"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens"), ("onpolicy.temperature=-1.0", "onpolicy.temperature"),
+    ("onpolicy.policy_step=bc", "onpolicy.policy_step"),
     ("data.policy_pairs=0", "data.policy_pairs"), ("preference.l2_grid=[nan]", "preference.l2_grid"),
     ("preference.cv_folds=0", "preference.cv_folds"), ("preference.feature_layer=0", "preference.feature_layer"),
     ("method.weights=[nan, nan]", "method.weights"), ("method.weights=[0, 0]", "method.weights"),

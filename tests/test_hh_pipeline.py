@@ -79,7 +79,8 @@ def pipeline(tmp_path_factory, tiny_work_dir):
                              "mopo.multiplier_lr=2.0"],
         "user_plugin": ["plugins=[mopo_user_plugin]", "method.name=slic_harmless"],
         "mopo_onpolicy_gold": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
-                               "onpolicy.candidates=2", "preference.protocol=gold"],
+                               "onpolicy.candidates=2", "preference.protocol=gold", "onpolicy.policy_step=pairwise",
+                               "dual.source=policy_samples", "dual.prompts=4", "dual.samples=2", "dual.every=1"],
     }
     try:
         for name, overrides in runs.items():
@@ -133,6 +134,14 @@ def test_policy_sample_dual_drives_the_multipliers(pipeline):
         assert "secondary_estimates_plain" in record  # the pairs' estimate, logged beside it
     summary = json.load(open(root / "mopo_policy_dual" / "train.json"))
     assert summary["clip_fraction"] == pytest.approx(np.mean([r["grad_norm"] > 1.0 for r in records]))
+    # Algorithm 1 (pairwise step over the pool) reads the same dual: the multiplier steps on the readings alone.
+    records = [json.loads(line) for line in open(root / "mopo_onpolicy_gold" / "metrics.jsonl")]
+    assert records[0]["policy_sample_estimates"][0] == 0.5
+    multiplier = 0.0
+    for record in records:
+        multiplier = max(0.0, multiplier - 0.5 * (record["policy_sample_estimates"][0] - 0.5))
+        assert record["multipliers"][0] == pytest.approx(multiplier, abs=1e-6)
+    assert "dual_final" in json.load(open(root / "mopo_onpolicy_gold" / "train.json"))
     final = summary["dual_final"]
     assert final["prompts"] == 4 and final["step"] == 2
     assert 0.0 <= final["estimates"][0] <= 1.0 and np.isfinite(final["stderr"][0])

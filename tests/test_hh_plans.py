@@ -166,6 +166,19 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
                                                         for b in thresholds}
         assert all(o["mopo.eps"] == eps and o["method.name"] == "mopo_onpolicy" for o in runs.values())
 
+    pool = {"method.name": "mopo_onpolicy", "onpolicy.candidates": "8", "training.steps": "32",
+            "training.batch_pairs": "4", "onpolicy.policy_step": "pairwise"}
+    result, root, calls = _plan(tmp_path / "onpolicypool", "cpu-small-onpolicypool", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and runs == {
+        f"onpolicypool/mopo_onpolicy_pool_b{b}": {**pool, "method.threshold": b, **dual, "dual.every": "2",
+                                                  "mopo.multiplier_lr": "8.0"} for b in thresholds}
+    result, root, calls = _plan(tmp_path / "onpolicypool15", "cpu-small-onpolicypool15", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and runs == {
+        f"onpolicypool/mopo_onpolicy_pool_eps0.15_b{b}": {**pool, "method.threshold": b, "mopo.eps": "0.15"}
+        for b in thresholds}
+
     grid = set()
     for k, tau in (("1", "0.05"), ("2", "0.1"), ("3", "0.2")):
         result, root, calls = _plan(tmp_path / f"robust{k}", f"cpu-small-robust{k}", python_dir)

@@ -135,15 +135,24 @@ class TrainingConfig:
 @dataclasses.dataclass(frozen=True)
 class OnPolicyConfig:
     """On-policy MOPO's candidates: ``candidates`` responses per prompt sampled at ``temperature`` from the current
-    (lagged) reference and labelled by the labelers."""
+    (lagged) reference and labelled by the labelers.
+
+    ``policy_step`` is :class:`mopo_jax.policy_objectives.MOPOCandidates`'s: ``weighted_bc`` (Eq. 7, the published
+    step) or ``pairwise`` (Eq. 8 over every pair of the pool). Why both: the weighted-BC gradient carries the
+    samples' own score ``sum_i grad log pi(y_i) / N``, zero in expectation but of norm about 28 on cpu-small against
+    ``max_grad_norm`` 1 (docs/results/hh-cpu-small-onpolicyfixed0), so every step is clipped; the pairwise step
+    differences it out (its gradient weighs each candidate by ``g_i`` minus the pool's mean)."""
 
     candidates: int = 4
     temperature: float = 1.0
+    policy_step: str = "weighted_bc"
 
     def __post_init__(self):
         if self.candidates < 2:
             raise ValueError(f"onpolicy.candidates must be >= 2 (pairs of candidates), got {self.candidates}")
         _check_temperature("onpolicy.temperature", self.temperature)
+        if self.policy_step not in ("weighted_bc", "pairwise"):
+            raise ValueError(f"onpolicy.policy_step must be 'weighted_bc' or 'pairwise', got {self.policy_step!r}")
 
 
 @dataclasses.dataclass(frozen=True)

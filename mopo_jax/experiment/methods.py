@@ -225,6 +225,7 @@ register_method(Method(
 register_method(Method(
     name="mopo_onpolicy", summary="MOPO on candidates sampled from the lagged reference (Algorithm 1)",
     objective=lambda config: MOPOCandidates(mopo=config.mopo, thresholds=(_enforced_threshold(config),),
-                                            policy_step="weighted_bc", candidates="sampled", dual=config.dual.source),
+                                            policy_step=config.onpolicy.policy_step, candidates="sampled",
+                                            dual=config.dual.source),
     data=onpolicy_candidates, knob="threshold", needs_labelers=True,
 ))
