@@ -96,6 +96,9 @@ class Objective:
     name: ClassVar[str] = "objective"
     fields: ClassVar[dict[str, Field]] = {}
     optional_fields: ClassVar[dict[str, Field]] = {}
+    #: Metrics whose NaN entries mean "no data for this objective (yet)", not a failed step: the trainer logs them as
+    #: null and does not stop on them (every other non-finite metric stops the run).
+    no_data_metrics: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def needs_reference(self) -> bool:
@@ -394,14 +397,16 @@ class MODPO(Objective):
 # MOPO.
 
 
-def _mopo_metrics(state, plain_estimates) -> dict:
+def _mopo_metrics(state, estimate: SecondaryEstimate) -> dict:
     """The dual state after the step, and ``secondary_estimates_plain``: this batch's plain self-normalised
     importance-sampling estimate of ``G_k`` (Eq. 2; ``SecondaryEstimate.plain_values``), logged beside
     ``secondary_estimates`` (what the multiplier step used: the robust bound of Eq. 5 when ``mopo.eps > 0``, or the
     policy-sample measurement with ``dual: policy_samples``, pooled over ``mopo.estimate_window``), so that the gap
-    between the two is measured, not inferred."""
+    between the two is measured, not inferred. An estimate without data is NaN (logged as null), never a number
+    the data did not give."""
+    plain = jnp.where(estimate.has_data, estimate.plain_values, jnp.nan)
     return {"multipliers": state.multipliers, "chi": state.chi, "thresholds": state.thresholds,
-            "secondary_estimates": state.secondary_estimates, "secondary_estimates_plain": plain_estimates}
+            "secondary_estimates": state.secondary_estimates, "secondary_estimates_plain": plain}
 
 
 #: Where the multiplier step reads ``G_k``: the objective's own batch, or a measurement of the policy's own samples
@@ -482,11 +487,16 @@ class _MOPO(Objective):
     def _estimate(self, state, batch, aux) -> SecondaryEstimate:
         raise NotImplementedError
 
+    no_data_metrics: ClassVar = frozenset({"secondary_estimates", "secondary_estimates_plain",
+                                           "policy_sample_estimates", "policy_sample_stderr"})
+
     def metrics(self, state, batch, aux):
-        metrics = _mopo_metrics(state, self._estimate(state, batch, aux).plain_values)
-        if self.dual == "policy_samples":  # the measurement this step handed in (counts 0: none)
-            metrics.update(policy_sample_estimates=batch["dual_estimates"][0],
-                           policy_sample_stderr=batch["dual_stderr"][0], policy_sample_counts=batch["dual_counts"][0])
+        metrics = _mopo_metrics(state, self._estimate(state, batch, aux))
+        if self.dual == "policy_samples":  # the measurement this step handed in (counts 0: none, logged as null)
+            measured = batch["dual_counts"][0] > 0
+            metrics.update(policy_sample_estimates=jnp.where(measured, batch["dual_estimates"][0], jnp.nan),
+                           policy_sample_stderr=jnp.where(measured, batch["dual_stderr"][0], jnp.nan),
+                           policy_sample_counts=batch["dual_counts"][0])
         return metrics
 
     def update(self, state, batch, aux):

@@ -40,7 +40,7 @@ class MOPOState(NamedTuple):
     thresholds: Array  # [K-1] current b (ratcheted)
     threshold_floor: Array  # [K-1] lowest value the ratchet may set (the user's b, or 0)
     lagged_values: Array  # [K-1] plain G recorded at the last refresh, used by the next ratchet
-    secondary_estimates: Array  # [K-1] G the last multiplier step with data used (pooled over the window)
+    secondary_estimates: Array  # [K-1] G the last multiplier step with data used (pooled); NaN before any data
     window_values: Array  # [W, K-1] G of each of the last W steps (a ring buffer)
     window_plain_values: Array  # [W, K-1] the plain estimate of each of those steps
     window_log_weights: Array  # [W, K-1] log of the data weight behind each (NO_DATA where there was none)
@@ -242,7 +242,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
             # Distinct buffers per field, so a jitted step may donate the whole state.
             threshold_floor=jnp.copy(thresholds) if config.ratchet_floor_at_initial else jnp.zeros_like(thresholds),
             lagged_values=jnp.copy(thresholds),
-            secondary_estimates=jnp.zeros_like(thresholds),
+            secondary_estimates=jnp.full_like(thresholds, jnp.nan),  # no estimate before the first data
             window_values=jnp.zeros(window, jnp.float32),
             window_plain_values=jnp.zeros(window, jnp.float32),
             window_log_weights=jnp.full(window, NO_DATA, jnp.float32),
@@ -269,12 +269,13 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
         # Without data the multiplier does not move (below) and the state keeps the last estimate it had.
         estimates = jnp.where(pooled_has_data, jnp.sum(share * values, axis=0), state.secondary_estimates)
         plain_estimates = jnp.where(pooled_has_data, jnp.sum(share * plain, axis=0), state.lagged_values)
+        stepped_on = jnp.where(pooled_has_data, estimates, state.thresholds)  # finite; discarded below without data
         if config.constraint == "multipliers":
             multipliers = objectives.update_multipliers(
-                state.multipliers, estimates, state.thresholds, config.multiplier_lr)
+                state.multipliers, stepped_on, state.thresholds, config.multiplier_lr)
         else:
             multipliers = objectives.update_barrier_multipliers(
-                state.multipliers, estimates, state.thresholds, config.barrier_sigma, config.multiplier_lr)
+                state.multipliers, stepped_on, state.thresholds, config.barrier_sigma, config.multiplier_lr)
         # No data in the window: the multiplier keeps its value (MOPO-LB's barrier term would move it otherwise).
         multipliers = jnp.where(pooled_has_data, multipliers, state.multipliers)
         chi = state.chi if estimate.chi is None else jnp.where(has_data, estimate.chi, state.chi)

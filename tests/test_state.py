@@ -94,6 +94,13 @@ def test_no_data_keeps_chi_and_every_multiplier():
         np.testing.assert_array_equal(np.asarray(state.multipliers[1]), np.float32(0.01), err_msg=str(config))
         np.testing.assert_array_equal(np.asarray(state.chi[1]), np.float32(0.2), err_msg=str(config))
         assert float(state.multipliers[0]) != 0.3, config
+        # The objective that never had data has no estimate (NaN), not a made-up 0 or b; the other has a number.
+        assert np.isnan(float(state.secondary_estimates[1])) and np.isfinite(float(state.secondary_estimates[0]))
+        # Eagerly too (outside jit the multiplier step checks its input is finite): no data moves nothing.
+        eager = transformation.update_from_estimates(state, mj.SecondaryEstimate.from_values(
+            jnp.array([0.7, 0.5]), jnp.array([1.0, 0.0])))
+        np.testing.assert_array_equal(np.asarray(eager.multipliers[1]), np.float32(0.01), err_msg=str(config))
+        assert np.isnan(float(eager.secondary_estimates[1]))
 
 
 def test_ratchet_records_the_plain_estimate():

@@ -2,6 +2,7 @@
 estimators (masked rows, missing labels, multipliers away from 0) over two steps, and the reference modes."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -296,3 +297,38 @@ def test_upper_layers_on_cached_activations_match_full_model_and_freeze_embeddin
     np.testing.assert_array_equal(np.asarray(state.base["embed"]), np.asarray(upper["embed"]))
     assert not np.allclose(np.asarray(state.params["layers"]["wq"]), np.asarray(upper["layers"]["wq"]))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_an_estimate_without_data_is_logged_as_null_and_moves_nothing(params, tmp_path):
+    """Step 1's batch carries no harmlessness label: the dual has nothing to read, so the log says null (not 0, not
+    the threshold), the multiplier stays where it was and the run goes on; step 2's batch has the labels and the
+    multiplier steps on that step's estimate, lambda = max(0, 0 - 0.5 (G - 0.6))."""
+    from mopo_jax.training import train
+
+    without = _pair_batch()
+    without["label_mask"] = np.array([[1, 0], [1, 0], [1, 0], [1, 0]], bool)
+    labelled = _pair_batch()
+    labelled["preference_probs"] = np.array([[0.9, 1], [1, 0.2], [0.7, 1], [0.35, 0.8]], np.float32)
+    config = TrainConfig(objective=MOPOPairwise(MOPOConfig(tau=0.1, multiplier_lr=0.5), thresholds=(0.6,)),
+                         optimizer=OptimizerConfig(learning_rate=3e-2))
+
+    def batches(position):
+        for index in range(position.get("index", 0), 2):
+            yield (without, labelled)[index], {"index": index + 1}
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
+    metrics_path = tmp_path / "metrics.jsonl"
+    train(MODEL, config, params, batches, 2, mesh, None, metrics_path=str(metrics_path))
+    first, second = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert first["secondary_estimates"] == [None] and first["secondary_estimates_plain"] == [None]
+    assert first["multipliers"] == [0.0]
+    (estimate,) = second["secondary_estimates"]
+    assert isinstance(estimate, float) and 0.0 < estimate < 1.0 and estimate != 0.5
+    assert second["secondary_estimates_plain"] == [estimate]
+    np.testing.assert_allclose(second["multipliers"], [max(0.0, -0.5 * (estimate - 0.6))], rtol=1e-5, atol=1e-7)
+    # An infinity in such a metric is still a failure, and a NaN anywhere else still stops the run.
+    from mopo_jax.training.loop import _non_finite
+
+    no_data = config.objective.no_data_metrics
+    assert _non_finite({"secondary_estimates": np.array([np.inf])}, no_data) == ["secondary_estimates"]
+    assert _non_finite({"multipliers": np.array([np.nan])}, no_data) == ["multipliers"]

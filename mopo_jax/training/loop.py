@@ -55,13 +55,16 @@ class ZeroGradientWarning(UserWarning):
     """A step's gradient norm was exactly 0: training goes on but learns nothing."""
 
 
-def _non_finite(metrics: dict) -> list[str]:
-    """Names of the metrics holding a NaN or an infinity."""
+def _non_finite(metrics: dict, no_data: frozenset[str]) -> list[str]:
+    """Names of the metrics holding a NaN or an infinity; in the objective's ``no_data_metrics`` a NaN means "no
+    data" and only an infinity counts."""
     bad = []
     for name, value in metrics.items():
         array = np.asarray(value)
-        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
-            bad.append(name)
+        if array.dtype.kind in "fc":
+            finite = np.isfinite(array) | (np.isnan(array) if name in no_data else False)
+            if not np.all(finite):
+                bad.append(name)
     return bad
 
 # Compiled steps by (model config, train config, mesh, state and batch shapes): a second ``train`` call in the same
@@ -93,11 +96,11 @@ def _count_tokens(batch):
     return jnp.sum(jnp.asarray(mask, bool), dtype=jnp.int32)
 
 
-def _to_json(value):
+def _to_json(value, nan_as_null: bool = False):
     value = np.asarray(value)
-    if value.ndim == 0:
-        return value.item()
-    return value.tolist()
+    if nan_as_null and value.dtype.kind == "f":
+        value = np.where(np.isnan(value), None, value.astype(object))
+    return value.item() if value.ndim == 0 else value.tolist()
 
 
 def _initial_state(model_config, train_config, optimizer, params, key, mesh, state_shardings) -> TrainState:
@@ -190,6 +193,7 @@ def train(
         pending: list[tuple[int, dict, Any, float]] = []  # (step, device metrics, device token count, data time)
         window_start = time.perf_counter()
         last_saved = start if restored is not None else None
+        no_data = getattr(train_config.objective, "no_data_metrics", frozenset())
 
         def flush():
             nonlocal window_start
@@ -200,7 +204,7 @@ def train(
             step_time = (now - window_start) / len(pending)
             records = []
             for (step, _, _, data_time), (metrics, tokens) in zip(pending, fetched):
-                bad = _non_finite(metrics)
+                bad = _non_finite(metrics, no_data)
                 if bad:
                     pending.clear()
                     if metrics_log is not None:
@@ -219,7 +223,7 @@ def train(
                     "tokens": int(tokens),
                     "tokens_per_s": float(tokens) / step_time if step_time > 0 else float("nan"),
                 }
-                record.update({name: _to_json(value) for name, value in sorted(metrics.items())})
+                record.update({name: _to_json(value, name in no_data) for name, value in sorted(metrics.items())})
                 history.append(record)
                 if on_metrics is not None:
                     on_metrics(record)
