@@ -11,7 +11,7 @@ import numpy as np
 
 # The optional dependencies (pyproject.toml extras) each command needs beyond the core.
 EXTRA_OF_COMMAND = {"synthetic": "synthetic", "train": "experiments", "eval": "experiments", "pareto": "experiments",
-                    "generate": "lm", "bench": "all"}
+                    "generate": "lm", "export": "experiments", "bench": "all"}
 
 
 def _parse_thresholds(text: str) -> np.ndarray:
@@ -205,6 +205,14 @@ def _pareto(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from mopo_jax.experiment.export import export_run
+
+    for written in export_run(args.run_dir, args.out, args.dtype):
+        print(written)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopo", description="Multi-Objective Preference Optimization in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--skip-missing", action="store_true",
                         help="leave out (with a warning) runs without a readable eval.json instead of stopping (exit 2)")
     pareto.set_defaults(handler=_pareto)
+
+    export = commands.add_parser(
+        "export", help="write a trained run's whole policy as a Hugging Face model directory",
+        description="Joins RUN_DIR's trained parameters with its base model's frozen blocks (LoRA already merged) and "
+        "writes config.json, safetensors weights and the tokenizer's files to --out, loadable by "
+        "transformers.AutoModelForCausalLM.from_pretrained and mopo generate --model OUT.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, help="a new or empty directory")
+    export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype of the files (default: the run's parameter dtype)")
+    export.set_defaults(handler=_export)
 
     generate = commands.add_parser("generate", help="greedy chat completion with a pretrained model")
     generate.add_argument("--model", default="smollm2-135m", help="preset name, GGUF file, HF directory or hub name")

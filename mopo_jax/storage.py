@@ -46,10 +46,18 @@ def is_primary() -> bool:
 
 
 def _write_bytes(destination: epath.Path, payload: bytes) -> None:
+    save_streamed(destination, lambda handle: handle.write(payload))
+
+
+def save_streamed(location, write: Callable[[Any], Any]) -> None:
+    """Writes ``location`` through ``write(handle)`` (a binary file) into a temporary file beside it, renamed over
+    it once complete, so a reader never sees half a file; for payloads too large to hold in memory at once."""
+    destination = path(location)
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        temporary.write_bytes(payload)
+        with temporary.open("wb") as handle:
+            write(handle)
         temporary.replace(destination)
     except BaseException:
         # A full disk or an interrupt mid-write: leave neither a half-written file nor its space behind.

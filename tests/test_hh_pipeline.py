@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -267,3 +269,46 @@ def test_dual_prompts_are_distinct_balanced_and_apart_from_training_and_evaluati
         assert not set(chosen) & others
     with pytest.raises(ValueError, match="dual.prompts"):
         dual_prompt_rows(labeler["prompt_tokens"], labeler["objective"], 10_000)
+
+
+def test_export_writes_the_whole_trained_policy_for_transformers(pipeline, tmp_path):
+    """`mopo export RUN_DIR --out DIR`: transformers loads DIR as the trained policy: the base model's frozen blocks
+    with the run's trained top block (taken here from policy.npz by hand, in NumPy), the same logits; `mopo generate`
+    reads it; a non-empty --out is refused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import mopo_jax.models as M
+    from mopo_jax.cli import main
+
+    root, _, _, _ = pipeline
+    run, out = root / "mopo_pairwise", tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    config, base = M.load_pretrained("smollm2-135m")
+    stored = np.load(run / "policy.npz")
+    top = stored["layers/wq"].shape[0]
+    policy = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _replace_top(np.asarray(leaf), stored, jax.tree_util.keystr(path), top), base)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 24))
+    ours = np.asarray(M.forward(config, jax.tree.map(jnp.asarray, policy), jnp.asarray(tokens)))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = exported(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=0)
+    base_logits = np.asarray(M.forward(config, base, jnp.asarray(tokens)))
+    assert np.abs(theirs - base_logits).max() > 1e-3  # the trained block, not the base model's
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == \
+        M.load_tokenizer("smollm2-135m").apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert main(["generate", "--model", str(out), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 2
+
+
+def _replace_top(leaf, stored, key, top):
+    """A base parameter with the run's trained values: stacked layers get their top ``top`` blocks replaced, other
+    stored parameters (the embedding, the final norm) are taken whole."""
+    name = "/".join(part.strip("[]'\"") for part in key.split("]") if part)
+    if name not in stored:
+        return leaf
+    if name.startswith("layers/"):
+        return np.concatenate([leaf[:-top], stored[name]], axis=0)
+    return stored[name]

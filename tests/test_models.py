@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm_assets import HF_KINDS, hf_reference_model
+
 from mopo_jax import models as M
 
 
@@ -226,55 +228,10 @@ def test_generate_matches_naive_greedy_and_sampling():
 # Parity with Hugging Face transformers (PyTorch, CPU)
 # ---------------------------------------------------------------------------
 
-def _randomize_torch(model, seed=0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name or ".ln_" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.15 * noise)
-
-
-def _hf_model(kind: str):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    if kind == "llama-gqa-untied":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **common, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500.0))
-    elif kind == "llama-gqa-tied":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **common, tie_word_embeddings=True))
-    elif kind == "llama3-rope-bias":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **common, attention_bias=True, mlp_bias=True, rope_scaling={
-                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
-    elif kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    elif kind == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64))
-    else:
-        raise ValueError(kind)
-    _randomize_torch(model)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.eval()
-
-
-@pytest.mark.parametrize("kind", ["llama-gqa-untied", "llama-gqa-tied", "llama3-rope-bias", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", HF_KINDS)
 def test_hf_parity(kind, tmp_path):
     torch = pytest.importorskip("torch")
-    model = _hf_model(kind)
+    model = hf_reference_model(kind)
     model.save_pretrained(tmp_path)
     assert list(tmp_path.glob("*.safetensors"))
     cfg, params = M.load_pretrained(str(tmp_path), dtype="float32")
@@ -441,7 +398,7 @@ def test_sharded_placement_reads_each_device_its_own_block(tmp_path, monkeypatch
     from mopo_jax.models import weights
     from mopo_jax.training import sharding
 
-    _hf_model("llama-gqa-untied").save_pretrained(tmp_path)
+    hf_reference_model("llama-gqa-untied").save_pretrained(tmp_path)
     config, lazy = M.load_pretrained(str(tmp_path), on_host=True)
     assert all(isinstance(leaf, weights.LazyTensor) for leaf in jax.tree.leaves(lazy))
     _, eager = M.load_pretrained(str(tmp_path))
