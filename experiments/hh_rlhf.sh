@@ -88,6 +88,10 @@ onpolicy=(onpolicy.candidates=8)
 case "$size" in
   cpu-small) onpolicy+=(training.steps=32 training.batch_pairs=4) ;;
 esac
+# Algorithm 1 with the pairwise step over the pool: its 32 steps take a third of the pairwise runs' 96, so its
+# learning rate is three times theirs. A probe at theirs (1e-4, b = 0.51, policy-sample dual) ended with the dual
+# reading 0.506 +- 0.015 and the multiplier still rising (1.5): the policy had not moved far enough to meet b.
+onpolicy_pool=(onpolicy.policy_step=pairwise optimizer.learning_rate=3.0e-4)
 dpo_endpoints() {  # PREFIX [OVERRIDES...]: DPO on each preference alone (the soups interpolate these two)
   local prefix="$1"; shift
   train "${prefix}dpo_helpful" method.name=dpo_helpful "$@"
@@ -179,12 +183,12 @@ case "$plan" in
   onpolicypool)
     for b in "${dual_thresholds[@]}"; do
       train "onpolicypool/mopo_onpolicy_pool_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
-        "${onpolicy[@]}" onpolicy.policy_step=pairwise "${dual[@]}" dual.every=2
+        "${onpolicy[@]}" "${onpolicy_pool[@]}" "${dual[@]}" dual.every=2
     done ;;
   onpolicypool15)
     for b in "${dual_thresholds[@]}"; do
       train "onpolicypool/mopo_onpolicy_pool_eps0.15_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
-        "${onpolicy[@]}" onpolicy.policy_step=pairwise mopo.eps=0.15
+        "${onpolicy[@]}" "${onpolicy_pool[@]}" mopo.eps=0.15
     done ;;
   robust1|robust2|robust3)
     taus=(0.05 0.1 0.2)

@@ -167,7 +167,7 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
         assert all(o["mopo.eps"] == eps and o["method.name"] == "mopo_onpolicy" for o in runs.values())
 
     pool = {"method.name": "mopo_onpolicy", "onpolicy.candidates": "8", "training.steps": "32",
-            "training.batch_pairs": "4", "onpolicy.policy_step": "pairwise"}
+            "training.batch_pairs": "4", "onpolicy.policy_step": "pairwise", "optimizer.learning_rate": "3.0e-4"}
     result, root, calls = _plan(tmp_path / "onpolicypool", "cpu-small-onpolicypool", python_dir)
     runs = _trained(calls, root)
     assert result.returncode == 0 and runs == {
