@@ -14,6 +14,16 @@ EXTRA_OF_COMMAND = {"synthetic": "synthetic", "train": "experiments", "eval": "e
                     "generate": "lm", "export": "experiments", "bench": "all"}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions kept as written; every option's default shown after its help (those without one, None or a
+    flag's False, say nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parse_thresholds(text: str) -> np.ndarray:
     """``"0.5,0.6,0.7"`` (a sweep of one constraint) or ``"0.5,0.6;0.55,0.65"`` (points of several constraints)."""
     try:
@@ -177,8 +187,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="device mesh, e.g. fsdp=4,tensor=2 or data=2,fsdp=-1 (axes data, fsdp, tensor; -1 = the "
                        "remaining devices; unnamed axes are 1); default: the config's mesh section")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
-    group.add_argument("--num-processes", type=int, default=None, metavar="N")
-    group.add_argument("--process-id", type=int, default=None, metavar="I")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0 to N-1")
     group.add_argument("--single-process", action="store_true",
                        help="do not join a detected cluster (run this process alone)")
 
@@ -214,11 +224,12 @@ def _export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mopo", description="Multi-Objective Preference Optimization in JAX")
+    parser = argparse.ArgumentParser(prog="mopo", description="Multi-Objective Preference Optimization in JAX",
+                                     formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     synthetic = commands.add_parser(
-        "synthetic",
+        "synthetic", formatter_class=_HelpFormatter,
         help="synthetic Pareto benchmark against an exact solver (or a user's .npz problem)",
         description="Runs every canonical preference structure and method, or solves --problem FILE. "
         "Extra key=value arguments override fields of SyntheticConfig (e.g. steps=1000 structures=bt_aligned).",
@@ -227,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "with --problem P: runs/synthetic/P's file name without its extension]")
     synthetic.add_argument("--problem", help=".npz with pref [K,X,N,N] (NaN = unlabeled), ref [X,N], "
                            "optional mu [X,N], prompt_weights [X]")
-    synthetic.add_argument("--tau", type=float, help="KL temperature (default 0.08)")
+    synthetic.add_argument("--tau", type=float, help="KL temperature (default: SyntheticConfig's 0.08)")
     synthetic.add_argument("--thresholds", type=_parse_thresholds,
                            help="b1,b2,... (sweep of one constraint) or b1,b2;b1,b2 (points for several)")
     synthetic.add_argument("--config", help="YAML file with SyntheticConfig fields")
@@ -238,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mopo_jax.experiment.methods import describe_methods
 
     train = commands.add_parser(
-        "train", help="train one method of the HH-RLHF comparison into its run directory",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train", formatter_class=_HelpFormatter,
+        help="train one method of the HH-RLHF comparison into its run directory",
         description="Trains method.name into run_dir (resuming from its last checkpoint). Config sections: data, "
         "model, method, training, optimizer (OptimizerConfig), dpo (DPO), mopo (MOPOConfig), onpolicy, preference, "
         "eval; a method of your own is registered by a module named in plugins=[...].",
@@ -254,16 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser(
-        "eval", help="evaluate trained runs (writes RUN_DIR/eval.json)",
+        "eval", formatter_class=_HelpFormatter, help="evaluate trained runs (writes RUN_DIR/eval.json)",
         description="Evaluates each RUN_DIR with its stored config; key=value arguments override how it is evaluated "
         "(eval.*, mesh.*, work_dir), never what was trained.")
-    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR | key=value")
+    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR | key=value",
+                          help="run directories, and overrides of how they are evaluated (eval.samples_per_prompt=8)")
     _add_job_arguments(evaluate)
     _add_compilation_cache_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
-    pareto = commands.add_parser("pareto", help="Pareto plot and dominance table of evaluated runs")
-    pareto.add_argument("run_dirs", nargs="+")
+    pareto = commands.add_parser(
+        "pareto", formatter_class=_HelpFormatter, help="Pareto plot and dominance table of evaluated runs",
+        description="Reads each RUN_DIR's eval.json: the plot of helpfulness against harmlessness win rates with "
+        "their 95%% intervals, the paired dominance verdicts, and (with --results) results.json and results.md.")
+    pareto.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="evaluated run directories")
     pareto.add_argument("--out", required=True, help="PNG path")
     pareto.add_argument("--results", default=None, help="also write the aggregated results.json here")
     pareto.add_argument("--skip-missing", action="store_true",
@@ -271,64 +286,77 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.set_defaults(handler=_pareto)
 
     export = commands.add_parser(
-        "export", help="write a trained run's whole policy as a Hugging Face model directory",
+        "export", formatter_class=_HelpFormatter,
+        help="write a trained run's whole policy as a Hugging Face model directory",
         description="Joins RUN_DIR's trained parameters with its base model's frozen blocks (LoRA already merged) and "
         "writes config.json, safetensors weights and the tokenizer's files to --out, loadable by "
         "transformers.AutoModelForCausalLM.from_pretrained and mopo generate --model OUT.")
-    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holding policy.npz)")
     export.add_argument("--out", required=True, help="a new or empty directory")
     export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight dtype of the files (default: the run's parameter dtype)")
     export.set_defaults(handler=_export)
 
-    generate = commands.add_parser("generate", help="greedy chat completion with a pretrained model")
+    generate = commands.add_parser(
+        "generate", formatter_class=_HelpFormatter, help="greedy chat completion with a pretrained model",
+        description="Applies the model's chat template to --prompt and decodes greedily until the end of turn.")
     generate.add_argument("--model", default="smollm2-135m", help="preset name, GGUF file, HF directory or hub name")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True, help="the user's message")
     generate.add_argument("--system", default=None, help="system message (default: the model's own)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of the reply")
     _add_compilation_cache_arguments(generate)
     generate.set_defaults(handler=_generate)
 
-    bench = commands.add_parser("bench", help="benchmarks (throughput, MFU, memory)")
+    bench = commands.add_parser("bench", formatter_class=_HelpFormatter, help="benchmarks (throughput, MFU, memory)",
+                                description="docs/benchmarks.md records their results and the commands.")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    step = bench_commands.add_parser("step", help="train-step tokens/s, FLOPs and MFU (and the PyTorch side-by-side)")
+    step = bench_commands.add_parser(
+        "step", formatter_class=_HelpFormatter,
+        help="train-step tokens/s, FLOPs and MFU (and the PyTorch side-by-side)",
+        description="Times compiled train steps of a random-weight model on this machine's devices.")
     step.add_argument("--preset", default="comparison",
                       help="'comparison' (the small Llama of the PyTorch side-by-side) or a model preset")
     step.add_argument("--mesh", default="", help="e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
-    step.add_argument("--loss", default="mopo_pairwise", choices=["mopo_pairwise", "dpo", "ipo"])
-    step.add_argument("--pairs", type=int, default=8)
-    step.add_argument("--prompt-len", type=int, default=64)
-    step.add_argument("--response-len", type=int, default=64)
-    step.add_argument("--steps", type=int, default=10)
+    step.add_argument("--loss", default="mopo_pairwise", choices=["mopo_pairwise", "dpo", "ipo"],
+                      help="the objective of the step")
+    step.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
+    step.add_argument("--prompt-len", type=int, default=64, help="prompt tokens of every pair")
+    step.add_argument("--response-len", type=int, default=64, help="response tokens of every pair")
+    step.add_argument("--steps", type=int, default=10, help="timed steps (after one compile step)")
     step.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
-    step.add_argument("--remat", default=None, choices=["none", "full", "dots"])
+    step.add_argument("--remat", default=None, choices=["none", "full", "dots"],
+                      help="per-layer rematerialisation (default: the preset's)")
     step.add_argument("--no-torch", action="store_true", help="skip the PyTorch side-by-side")
     step.add_argument("--completion-only", action="store_true",
                       help="unembed only the response columns (TrainConfig.completion_start = prompt length)")
     _add_compilation_cache_arguments(step)
     step.set_defaults(handler=_bench_step)
     sampling = bench_commands.add_parser(
-        "generate", help="sampling time of mopo_jax.models.generate against transformers' generate (interleaved)")
+        "generate", formatter_class=_HelpFormatter,
+        help="sampling time of mopo_jax.models.generate against transformers' generate (interleaved)",
+        description="Samples the same prompts with both implementations in alternating rounds.")
     sampling.add_argument("--preset", default="smollm2-135m", help="a Llama-family model preset (random weights)")
-    sampling.add_argument("--prompts", type=int, default=64)
-    sampling.add_argument("--prompt-len", type=int, default=96)
-    sampling.add_argument("--new-tokens", type=int, default=32)
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--prompts", type=int, default=64, help="prompts sampled per round")
+    sampling.add_argument("--prompt-len", type=int, default=96, help="tokens of every prompt")
+    sampling.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per prompt")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    sampling.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: none)")
     sampling.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs JAX, then PyTorch)")
     sampling.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     _add_compilation_cache_arguments(sampling)
     sampling.set_defaults(handler=_bench_generate)
     memory = bench_commands.add_parser(
-        "memory", help="ahead-of-time compile a step on simulated devices and print per-device memory (JSON)",
-        add_help=False)
-    memory.add_argument("memory_args", nargs=argparse.REMAINDER)
+        "memory", formatter_class=_HelpFormatter,
+        help="ahead-of-time compile a step on simulated devices and print per-device memory (JSON)", add_help=False)
+    memory.add_argument("memory_args", nargs=argparse.REMAINDER, help="see mopo bench memory --help")
     memory.set_defaults(handler=_bench_memory)
     return parser
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers, imported for tokenizers only, would print its notice that PyTorch is absent on every command.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if argv[:2] == ["bench", "memory"]:
         # argparse.REMAINDER does not take arguments that start with "--" after a sub-command: hand them over as is.
         from mopo_jax.bench.memory import main as memory_main

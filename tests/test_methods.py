@@ -55,3 +55,36 @@ def test_train_help_lists_methods_and_knobs(capsys):
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "mopo_pairwise" in out and "knob: method.threshold" in out and "knob: method.weights" in out
+
+
+def test_every_command_and_argument_is_described_with_its_default(capsys):
+    """`--help` of every subcommand: a description or help for each subcommand, a help text for each argument, and
+    each non-empty default printed (argparse's own `-h` aside)."""
+    import argparse
+
+    from mopo_jax import cli
+
+    parser = cli.build_parser()
+
+    def subparsers(p):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    helps = {a.dest: a.help for a in action._choices_actions}
+                    assert helps.get(name), f"mopo ... {name}: no help line"
+                    yield name, sub
+                    yield from subparsers(sub)
+
+    for name, sub in subparsers(parser):
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"mopo {name} {action.option_strings or action.dest}: no help"
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: smollm2-135m)" in out and "(default: 64)" in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "step", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: mopo_pairwise)" in out and "(default: 10)" in out and "(default: None)" not in out
