@@ -154,7 +154,9 @@ def _eval(args) -> int:
     if not run_dirs:
         raise ValueError("mopo eval: give at least one run directory")
     failed = []
-    for run_dir in run_dirs:
+    for number, run_dir in enumerate(run_dirs, 1):
+        if storage.is_primary():
+            print(f"mopo eval: run {number} of {len(run_dirs)}: {run_dir}", flush=True)
         try:
             if storage.is_local(run_dir) and os.path.isdir(run_dir) and not os.access(run_dir, os.W_OK):
                 raise ValueError(f"{run_dir} is not writable: eval.json could not be saved there")

@@ -312,3 +312,20 @@ def _replace_top(leaf, stored, key, top):
     if name.startswith("layers/"):
         return np.concatenate([leaf[:-top], stored[name]], axis=0)
     return stored[name]
+
+
+def test_eval_reports_each_run_and_stage(pipeline, capsys, tmp_path):
+    """`mopo eval A B` says which run of how many it is on and each stage it enters, and names the one it could
+    not evaluate."""
+    from mopo_jax.cli import main
+
+    root, _, _, _ = pipeline
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(root / "reference"), str(tmp_path / "empty")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert f"mopo eval: run 1 of 2: {root / 'reference'}" in lines
+    assert f"mopo eval: run 2 of 2: {tmp_path / 'empty'}" in lines
+    stages = [line.split(": ", 1)[1] for line in lines if line.startswith("[") and f"eval {root / 'reference'}" in line]
+    assert [s.split(" ")[0] for s in stages] == ["data,", "the", "implicit", "2", "wrote"], stages
+    assert str(tmp_path / "empty") in captured.err

@@ -913,6 +913,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
                              f"part of what {run_dir} trained; train another run")
     config = load_run_config(run_dir, overrides)
     mesh = experiment_mesh(config, check_training_batch=False)
+    _log(f"eval {run_dir}: data, model and judges")
     data = prepare_data(config)
     model = _base_model(config, mesh)
     judges = preference_models(config, data, model, mesh)
@@ -938,13 +939,17 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         return response_features(model_config, params, tokens, attention, completion, layer=feature_layer,
                                  batch_size=_feature_batch_size(mesh), mesh=mesh)
 
+    _log(f"eval {run_dir}: the reference's samples and features (cached after the first run)")
     cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
                                    eval_pairs, hidden, upper_config, upper, mesh)
     reference_features = _reference_eval_features(config, prompt_tokens, prompt_mask, cached, feature_fn, mesh)
+    _log(f"eval {run_dir}: implicit preference accuracy on {len(eval_pairs['objective'])} held-out pairs")
     implicit = policy_eval.implicit_preference_accuracy(
         upper_config, trained, upper, eval_pairs, config.eval.batch_size,
         reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
         completion_start=config.data.max_prompt_tokens, mesh=mesh)
+    _log(f"eval {run_dir}: {config.eval.samples_per_prompt} samples on each of {len(rows)} prompts, judged "
+         "against the reference's")
     evaluation = policy_eval.evaluate_policy(
         model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
         judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
@@ -995,4 +1000,5 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     }
     if storage.is_primary():
         storage.save_json(storage.path(run_dir) / "eval.json", payload)
+    _log(f"eval {run_dir}: wrote eval.json")
     return payload
