@@ -98,7 +98,7 @@ def _mesh_overrides(text: str | None) -> list[str]:
     """``--mesh fsdp=4,tensor=2`` as config overrides of the ``mesh`` section (unnamed axes are 1)."""
     if text is None:
         return []
-    from mopo_jax.training.sharding import parse_mesh
+    from mopo_jax.parallel.sharding import parse_mesh
 
     mesh = parse_mesh(text)
     return [f"mesh.data={mesh.data}", f"mesh.fsdp={mesh.fsdp}", f"mesh.tensor={mesh.tensor}"]
@@ -106,7 +106,7 @@ def _mesh_overrides(text: str | None) -> list[str]:
 
 def _join_job(args) -> None:
     """Joins the multi-process job (explicit flags or the detected cluster) before anything touches a backend."""
-    from mopo_jax.training.distributed import initialize_from_arguments
+    from mopo_jax.parallel.distributed import initialize_from_arguments
 
     job = initialize_from_arguments(args.coordinator, args.num_processes, args.process_id,
                                     auto=not args.single_process)

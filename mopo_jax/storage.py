@@ -24,7 +24,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 from etils import epath
 
-from mopo_jax.training.distributed import barrier, broadcast_from_primary
+from mopo_jax.parallel.distributed import barrier, broadcast_from_primary
 
 T = TypeVar("T")
 

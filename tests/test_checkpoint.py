@@ -20,7 +20,7 @@ import pytest
 
 from mopo_jax.models import get_preset, init_params
 from mopo_jax.state import MOPOConfig
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 from mopo_jax.training.checkpoint import (
     MANIFEST_NAME,
     CheckpointConfig,
@@ -85,7 +85,7 @@ KILLED_RUN = textwrap.dedent(
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     from mopo_jax.models import get_preset, init_params
-    from mopo_jax.training import sharding
+    from mopo_jax.parallel import sharding
     from mopo_jax.training.checkpoint import CheckpointConfig
     from mopo_jax.training.loop import train
     import jax

@@ -2,6 +2,7 @@
 and the optax example run with jax, optax, numpy and flax alone. A fresh interpreter refuses to import every package
 an extra brings (scipy, yaml, orbax, transformers, ...), as a machine without them would."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -68,3 +69,42 @@ def test_command_line_names_the_missing_extra(tmp_path):
                             env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert "EXIT 2" in result.stdout, result.stderr[-4000:]
     assert "pip install" in result.stderr and "mopo-jax[synthetic]" in result.stderr
+
+
+def test_lower_floors_load_no_training_stack():
+    """Storage, the mesh helpers and the models are the floors the trainer stands on: importing them loads neither
+    the trainer nor orbax (the import picture of docs/api.md)."""
+    script = ("import sys, mopo_jax.storage, mopo_jax.parallel.sharding, mopo_jax.parallel.distributed, "
+              "mopo_jax.models\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m.startswith('mopo_jax.training')))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+#: The floors of docs/api.md ("Import floors"), lowest first.
+FLOORS = {"objectives": 1, "losses": 1, "state": 1, "policy_objectives": 1, "validation": 1, "parallel": 2,
+          "storage": 2, "configs": 2, "compilation_cache": 2, "models": 3, "data": 3, "training": 4, "evaluation": 5,
+          "synthetic": 5, "experiment": 6, "bench": 6, "cli": 6}
+
+
+def test_no_import_reaches_a_higher_floor():
+    """Every `import mopo_jax.X` / `from mopo_jax.X import` / `from mopo_jax import X` in the package, deferred
+    ones inside functions included, goes to the same floor or a lower one."""
+    import re
+
+    package = REPO / "mopo_jax"
+    assert {p.stem if p.is_file() else p.name for p in package.iterdir()
+            if not p.name.startswith(("_", ".")) and (p.suffix == ".py" or p.is_dir())} <= set(FLOORS)
+    upward = []
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[0] == "__init__":
+            continue
+        text = path.read_text()
+        targets = re.findall(r"(?:from|import) mopo_jax\.(\w+)", text)
+        targets += [name.strip() for group in re.findall(r"from mopo_jax import ([\w, ]+)", text)
+                    for name in group.split(",")]
+        upward += [f"{path.relative_to(REPO)} -> {t}" for t in targets if FLOORS.get(t, 0) > FLOORS[parts[0]]]
+    assert not upward, upward

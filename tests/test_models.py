@@ -396,7 +396,7 @@ def test_sharded_placement_reads_each_device_its_own_block(tmp_path, monkeypatch
     whole model), and places exactly the values a whole read gives."""
     pytest.importorskip("torch")
     from mopo_jax.models import weights
-    from mopo_jax.training import sharding
+    from mopo_jax.parallel import sharding
 
     hf_reference_model("llama-gqa-untied").save_pretrained(tmp_path)
     config, lazy = M.load_pretrained(str(tmp_path), on_host=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mopo_jax.training import distributed
+from mopo_jax.parallel import distributed
 from processes import communicate, free_port
 
 TIMEOUT_S = 240
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from mopo_jax.training import distributed
+    from mopo_jax.parallel import distributed
 
     process_id, num_processes, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[5]
     distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=120)
@@ -36,7 +36,7 @@ WORKER = textwrap.dedent(
     from mopo_jax.models import get_preset, init_params
     from mopo_jax.policy_objectives import MOPOPairwise
     from mopo_jax.state import MOPOConfig
-    from mopo_jax.training import sharding
+    from mopo_jax.parallel import sharding
     from mopo_jax.training.train_step import (
         OptimizerConfig, TrainConfig, compile_train_step, init_train_state, make_optimizer)
 
@@ -152,7 +152,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_single_process_helpers():
     import jax
 
-    from mopo_jax.training import sharding
+    from mopo_jax.parallel import sharding
 
     assert distributed.initialize() is False  # no job to join: a no-op
     assert distributed.initialize(num_processes=1) is False

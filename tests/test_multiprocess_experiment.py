@@ -17,7 +17,7 @@ import pytest
 
 from lm_assets import needs_hh_data, needs_smollm2
 from tiny_runs import REPO, STEPS, common, logged_losses, records
-from mopo_jax.training import distributed
+from mopo_jax.parallel import distributed
 from processes import communicate, free_port
 
 

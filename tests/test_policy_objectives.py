@@ -17,7 +17,7 @@ from mopo_jax import policy_objectives as po
 from mopo_jax.models import get_preset, init_params
 from mopo_jax.synthetic import exact, problems
 from mopo_jax.synthetic.tabular import TrainSettings, make_problem, pair_data, run_objective
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 from mopo_jax.training.train_step import (
     OptimizerConfig,
     TrainConfig,

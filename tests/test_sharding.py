@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from mopo_jax.models import get_preset, init_params
 from mopo_jax.state import MOPOConfig
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 from mopo_jax.policy_objectives import DPO, MOPOPairwise
 from mopo_jax.training.train_step import (
     OptimizerConfig,

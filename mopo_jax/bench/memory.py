@@ -45,7 +45,7 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 def _required_devices(mesh_text: str, default: int = 8) -> int:
     """Devices the mesh needs: the product of its sizes, or ``default`` when one axis is ``-1``."""
-    from mopo_jax.training.sharding import parse_mesh
+    from mopo_jax.parallel.sharding import parse_mesh
 
     config = parse_mesh(mesh_text)
     sizes = (config.data, config.fsdp, config.tensor)
@@ -103,7 +103,7 @@ def memory_report(
 
     Args:
       preset: model preset (:data:`mopo_jax.models.PRESETS`); ignored when ``model_config`` is given.
-      mesh: ``"fsdp=4,tensor=2"`` style (:func:`mopo_jax.training.sharding.parse_mesh`).
+      mesh: ``"fsdp=4,tensor=2"`` style (:func:`mopo_jax.parallel.sharding.parse_mesh`).
       global_batch_pairs: prompts per step; each has 2 responses (``2 * global_batch_pairs`` sequences: a pair, or
         two candidates for ``mopo_candidates``), scored by the policy and, when the objective reads it and
         ``reference="live"``, by the reference.
@@ -135,7 +135,8 @@ def memory_report(
 
     from mopo_jax.bench.step import bench_objective
     from mopo_jax.models import count_params, get_preset, param_shapes
-    from mopo_jax.training import TrainableConfig, sharding
+    from mopo_jax.parallel import sharding
+    from mopo_jax.training import TrainableConfig
     from mopo_jax.training.train_step import TrainConfig, compile_train_step, init_train_state, make_optimizer
 
     devices = jax.devices(platform) if platform else jax.devices()

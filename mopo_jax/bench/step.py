@@ -24,7 +24,7 @@ from mopo_jax.bench.timing import interleaved_seconds, ratio_summary
 from mopo_jax.models import ModelConfig, get_preset, init_params
 from mopo_jax.policy_objectives import Objective, objective_class
 from mopo_jax.state import MOPOConfig
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 from mopo_jax.training.train_step import (
     OptimizerConfig,
     TrainConfig,

@@ -31,7 +31,7 @@ from mopo_jax.evaluation.paired import bootstrap_interval, expected_win_rates, p
 from mopo_jax.models import ModelConfig, continuation_log_probs, generate, residual_stream
 from mopo_jax.models.generation import check_count
 from mopo_jax.objectives import pairwise_objective_values
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 from mopo_jax.training.logprobs import sequence_log_probs
 
 from .preference_models import BradleyTerryModel, response_features, rewards
@@ -86,7 +86,7 @@ def batched_sequence_log_probs(
     The last batch is padded with all-masked rows so the jitted kernel compiles once per ``T``. With
     ``inputs_hidden`` (``[N, T, D]`` residual stream of frozen lower blocks) ``params`` are the upper blocks of
     :func:`mopo_jax.models.split_layers`, as in :func:`mopo_jax.training.sequence_log_probs`. With ``mesh`` each
-    batch is split over its batch axes (``params`` placed on it, :func:`mopo_jax.training.sharding.put_params`;
+    batch is split over its batch axes (``params`` placed on it, :func:`mopo_jax.parallel.sharding.put_params`;
     every process passes the same rows and gets every row back).
     """
     if batch_size < 1:
@@ -602,7 +602,7 @@ def evaluate_policy(
       vocab_chunk: vocabulary chunk of the log-softmax.
       return_responses: also return the generated responses (numpy arrays) under ``"responses"``.
       mesh: generate and score on this mesh, the prompts of each batch split over its batch axes (parameters placed
-        on it by the caller, :func:`mopo_jax.training.sharding.put_params`); the results do not depend on the mesh.
+        on it by the caller, :func:`mopo_jax.parallel.sharding.put_params`); the results do not depend on the mesh.
       samples_per_prompt: responses sampled per prompt from the policy and from the reference (sharing the prompt's
         prefill; the reference's row ``r`` drawn with the policy's row ``r``'s random numbers); the win rates and
         the KL are per-prompt means over them (:func:`judge_win_rates`).

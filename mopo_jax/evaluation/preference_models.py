@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from mopo_jax.models import ModelConfig, forward
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 
 
 class BradleyTerryModel(NamedTuple):
@@ -182,7 +182,7 @@ def response_features(
       layer: use the first ``layer`` blocks (earlier layers are cheaper and often as informative).
       batch_size: rows per forward pass.
       mesh: split each batch over the mesh's batch axes (``params`` placed on it,
-        :func:`mopo_jax.training.sharding.put_params`; every process passes the same rows and gets every row back).
+        :func:`mopo_jax.parallel.sharding.put_params`; every process passes the same rows and gets every row back).
 
     Returns:
       ``[B, D]`` float32 features; rows without response tokens get zeros.

@@ -17,7 +17,7 @@ import math
 from mopo_jax.data.preference_dataset import PreferenceDataConfig
 from mopo_jax.policy_objectives import DPO
 from mopo_jax.state import MOPOConfig
-from mopo_jax.training.sharding import MeshConfig
+from mopo_jax.parallel.sharding import MeshConfig
 from mopo_jax.training.train_step import OptimizerConfig
 from mopo_jax.training.trainable import LORA_TARGETS
 

@@ -19,7 +19,7 @@ def export_run(run_dir: str, out: str, dtype: str | None = None) -> list[str]:
     from mopo_jax.experiment.hh_rlhf import _base_model, _load_policy, _split_model, load_run_config
     from mopo_jax.models import join_layers, load_tokenizer
     from mopo_jax.models.export import save_pretrained
-    from mopo_jax.training import sharding
+    from mopo_jax.parallel import sharding
 
     config = load_run_config(run_dir)
     policy_path = storage.path(run_dir) / "policy.npz"

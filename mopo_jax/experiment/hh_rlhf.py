@@ -37,7 +37,7 @@ import yaml
 from mopo_jax import storage
 from mopo_jax.data.hh_rlhf import HHRLHFWarning
 from mopo_jax.experiment.config import ExperimentConfig
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 
 OBJECTIVES = ("helpfulness", "harmlessness")
 
@@ -427,7 +427,7 @@ class RunContext:
 
     def process_rows(self, global_rows: int) -> slice:
         """The rows of a global batch of ``global_rows`` that this process feeds to the mesh."""
-        from mopo_jax.training.distributed import process_batch_slice
+        from mopo_jax.parallel.distributed import process_batch_slice
 
         return process_batch_slice(global_rows, self.mesh)
 

@@ -148,6 +148,12 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def param_logical_axes(self) -> dict:
+        """:func:`mopo_jax.models.param_logical_axes` of this configuration (what the sharding rules read)."""
+        from .transformer import param_logical_axes
+
+        return param_logical_axes(self)
+
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
 

@@ -148,7 +148,7 @@ def load_pretrained(path_or_name: str, dtype: Any = "float32", param_dtype: Any 
       param_dtype: dtype of the returned parameter arrays.
       on_host: return host leaves instead of arrays on the default device, for a model that only fits sharded
         over many devices: :class:`LazyTensor` leaves from a safetensors directory (nothing read until a block is
-        indexed; :func:`mopo_jax.training.sharding.put_params` then has each process read only the blocks its
+        indexed; :func:`mopo_jax.parallel.sharding.put_params` then has each process read only the blocks its
         devices hold), NumPy arrays from a GGUF file.
       **config_overrides: extra ``ModelConfig`` fields (e.g. ``remat="full"``).
     """

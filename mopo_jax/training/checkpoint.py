@@ -52,7 +52,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mopo_jax import storage
-from mopo_jax.training.distributed import barrier, broadcast_from_primary
+from mopo_jax.parallel.distributed import barrier, broadcast_from_primary
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from mopo_jax import storage
 from mopo_jax.models import ModelConfig
-from mopo_jax.training import sharding
+from mopo_jax.parallel import sharding
 from mopo_jax.training.checkpoint import CheckpointConfig, Checkpointer, abstract_train_state
 from mopo_jax.training.preemption import Preempted, PreemptionGuard
 from mopo_jax.training.train_step import (
@@ -135,7 +135,7 @@ def train(
       params: initial model parameters (ignored when a checkpoint is restored).
       batches_fn: ``position -> iterator of (host batch, next position)``; see the module docstring.
       num_steps: total number of train steps (counting those of the restored checkpoint).
-      mesh: the device mesh (:func:`mopo_jax.training.sharding.make_mesh`).
+      mesh: the device mesh (:func:`mopo_jax.parallel.sharding.make_mesh`).
       checkpoint_config: where and how often to checkpoint; ``None`` disables checkpointing and resuming.
       metrics_path: append one JSON line per step to this file (process 0 only; a local path or a URL).
       log_every: fetch metrics from the devices (and write and log them) every this many steps; with ``> 1``

@@ -39,7 +39,8 @@ import optax
 
 from mopo_jax.models import ModelConfig
 from mopo_jax.policy_objectives import MOPOPairwise, Objective, ResponseLogProbs
-from mopo_jax.training import sharding, trainable
+from mopo_jax.parallel import sharding
+from mopo_jax.training import trainable
 from mopo_jax.training.logprobs import sequence_log_probs
 from mopo_jax.state import lagged_reference_update
 from mopo_jax.training.trainable import TrainableConfig

@@ -147,10 +147,9 @@ def activation_sharding(mesh: Mesh, logical_axes: Sequence[str]) -> NamedShardin
 
 
 def param_shardings(model_config, params, mesh: Mesh):
-    """NamedShardings of a model's parameters (or of a subset of its top-level entries, e.g. the upper blocks)."""
-    from mopo_jax.models import param_logical_axes
-
-    axes = param_logical_axes(model_config)
+    """NamedShardings of a model's parameters (or of a subset of its top-level entries, e.g. the upper blocks);
+    ``model_config`` names each parameter's logical axes (:meth:`mopo_jax.models.ModelConfig.param_logical_axes`)."""
+    axes = model_config.param_logical_axes()
     return tree_shardings({k: axes[k] for k in params}, params, mesh)
 
 

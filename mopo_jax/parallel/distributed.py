@@ -3,7 +3,7 @@
 Call :func:`initialize` first thing, before anything touches a JAX backend (``jax.devices()``, creating an array,
 jitting). Every process then builds the same mesh over ``jax.devices()`` (all processes' devices), runs the same
 jitted step, and feeds only the rows of the global batch that its own devices hold (:func:`process_batch_slice`), which
-:func:`mopo_jax.training.sharding.global_batch` assembles into global arrays.
+:func:`mopo_jax.parallel.sharding.global_batch` assembles into global arrays.
 
 * Cloud TPU slice: ``initialize(auto=True)`` (or ``jax.distributed.initialize()``): the coordinator, process count
   and index come from the TPU metadata; launch the same command on every worker
@@ -81,7 +81,7 @@ def initialize(
         return False
     if _backends_initialized():
         raise RuntimeError(
-            "mopo_jax.training.distributed.initialize() must run before JAX initialises a backend (before "
+            "mopo_jax.parallel.distributed.initialize() must run before JAX initialises a backend (before "
             "jax.devices(), creating arrays or jitting); call it first thing in the program"
         )
     if _uses_cpu():
@@ -150,8 +150,8 @@ def process_batch_slice(global_batch_size: int, mesh=None) -> slice:
     """The rows of a global batch (leading axis) that this process loads.
 
     Without ``mesh``: the process's contiguous block ``[i * n / P, (i + 1) * n / P)`` (``P`` processes). With
-    ``mesh``: the rows the batch sharding of :func:`mopo_jax.training.sharding.batch_sharding` puts on this process's
-    devices, which must be one contiguous block (true for meshes from :func:`mopo_jax.training.sharding.make_mesh`,
+    ``mesh``: the rows the batch sharding of :func:`mopo_jax.parallel.sharding.batch_sharding` puts on this process's
+    devices, which must be one contiguous block (true for meshes from :func:`mopo_jax.parallel.sharding.make_mesh`,
     whose device order keeps each process's devices together); if the batch axes do not split across processes
     (e.g. the processes differ only along ``tensor``), every process loads the whole batch.
     """
@@ -162,7 +162,7 @@ def process_batch_slice(global_batch_size: int, mesh=None) -> slice:
         size = global_batch_size // count
         return slice(index * size, (index + 1) * size)
 
-    from mopo_jax.training.sharding import batch_sharding
+    from mopo_jax.parallel.sharding import batch_sharding
 
     indices = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch_size,))
     rows = np.zeros(global_batch_size, bool)
