@@ -8,7 +8,9 @@ Values are typed by the dataclass field's annotation, never guessed from their s
 * ``bool``: ``true``/``false``/``yes``/``no``/``on``/``off``/``1``/``0`` (any case);
 * ``X | None``: ``none``/``null``/``~`` (any case) is ``None``, and so is an empty value unless ``X`` is ``str``;
 * ``tuple[X, ...]``: a flow list ``[a, b]`` or ``a,b``, each item typed as ``X`` (quotes around an item are dropped);
-* ``str | tuple[str, ...]``: a tuple when the text starts with ``[``, otherwise the string.
+* ``str | tuple[str, ...]``: a tuple when the text starts with ``[``, otherwise the string;
+* a section whose dataclass has a ``from_preset(name)`` classmethod may be set to a preset's name
+  (``data.pairs.columns=trl``).
 
 A YAML config file is read with every scalar kept as its text, so a file value means exactly what the same text
 means after ``key=`` on the command line. Already-typed values (a mapping from ``yaml.safe_load``, e.g. a run's
@@ -200,6 +202,9 @@ def _apply(config, items: Sequence[tuple[str, Any]], prefix: str = ""):
         if rest:
             nested.setdefault(head, []).append((rest, value))
         elif dataclasses.is_dataclass(hints[head]) and isinstance(hints[head], type):
+            if hasattr(hints[head], "from_preset") and isinstance(value, str):  # a named layout of the section
+                changes[head] = hints[head].from_preset(value.strip())
+                continue
             raise ValueError(f"config key {prefix + head!r} is a section ({hints[head].__name__}); set its keys, "
                              f"e.g. {prefix}{head}.{dataclasses.fields(hints[head])[0].name}=...")
         else:

@@ -16,6 +16,7 @@ pytest.importorskip("datasets", reason="preference data loading needs `pip insta
 
 from mopo_jax.data import (  # noqa: E402
     PKU_SAFERLHF_COLUMNS,
+    TRL_COLUMNS,
     PreferenceColumns,
     PreferenceDataConfig,
     PreferenceDataError,
@@ -181,8 +182,11 @@ def test_columns_are_validated():
     normalised = PreferenceColumns(labels=["l0", "l1"], objective_names=["a", "b"], label_format=["index", "sign"])
     assert normalised.labels == ("l0", "l1") and normalised.label_format == ("index", "sign")
     assert normalised.label_formats == ("index", "sign")
-    with pytest.raises(ValueError, match="K >= 2"):
-        PreferenceColumns(labels=("only",), objective_names=("one",))
+    assert PreferenceColumns(labels=("only",), objective_names=("one",)).num_objectives == 1
+    with pytest.raises(ValueError, match="labels=\\(\\) means one objective"):
+        PreferenceColumns(labels=(), objective_names=("a", "b"))
+    with pytest.raises(ValueError, match="unknown preset 'tlr'"):
+        PreferenceDataConfig(columns="tlr")
     with pytest.raises(ValueError, match="3 names for 2 label columns"):
         PreferenceColumns(objective_names=("a", "b", "c"))
     with pytest.raises(ValueError, match="unknown format"):
@@ -417,3 +421,40 @@ def test_rows_split_and_tokenize(pku_file, tokenizer):
     prompt = tokenizer.decode(arrays["prompt_tokens"][5][arrays["prompt_mask"][5] == 1])
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
                            "<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_trl_chosen_rejected_layout(tmp_path):
+    """TRL's preference layout: no label column, the first (chosen) response preferred; strings or conversational
+    messages for the prompt and the responses; one objective. A response that is not one assistant message is a
+    malformed row, dropped and named."""
+    rows = [
+        {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {"prompt": "Two replies?", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+         "rejected": "c"},
+        {"prompt": "Same?", "chosen": "x", "rejected": "x"},
+    ]
+    path = tmp_path / "trl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(PreferenceDataWarning):
+        loaded = PreferenceDataConfig(source=str(path), columns="trl", split=None).load()
+    (dataset,) = loaded.subsets.values()
+    assert dataset["prompt"] == [f"{H} What is 2+2?{A}", f"{H} Hi{A}"]
+    assert dataset["chosen"] == ["4.", "Hello!"] and dataset["rejected"] == ["5.", "Go away."]
+    assert dataset["preference_probs"] == [[1.0], [1.0]] and dataset["label_mask"] == [[True], [True]]
+    (report,) = loaded.report.files
+    assert report.skipped == {"bad_response": 1, "identical_responses": 1}
+    assert loaded.report.objective_names == ("preference",)
+
+
+def test_a_column_preset_by_name_in_a_config():
+    """`data.pairs.columns=trl` selects the preset; the HH comparison, two-objective, refuses a one-objective layout
+    with a message naming the key and the objectives."""
+    from mopo_jax.configs import apply_overrides
+    from mopo_jax.experiment.config import ExperimentConfig
+
+    config = apply_overrides(ExperimentConfig(), ["data.pairs.columns=trl"])
+    assert config.data.pairs.columns == TRL_COLUMNS
+    with pytest.raises(ValueError, match=r"data.pairs.columns.labels: .* 1 objective\(s\) \['preference'\]"):
+        apply_overrides(ExperimentConfig(), ["data.format=pairs", "data.pairs.columns=trl"])

@@ -40,6 +40,7 @@ from .hh_rlhf import (
 from .preference_dataset import (
     LABEL_FORMATS,
     PKU_SAFERLHF_COLUMNS,
+    TRL_COLUMNS,
     PREFERENCE_REASONS,
     LoadedPreferences,
     PreferenceColumns,
@@ -70,7 +71,7 @@ __all__ = [
     "assign_split", "iter_parsed", "load_hh_rlhf", "make_record", "merge_consecutive_turns", "normalize_prompt",
     "objective_labels", "parse_pair", "parse_pair_with_reason", "parse_turns", "prompt_hash", "read_jsonl_pairs",
     "records_to_dataset", "split_by_prompt",
-    "LABEL_FORMATS", "PKU_SAFERLHF_COLUMNS", "PREFERENCE_REASONS", "LoadedPreferences", "PreferenceColumns",
+    "LABEL_FORMATS", "PKU_SAFERLHF_COLUMNS", "TRL_COLUMNS", "PREFERENCE_REASONS", "LoadedPreferences", "PreferenceColumns",
     "PreferenceDataConfig", "PreferenceDataError", "PreferenceDataWarning", "PreferenceFileReport",
     "PreferenceLoadReport", "label_probability", "load_preference_dataset", "read_preference_file",
     "TRAIN_KEYS", "TokenizeReport", "end_of_turn_text", "epoch_permutation", "format_and_tokenize",

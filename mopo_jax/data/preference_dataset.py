@@ -136,10 +136,13 @@ class PreferenceColumns:
     Attributes:
       prompt: the user prompt: a string, or a list of ``{"role", "content"}`` messages (roles ``system``, ``user``,
         ``assistant``; it must not end with a non-empty assistant message).
-      first, second: the two responses (strings). Rows keep them in this order as ``chosen`` / ``rejected``.
-      labels: ``K >= 2`` label columns, one per objective, in objective order (objective 0 is the primary one).
+      first, second: the two responses: strings, or (TRL's conversational form) a list holding the one assistant
+        message that answers the prompt. Rows keep them in this order as ``chosen`` / ``rejected``.
+      labels: ``K >= 1`` label columns, one per objective, in objective order (objective 0 is the primary one); or
+        ``()``: no label column, the FIRST response is the preferred one (a chosen/rejected layout such as TRL's,
+        :data:`TRL_COLUMNS`): one objective, every pair labelled ``P = 1``.
       label_format: one of :data:`LABEL_FORMATS` for every label column, or a tuple of ``K`` of them.
-      objective_names: ``K`` names, e.g. ``("helpfulness", "harmlessness")``.
+      objective_names: ``K`` names, e.g. ``("helpfulness", "harmlessness")`` (one name with ``labels=()``).
       system: optional column with a per-row system message (prepended to the prompt's turns when not empty).
     """
 
@@ -164,10 +167,10 @@ class PreferenceColumns:
                 raise ValueError(f"PreferenceColumns.{field} must be a non-empty column name, got {value!r}")
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"PreferenceColumns.system must be a column name or None, got {self.system!r}")
-        K = len(self.labels)
-        if K < 2:
-            raise ValueError(f"PreferenceColumns.labels needs K >= 2 label columns (one per objective: a primary and "
-                             f"at least one constrained objective), got {self.labels!r}")
+        K = self.num_objectives
+        if not self.labels and len(self.objective_names) != 1:
+            raise ValueError(f"PreferenceColumns: labels=() means one objective whose preferred response is the "
+                             f"first; give one objective name, got {self.objective_names!r}")
         if not all(isinstance(c, str) and c for c in self.labels):
             raise ValueError(f"PreferenceColumns.labels must be non-empty column names, got {self.labels!r}")
         if len(self.objective_names) != K:
@@ -178,7 +181,7 @@ class PreferenceColumns:
             raise ValueError(f"PreferenceColumns.objective_names must be {K} distinct non-empty names, got "
                              f"{self.objective_names!r}")
         formats = self.label_formats
-        if len(formats) != K:
+        if self.labels and len(formats) != K:
             raise ValueError(f"PreferenceColumns.label_format has {len(formats)} formats for {K} label columns; give "
                              f"one format or {K}")
         bad = [f for f in formats if f not in LABEL_FORMATS]
@@ -192,10 +195,15 @@ class PreferenceColumns:
             raise ValueError(f"PreferenceColumns: column(s) {duplicates} used for more than one role "
                              f"(prompt, first, second, system and each label need their own column)")
 
+    @classmethod
+    def from_preset(cls, name: str) -> "PreferenceColumns":
+        """A named layout of :data:`COLUMN_PRESETS` (``"trl"``, ``"pku-saferlhf"``)."""
+        return _columns(name)
+
     @property
     def num_objectives(self) -> int:
-        """``K``."""
-        return len(self.labels)
+        """``K`` (1 for a chosen/rejected layout without label columns)."""
+        return len(self.labels) or 1
 
     @property
     def label_formats(self) -> tuple[str, ...]:
@@ -217,6 +225,11 @@ class PreferenceColumns:
                 for f in dataclasses.fields(self)}
 
 
+#: TRL's preference layout (``prompt`` / ``chosen`` / ``rejected``, strings or conversational messages): one
+#: objective, the first response (``chosen``) preferred in every pair.
+TRL_COLUMNS = PreferenceColumns(prompt="prompt", first="chosen", second="rejected", labels=(),
+                                objective_names=("preference",))
+
 PKU_SAFERLHF_COLUMNS = PreferenceColumns(
     prompt="prompt", first="response_0", second="response_1",
     labels=("better_response_id", "safer_response_id"), label_format=INDEX,
@@ -224,12 +237,22 @@ PKU_SAFERLHF_COLUMNS = PreferenceColumns(
 )
 
 
-def _columns(columns: PreferenceColumns | Mapping[str, Any]) -> PreferenceColumns:
+#: Column layouts by name (``columns: trl`` in a config).
+COLUMN_PRESETS = {"pku-saferlhf": PKU_SAFERLHF_COLUMNS, "trl": TRL_COLUMNS}
+
+
+def _columns(columns: PreferenceColumns | Mapping[str, Any] | str) -> PreferenceColumns:
     if isinstance(columns, PreferenceColumns):
         return columns
+    if isinstance(columns, str):
+        if columns not in COLUMN_PRESETS:
+            raise ValueError(f"columns: unknown preset {columns!r}; presets: {sorted(COLUMN_PRESETS)} (or give the "
+                             "columns' fields)")
+        return COLUMN_PRESETS[columns]
     if isinstance(columns, Mapping):
         return PreferenceColumns(**columns)
-    raise TypeError(f"columns must be a PreferenceColumns (or a mapping of its fields), got {type(columns).__name__}")
+    raise TypeError(f"columns must be a PreferenceColumns (or a mapping of its fields, or a preset name), got "
+                    f"{type(columns).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +281,8 @@ class PreferenceDataConfig:
     strict: bool = False
 
     def __post_init__(self):
-        if isinstance(self.columns, Mapping):
-            object.__setattr__(self, "columns", PreferenceColumns(**self.columns))
+        if not isinstance(self.columns, PreferenceColumns):
+            object.__setattr__(self, "columns", _columns(self.columns))
         if isinstance(self.source, list):
             object.__setattr__(self, "source", tuple(self.source))
 
@@ -455,6 +478,12 @@ def _response(row: Mapping[str, Any], column: str) -> str:
     value = _scalar(row.get(column))
     if _is_missing(value):
         raise _Drop(MISSING_RESPONSE)
+    if isinstance(value, (list, tuple)):  # TRL's conversational form: [{"role": "assistant", "content": ...}]
+        if len(value) != 1 or not isinstance(value[0], Mapping) or value[0].get("role") != "assistant" \
+                or not isinstance(value[0].get("content"), str):
+            raise _Drop(BAD_RESPONSE, f"{column} = {_short(value)}: a response given as messages is one "
+                                      "{'role': 'assistant', 'content': str}")
+        value = value[0]["content"]
     if not isinstance(value, str):
         raise _Drop(BAD_RESPONSE, f"{column} = {_short(value)}: not a string")
     if not value.strip():
@@ -478,7 +507,7 @@ def row_record(row: Any, columns: PreferenceColumns, subset: str, *, source: str
     try:
         turns = _prompt_turns(row, columns)
         first, second = _response(row, columns.first), _response(row, columns.second)
-        probs, mask = [], []
+        probs, mask = ([], []) if columns.labels else ([1.0], [True])  # no label column: the first is preferred
         for column, label_format in zip(columns.labels, columns.label_formats):
             value = row.get(column)
             try:

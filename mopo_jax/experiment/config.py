@@ -62,7 +62,9 @@ class DataConfig:
             raise ValueError(f"data.format must be 'hh-rlhf' or 'pairs', got {self.format!r}")
         if self.format == "pairs" and self.pairs.columns.num_objectives != 2:
             raise ValueError(f"data.pairs.columns.labels: the HH comparison's methods are two-objective "
-                             f"(helpfulness, harmlessness); got {self.pairs.columns.num_objectives} label columns")
+                             f"(helpfulness, harmlessness); got {self.pairs.columns.num_objectives} objective(s) "
+                             f"{list(self.pairs.columns.objective_names)} (a one-objective layout such as TRL's "
+                             "chosen/rejected serves a loop of your own: mopo_jax.data.load_preference_dataset)")
 
 
 @dataclasses.dataclass(frozen=True)
