@@ -322,24 +322,41 @@ def ipo_loss(
     preference_probs: Array | None = None,
     valid_mask: Array | None = None,
     weights: Array | None = None,
+    lengths: Array | None = None,
 ) -> LossTerms:
-    """IPO (Azar et al. 2023): ``(h - 1/(2 tau))^2`` for a hard label.
+    """IPO (Azar et al. 2023, Eq. 17): ``(h - 1/(2 tau))^2`` for a hard label.
 
     With a soft label ``P`` the loss is the expectation over which side wins,
     ``P (h - 1/(2 tau))^2 + (1 - P)(h + 1/(2 tau))^2``, minimised at ``h = (2P - 1)/(2 tau)``.
 
+    ``lengths`` ``[B, 2]`` (the chosen and rejected responses' token counts) divides every sequence log-probability
+    by its response's length first, so ``h`` is a margin of per-token means: TRL's IPO (``loss_type="ipo"``
+    averages log-probabilities over the completion), whose ``beta`` is this ``tau``. Without it the log-probabilities
+    are sums, as the paper's and every other loss here.
+
     Returns:
       :class:`LossTerms`.
     """
-    _check_pair_inputs((("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
-                        ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected),
-                        ("preference_probs", preference_probs), ("valid_mask", valid_mask), ("weights", weights)))
+    sizes = _check_pair_inputs((("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
+                                ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected),
+                                ("preference_probs", preference_probs), ("valid_mask", valid_mask),
+                                ("weights", weights)))
     validation.check_positive("tau", tau)
     if preference_probs is not None:
         validation.check_unit_interval("preference_probs", preference_probs, allow_nan=True)
     row = _row_weights(jnp.shape(policy_chosen), valid_mask, weights)
+    if lengths is not None:
+        validation.check_array_shape("lengths", lengths, ("B", 2), sizes)
+        if validation.is_concrete(lengths) and validation.is_concrete(row) and \
+                (np.asarray(lengths)[np.asarray(row) > 0] <= 0).any():
+            raise ValueError("lengths: every kept row's responses need at least one token (a length of 0 divides "
+                             "by zero); drop the row with valid_mask")
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = _zero_dropped(
         row > 0, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if lengths is not None:
+        count = jnp.maximum(jnp.asarray(lengths, jnp.float32), 1.0)
+        policy_chosen, ref_chosen = policy_chosen / count[:, 0], ref_chosen / count[:, 0]
+        policy_rejected, ref_rejected = policy_rejected / count[:, 1], ref_rejected / count[:, 1]
     margin = log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     half = 0.5 / tau
     if preference_probs is None:

@@ -213,9 +213,35 @@ def _labelled_rates(batch: dict) -> dict:
     return {"label_rates": jnp.broadcast_to(rates, jnp.shape(batch["label_mask"]))}
 
 
+class _OneLabelPairs(Objective):
+    """What DPO and IPO share: a pair loss on one objective's labels (``label``, a column of ``preference_probs``),
+    over the pairs that are valid and carry that label, with the implicit reward margin as a metric. A subclass
+    names its strength and :meth:`pair_loss`."""
+
+    fields: ClassVar = PAIR_FIELDS
+    optional_fields: ClassVar = PAIR_OPTIONAL
+
+    @property
+    def labels_read(self) -> tuple[int, ...]:
+        return (self.label,)
+
+    def pair_loss(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, preference_probs, valid_mask,
+                  weights) -> losses.LossTerms:
+        raise NotImplementedError
+
+    def loss(self, state, batch, log_probs):
+        keep = pair_valid(batch) & jnp.asarray(batch["label_mask"], bool)[:, self.label]
+        terms = self.pair_loss(*_pair_args(log_probs), batch["preference_probs"][:, self.label], keep,
+                               batch.get("pair_weights"))
+        return terms, {"log_ratios": _log_ratios(log_probs)}
+
+    def metrics(self, state, batch, aux):
+        return _reward_margin(batch, aux)
+
+
 @register_objective("dpo")
 @dataclasses.dataclass(frozen=True)
-class DPO(Objective):
+class DPO(_OneLabelPairs):
     """DPO (Rafailov et al. 2023) on one objective's labels: ``-log sigmoid(beta h)`` (soft labels: the
     cross-entropy of :func:`mopo_jax.dpo_loss`).
 
@@ -230,26 +256,15 @@ class DPO(Objective):
     def __post_init__(self):
         validation.check_positive(f"{type(self).__name__}.beta", self.beta)
 
-    @property
-    def labels_read(self) -> tuple[int, ...]:
-        return (self.label,)
-
-    fields: ClassVar = PAIR_FIELDS
-    optional_fields: ClassVar = PAIR_OPTIONAL
-
-    def loss(self, state, batch, log_probs):
-        keep = pair_valid(batch) & jnp.asarray(batch["label_mask"], bool)[:, self.label]
-        terms = losses.dpo_loss(*_pair_args(log_probs), self.beta, batch["preference_probs"][:, self.label],
-                                valid_mask=keep, weights=batch.get("pair_weights"))
-        return terms, {"log_ratios": _log_ratios(log_probs)}
-
-    def metrics(self, state, batch, aux):
-        return _reward_margin(batch, aux)
+    def pair_loss(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, preference_probs, valid_mask,
+                  weights):
+        return losses.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, preference_probs,
+                               valid_mask=valid_mask, weights=weights)
 
 
 @register_objective("ipo")
 @dataclasses.dataclass(frozen=True)
-class IPO(Objective):
+class IPO(_OneLabelPairs):
     """IPO (Azar et al. 2023) on one objective's labels: ``(h - 1/(2 tau))^2`` (soft labels: its expectation).
 
     Attributes:
@@ -263,21 +278,10 @@ class IPO(Objective):
     def __post_init__(self):
         validation.check_positive(f"{type(self).__name__}.tau", self.tau)
 
-    @property
-    def labels_read(self) -> tuple[int, ...]:
-        return (self.label,)
-
-    fields: ClassVar = PAIR_FIELDS
-    optional_fields: ClassVar = PAIR_OPTIONAL
-
-    def loss(self, state, batch, log_probs):
-        keep = pair_valid(batch) & jnp.asarray(batch["label_mask"], bool)[:, self.label]
-        terms = losses.ipo_loss(*_pair_args(log_probs), self.tau, batch["preference_probs"][:, self.label],
-                                valid_mask=keep, weights=batch.get("pair_weights"))
-        return terms, {"log_ratios": _log_ratios(log_probs)}
-
-    def metrics(self, state, batch, aux):
-        return _reward_margin(batch, aux)
+    def pair_loss(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, preference_probs, valid_mask,
+                  weights):
+        return losses.ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.tau, preference_probs,
+                               valid_mask=valid_mask, weights=weights)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -423,3 +423,30 @@ def test_completion_log_probs_unscored_nonfinite_logits_get_zero_gradient():
         assert np.all(np.isfinite(grad)), grad
         assert np.all(grad[~used] == 0.0)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_the_conventions_of_trl_and_tunix_written_out():
+    """docs/coming_from_trl.md, checked: TRL's and Tunix's DPO with label smoothing eps is `dpo_loss` with the soft
+    label P = 1 - eps (`-(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)`); TRL's IPO averages each
+    response's log-probabilities over its tokens, which is `ipo_loss(..., lengths=...)` with tau = TRL's beta. The
+    peers' formulas are written here in NumPy from their definitions."""
+    rng = np.random.default_rng(7)
+    B = 6
+    pc, pr, rc, rr = (rng.normal(-40.0, 8.0, B) for _ in range(4))
+    lengths = rng.integers(3, 40, (B, 2))
+    beta, eps = 0.2, 0.1
+    z = (pc - pr) - (rc - rr)
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+    smoothed = np.mean(-(1 - eps) * log_sigmoid(beta * z) - eps * log_sigmoid(-beta * z))
+    ours = mj.dpo_loss(pc, pr, rc, rr, beta, preference_probs=np.full(B, 1 - eps, np.float32))
+    np.testing.assert_allclose(float(ours.mean()), smoothed, rtol=1e-5)
+    per_token = (pc / lengths[:, 0] - pr / lengths[:, 1]) - (rc / lengths[:, 0] - rr / lengths[:, 1])
+    trl_ipo = np.mean((per_token - 1.0 / (2.0 * beta)) ** 2)
+    ours = mj.ipo_loss(pc, pr, rc, rr, beta, lengths=lengths)
+    np.testing.assert_allclose(float(ours.mean()), trl_ipo, rtol=1e-5)
+    summed = np.mean((z - 1.0 / (2.0 * beta)) ** 2)  # without lengths: the paper's sums
+    np.testing.assert_allclose(float(mj.ipo_loss(pc, pr, rc, rr, beta).mean()), summed, rtol=1e-5)
+    with pytest.raises(ValueError, match="lengths"):
+        mj.ipo_loss(pc, pr, rc, rr, beta, lengths=np.zeros((B, 2)))
+    with pytest.raises(ValueError, match="lengths"):
+        mj.ipo_loss(pc, pr, rc, rr, beta, lengths=np.ones((B, 3)))
