@@ -145,7 +145,7 @@ def _eval(args) -> int:
     _mesh_overrides(args.mesh)  # a malformed --mesh fails before joining the job
     _join_job(args)
     from mopo_jax import storage
-    from mopo_jax.experiment.hh_rlhf import evaluate_run
+    from mopo_jax.experiment.evaluate import evaluate_run
 
     # Every run that can be evaluated is; the others are named at the end (exit 2), none stops the rest. Each
     # process meets the same failure (the same files), so a multi-process job stays in step.

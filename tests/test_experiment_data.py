@@ -38,7 +38,8 @@ def test_oriented_puts_the_preferred_response_first():
 def test_pku_style_pairs_plug_in_by_config(tmp_path):
     from mopo_jax.configs import load_config
     from mopo_jax.experiment.config import ExperimentConfig
-    from mopo_jax.experiment.hh_rlhf import eval_prompt_rows, prepare_data
+    from mopo_jax.experiment.evaluate import eval_prompt_rows
+    from mopo_jax.experiment.hh_rlhf import prepare_data
 
     rows = []
     for i in range(240):
@@ -130,7 +131,7 @@ def test_caches_are_keyed_by_the_model_files_content(tmp_path):
     computed from it gets another name; the same bytes copied again keep the name."""
     from mopo_jax.configs import load_config
     from mopo_jax.experiment.config import ExperimentConfig
-    from mopo_jax.experiment.hh_rlhf import _cache_path
+    from mopo_jax.experiment.hh_rlhf import cache_path
 
     model = tmp_path / "model"
     model.mkdir()
@@ -139,13 +140,13 @@ def test_caches_are_keyed_by_the_model_files_content(tmp_path):
     weights.write_bytes(b"\x00" * 64)
     config = load_config(ExperimentConfig, None, [f"work_dir={tmp_path / 'work'}", f"model.name={model}",
                                                  f"data.source={tmp_path / 'no-data'}"])
-    first = _cache_path(config, "activations")
-    assert _cache_path(config, "activations") == first
+    first = cache_path(config, "activations")
+    assert cache_path(config, "activations") == first
     weights.write_bytes(b"\x01" + b"\x00" * 63)  # same size, new bytes
-    changed = _cache_path(config, "activations")
+    changed = cache_path(config, "activations")
     assert changed != first
     weights.write_bytes(b"\x00" * 64)  # the original bytes again
-    assert _cache_path(config, "activations") == first
+    assert cache_path(config, "activations") == first
     hub = load_config(ExperimentConfig, None, [f"work_dir={tmp_path / 'work'}", "model.name=smollm2-1.7b",
                                               f"data.source={tmp_path / 'no-data'}"])
-    assert _cache_path(hub, "activations") not in (first, changed)  # a hub name: its name is its content
+    assert cache_path(hub, "activations") not in (first, changed)  # a hub name: its name is its content

@@ -114,23 +114,23 @@ def test_a_run_directory_holds_one_configuration(tmp_path, capsys):
     from mopo_jax.cli import main
     from mopo_jax.configs import load_config
     from mopo_jax.experiment.config import ExperimentConfig
-    from mopo_jax.experiment.hh_rlhf import _claim_run_dir
+    from mopo_jax.experiment.run_dir import claim_run_dir
 
     run_dir = tmp_path / "run"
     common = [f"run_dir={run_dir}", f"work_dir={tmp_path / 'work'}"]
     first = load_config(ExperimentConfig, str(TINY), common)
-    _claim_run_dir(first, force_new=False)
+    claim_run_dir(first, force_new=False)
     stored = (run_dir / "config.yaml").read_bytes()
     (run_dir / "checkpoints").mkdir()
 
     # Resuming the same configuration (another mesh or more steps do not make another run) is silent; the stored
     # config then records the steps the run is trained to.
-    _claim_run_dir(load_config(ExperimentConfig, str(TINY), [*common, "mesh.fsdp=2", "training.steps=9"]), False)
+    claim_run_dir(load_config(ExperimentConfig, str(TINY), [*common, "mesh.fsdp=2", "training.steps=9"]), False)
     import yaml
 
     resumed = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resumed["training"]["steps"] == 9 and resumed["mesh"]["fsdp"] == 2
-    _claim_run_dir(first, force_new=False)
+    claim_run_dir(first, force_new=False)
     assert (run_dir / "config.yaml").read_bytes() == stored
 
     # Another learning rate through the command line: exit 2, the diff named, nothing touched.
@@ -141,7 +141,7 @@ def test_a_run_directory_holds_one_configuration(tmp_path, capsys):
 
     # --force-new moves the old run aside (nothing lost) and claims the directory for the new configuration.
     other = load_config(ExperimentConfig, str(TINY), [*common, "method.name=dpo_pooled"])
-    _claim_run_dir(other, force_new=True)
+    claim_run_dir(other, force_new=True)
     (aside,) = tmp_path.glob("run.replaced-*")
     assert (aside / "config.yaml").read_bytes() == stored and (aside / "checkpoints").is_dir()
     assert "dpo_pooled" in (run_dir / "config.yaml").read_text()

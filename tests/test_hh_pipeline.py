@@ -58,7 +58,8 @@ def pipeline(tmp_path_factory, tiny_work_dir):
     from mopo_jax.configs import load_config
     from mopo_jax.evaluation.pareto import write_pareto
     from mopo_jax.experiment.config import ExperimentConfig
-    from mopo_jax.experiment.hh_rlhf import evaluate_run, train_run
+    from mopo_jax.experiment.evaluate import evaluate_run
+    from mopo_jax.experiment.hh_rlhf import train_run
 
     root = tmp_path_factory.mktemp("hh")
     plugin_dir = tmp_path_factory.mktemp("plugin")

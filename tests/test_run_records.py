@@ -151,13 +151,30 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "policy.npz"
     storage.save_bytes(target, b"old")
     cls = type(storage.path(target))
-    original = cls.write_bytes
+    original = cls.open
 
-    def full_disk(self, data):
-        original(self, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk:  # a file that takes half of the first write, then runs out of space
+        def __init__(self, handle):
+            self.handle = handle
 
-    monkeypatch.setattr(cls, "write_bytes", full_disk)
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+            return False
+
+    def full_disk(self, mode="r", *args, **kwargs):
+        handle = original(self, mode, *args, **kwargs)
+        return FullDisk(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(cls, "open", full_disk)
     with pytest.raises(OSError, match="No space left"):
         storage.save_bytes(target, b"x" * 4096)
+    with pytest.raises(OSError, match="No space left"):  # a streamed write (mopo export's weights) alike
+        storage.save_streamed(target, lambda handle: handle.write(b"y" * 4096))
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["policy.npz"]

@@ -1,6 +1,6 @@
 """Pareto analysis of evaluated runs in the (helpfulness, harmlessness) win-rate plane, with intervals.
 
-Each run directory holds an ``eval.json`` (:func:`mopo_jax.experiment.hh_rlhf.evaluate_run`)::
+Each run directory holds an ``eval.json`` (:func:`mopo_jax.experiment.evaluate.evaluate_run`)::
 
     {"name": str, "method": str, "protocol": str, "config": {...}, "seed": int, "threshold": float | None,
      "evaluation": <mopo_jax.evaluation.policy_eval.evaluate_policy output, with per-prompt values>, ...}

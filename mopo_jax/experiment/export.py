@@ -16,7 +16,8 @@ def export_run(run_dir: str, out: str, dtype: str | None = None) -> list[str]:
     ``dtype`` converts the weights (default: the run's parameter dtype)."""
     import jax
 
-    from mopo_jax.experiment.hh_rlhf import _base_model, _load_policy, _split_model, load_run_config
+    from mopo_jax.experiment.hh_rlhf import base_model, split_model
+    from mopo_jax.experiment.run_dir import load_policy, load_run_config
     from mopo_jax.models import join_layers, load_tokenizer
     from mopo_jax.models.export import save_pretrained
     from mopo_jax.parallel import sharding
@@ -29,8 +30,8 @@ def export_run(run_dir: str, out: str, dtype: str | None = None) -> list[str]:
     if out_path.exists() and any(out_path.iterdir()):
         raise ValueError(f"{out}: not empty; export into a new directory")
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
-    model_config, params = _base_model(config, mesh)
-    lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
-    trained = _load_policy(policy_path, upper)
+    model_config, params = base_model(config, mesh)
+    lower_config, lower, upper_config, upper = split_model(config, model_config, params)
+    trained = load_policy(policy_path, upper)
     policy = trained if lower is None else join_layers(lower, trained)
     return save_pretrained(model_config, policy, out, tokenizer=load_tokenizer(config.model.name), dtype=dtype)

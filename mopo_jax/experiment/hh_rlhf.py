@@ -10,8 +10,12 @@ Stages (each cached in ``work_dir`` where runs share it):
 3. :func:`train_run`: one method (``config.method.name``, an entry of :mod:`mopo_jax.experiment.methods`) trained
    with the sharded train step and the resumable loop; with ``model.trainable_top_layers`` only the top blocks
    train, on cached activations of the frozen rest.
-4. :func:`evaluate_run`: implicit preference accuracy on held-out human pairs, judge win rates of sampled responses
-   against the reference's, KL to the reference, and whether MOPO's constraint held.
+4. :func:`mopo_jax.experiment.evaluate.evaluate_run`: implicit preference accuracy on held-out human pairs, judge
+   win rates of sampled responses against the reference's, KL to the reference, and whether MOPO's constraint held.
+
+Beside this module, by stage: :mod:`.run_dir` (claiming a run directory, its config, the saved policy),
+:mod:`.onpolicy` (Algorithm 1's candidates), :mod:`.policy_samples` (the policy-sample dual), :mod:`.evaluate`,
+:mod:`.progress` (stage lines, the progress bar, TensorBoard) and :mod:`.export` (``mopo export``).
 
 Every stage runs on the experiment's device mesh (``config.mesh``) and in multi-process jobs: host stages
 (tokenisation) run on process 0 while the others wait; device stages (features, activations, evaluation) run on
@@ -25,26 +29,21 @@ import dataclasses
 import functools
 import json
 import os
-import time
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from mopo_jax import storage
 from mopo_jax.data.hh_rlhf import HHRLHFWarning
 from mopo_jax.experiment.config import ExperimentConfig
 from mopo_jax.parallel import sharding
+from mopo_jax.experiment.progress import TrainingProgress, log
+from mopo_jax.experiment.run_dir import check_run_dir, claim_run_dir, load_policy, save_policy
 
 OBJECTIVES = ("helpfulness", "harmlessness")
-
-
-def _log(message: str) -> None:
-    if storage.is_primary():
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def experiment_mesh(config: ExperimentConfig, check_training_batch: bool = True):
@@ -115,7 +114,7 @@ def _data_key(config: ExperimentConfig) -> str:
                                files=[storage.input_files_signature(str(s)) for s in sources])
 
 
-def _cache_path(config: ExperimentConfig, name: str, suffix: str = ".npz", **dependencies):
+def cache_path(config: ExperimentConfig, name: str, suffix: str = ".npz", **dependencies):
     """``work_dir/NAME-KEY.npz``: KEY hashes the tokenized data's key, the pretrained model (its files' content) and
     ``dependencies``, so a changed setting or model never reads another's cache."""
     spec = config.model
@@ -140,10 +139,10 @@ def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
     from mopo_jax.models import load_tokenizer
 
     if config.data.format == "pairs":
-        _log(f"loading preference pairs from {config.data.pairs.source}")
+        log(f"loading preference pairs from {config.data.pairs.source}")
         loaded = config.data.pairs.load()
     else:
-        _log(f"loading HH-RLHF from {config.data.source}")
+        log(f"loading HH-RLHF from {config.data.source}")
         loaded = load_hh_rlhf(config.data.source, config.data.subsets)
     splits = split_by_prompt(loaded.subsets, salt=config.data.split_salt)
     tokenizer = load_tokenizer(config.model.name)
@@ -166,7 +165,7 @@ def _tokenize_splits(config: ExperimentConfig, directory, paths) -> None:
             [rows[i]["objective"] for i in arrays[split]["row_index"]], np.int32
         )
         reports[split] = dataclasses.asdict(report)
-        _log(f"  {split}: {len(arrays[split]['tokens'])} pairs")
+        log(f"  {split}: {len(arrays[split]['tokens'])} pairs")
     storage.save_json(directory / "reports.json", reports)
     for split, path in paths.items():
         storage.save_arrays(path, arrays[split])
@@ -190,7 +189,7 @@ def _load_model(name: str, dtype: str, param_dtype: str, remat: str, attention: 
     return model_config, sharding.put_params(model_config, params, mesh)
 
 
-def _base_model(config: ExperimentConfig, mesh):
+def base_model(config: ExperimentConfig, mesh):
     """The pretrained model, its parameters placed on ``mesh`` (read once per process, placed once per mesh:
     parameters are immutable arrays). The settings that depend on the model are checked here, before anything
     runs on it."""
@@ -216,7 +215,7 @@ def _check_model_settings(config: ExperimentConfig, model_config) -> None:
                          f"takes sequences of at most {model_config.max_seq_len} tokens")
 
 
-def _feature_batch_size(mesh, preferred: int = 32) -> int:
+def feature_batch_size(mesh, preferred: int = 32) -> int:
     """``preferred`` rounded up to a multiple of the mesh's batch shards."""
     shards = sharding.batch_size_multiple(mesh)
     return -(-preferred // shards) * shards
@@ -227,14 +226,14 @@ def _pair_features(config, model_config, params, arrays, split: str, mesh) -> tu
     in ``work_dir`` (labelers, judges and MODPO runs all read them)."""
     from mopo_jax.evaluation.preference_models import response_features
 
-    path = _cache_path(config, f"features_{split}_layer{config.preference.feature_layer}")
+    path = cache_path(config, f"features_{split}_layer{config.preference.feature_layer}")
 
     def build(write):
-        _log(f"features of {split} (layer {config.preference.feature_layer})")
+        log(f"features of {split} (layer {config.preference.feature_layer})")
         first, second = (response_features(
             model_config, params, arrays["tokens"][:, side], arrays["attention_mask"][:, side],
             arrays["completion_mask"][:, side], layer=config.preference.feature_layer,
-            batch_size=_feature_batch_size(mesh), mesh=mesh) for side in range(2))
+            batch_size=feature_batch_size(mesh), mesh=mesh) for side in range(2))
         if write:
             storage.save_arrays(path, {"first": first, "second": second})
         return {"first": first, "second": second}
@@ -254,8 +253,8 @@ def preference_models(config: ExperimentConfig, data, model, mesh) -> dict[str, 
     preference = config.preference
     fitted_from = dict(feature_layer=preference.feature_layer, l2_grid=list(preference.l2_grid),
                        cv_folds=preference.cv_folds)
-    path = _cache_path(config, "preference_models", **fitted_from)
-    summary_path = _cache_path(config, "preference_models", ".json", **fitted_from)
+    path = cache_path(config, "preference_models", **fitted_from)
+    summary_path = cache_path(config, "preference_models", ".json", **fitted_from)
 
     def load():
         stored = storage.load_arrays(path)
@@ -317,7 +316,7 @@ def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dic
             }
             for field in BradleyTerryModel._fields:
                 arrays[f"{role}_{k}_{field}"] = np.asarray(getattr(fitted, field))
-            _log(f"  {role} {name}: l2 {summary[f'{role}_{name}']['l2']:g}, held-out accuracy "
+            log(f"  {role} {name}: l2 {summary[f'{role}_{name}']['l2']:g}, held-out accuracy "
                  f"{summary[f'{role}_{name}']['heldout_accuracy']:.3f} on {len(correct)} pairs")
     if path is not None:
         storage.save_json(summary_path, summary)
@@ -329,7 +328,7 @@ def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dic
 # 3. Training one method.
 
 
-def _split_model(config: ExperimentConfig, model_config, params):
+def split_model(config: ExperimentConfig, model_config, params):
     """``(lower_config, lower, upper_config, upper)``; the lower part is None when everything trains."""
     from mopo_jax.models import split_layers
 
@@ -339,17 +338,17 @@ def _split_model(config: ExperimentConfig, model_config, params):
     return split_layers(model_config, params, model_config.n_layers - top)
 
 
-def _lower_activations(config, lower_config, lower, arrays, name: str, mesh) -> np.ndarray:
+def lower_activations(config, lower_config, lower, arrays, name: str, mesh) -> np.ndarray:
     """Residual stream after the frozen blocks for every response of ``arrays`` (cached): ``[B, 2, T, D]``."""
-    path = _cache_path(config, f"activations_{name}_top{config.model.trainable_top_layers}")
+    path = cache_path(config, f"activations_{name}_top{config.model.trainable_top_layers}")
 
     def build(write):
         from mopo_jax.evaluation.policy_eval import batched_residual_stream
 
-        _log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
+        log(f"caching activations of the {lower_config.n_layers} frozen blocks for {name}")
         tokens = arrays["tokens"].reshape(-1, arrays["tokens"].shape[-1])
         mask = arrays["attention_mask"].reshape(tokens.shape)
-        hidden = batched_residual_stream(lower_config, lower, tokens, mask, _feature_batch_size(mesh, 16), mesh)
+        hidden = batched_residual_stream(lower_config, lower, tokens, mask, feature_batch_size(mesh, 16), mesh)
         hidden = {"hidden": hidden.reshape(arrays["tokens"].shape + (-1,))}
         if write:
             storage.save_arrays(path, hidden)
@@ -375,23 +374,6 @@ def train_config_for(config: ExperimentConfig):
                        reference=config.training.reference, completion_start=config.data.max_prompt_tokens)
 
 
-def _save_policy(path, params) -> None:
-    """Writes the policy's parameters (gathered from the mesh on every process; process 0 writes)."""
-    host = sharding.to_host(params)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in keypath): leaf
-            for keypath, leaf in jax.tree_util.tree_leaves_with_path(host)}
-    if storage.is_primary():
-        storage.save_arrays(path, flat)
-    storage.barrier("policy-saved")
-
-
-def _load_policy(path, like):
-    """Host arrays of a saved policy, in the structure of ``like``."""
-    stored = storage.load_arrays(path)
-    return jax.tree_util.tree_map_with_path(
-        lambda keypath, leaf: stored["/".join(str(getattr(k, "key", k)) for k in keypath)], like)
-
-
 class RunContext:
     """What a method's data, transforms and policy builders may ask of a run, each computed (or read from the
     ``work_dir`` caches) on first use: the tokenized splits, the model and its frozen/trained split, the labelers,
@@ -400,7 +382,7 @@ class RunContext:
     def __init__(self, config: ExperimentConfig, mesh):
         self.config = config
         self.mesh = mesh
-        self.train_config = train_config_for(config) if _method(config).trains else None
+        self.train_config = train_config_for(config) if method_of(config).trains else None
         self.holder: dict[str, Any] = {}  # the loop's current train state (on-policy sampling reads it)
 
     @functools.cached_property
@@ -409,12 +391,12 @@ class RunContext:
 
     @functools.cached_property
     def model(self):
-        return _base_model(self.config, self.mesh)
+        return base_model(self.config, self.mesh)
 
     @functools.cached_property
     def split(self):
         """``(lower_config, lower, upper_config, upper)``: the frozen blocks and the trained top blocks."""
-        return _split_model(self.config, *self.model)
+        return split_model(self.config, *self.model)
 
     def preference_models(self) -> dict[str, Any]:
         return preference_models(self.config, self.data, self.model, self.mesh)["models"]
@@ -437,7 +419,7 @@ class RunContext:
         lower_config, lower, upper_config, upper = self.split
         arrays = dict(self.data["policy_train"])
         if lower is not None:
-            arrays["inputs_hidden"] = _lower_activations(self.config, lower_config, lower, arrays, "policy_train",
+            arrays["inputs_hidden"] = lower_activations(self.config, lower_config, lower, arrays, "policy_train",
                                                          self.mesh)
         if self.config.training.reference == "precomputed":
             arrays["ref_log_probs"] = self._reference_log_probs(arrays, upper_config, upper)
@@ -463,13 +445,13 @@ class RunContext:
     def _reference_log_probs(self, arrays, upper_config, upper) -> np.ndarray:
         from mopo_jax.evaluation.policy_eval import pair_log_probs
 
-        path = _cache_path(self.config, f"reference_log_probs_top{self.config.model.trainable_top_layers}",
+        path = cache_path(self.config, f"reference_log_probs_top{self.config.model.trainable_top_layers}",
                            completion_start=self.config.data.max_prompt_tokens)
 
         def build(write):
-            _log("precomputing the reference's log-probabilities of the policy-train pairs")
+            log("precomputing the reference's log-probabilities of the policy-train pairs")
             values = {"log_probs": pair_log_probs(
-                upper_config, upper, arrays, _feature_batch_size(self.mesh, 16),
+                upper_config, upper, arrays, feature_batch_size(self.mesh, 16),
                 inputs_hidden=arrays.get("inputs_hidden"), completion_start=self.config.data.max_prompt_tokens,
                 mesh=self.mesh)}
             if write:
@@ -526,10 +508,13 @@ class RunContext:
         return batches
 
     def onpolicy_batches(self):
+        from mopo_jax.experiment.onpolicy import onpolicy_batches
+
         labelers = [self.labeler(k) for k in range(len(OBJECTIVES))]
-        return _onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
-                                 self.data["policy_train"], labelers, self.holder, self.mesh,
-                                 self.process_rows(self.config.training.batch_pairs))
+        return onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
+                                self.data["policy_train"], labelers, self.holder, self.mesh,
+                                self.process_rows(self.config.training.batch_pairs),
+                                *end_of_turn_and_pad(self.config))
 
     @functools.cached_property
     def policy_sample_dual(self):
@@ -539,7 +524,7 @@ class RunContext:
 
         labelers = [self.labeler(k) for k in range(1, len(OBJECTIVES))]
         return PolicySampleDual(self.config, self.model, self.data["labeler_train"], labelers,
-                                *_end_of_turn_and_pad(self.config), self.mesh)
+                                *end_of_turn_and_pad(self.config), self.mesh)
 
     def full_policy(self, state):
         """The whole model's parameters of the policy in a train state (the frozen lower blocks joined on)."""
@@ -555,12 +540,12 @@ class RunContext:
 
     def soup_policy(self):
         upper = self.split[3]
-        helpful, harmless = (_load_policy(storage.path(d) / "policy.npz", upper) for d in self.config.method.soups_from)
+        helpful, harmless = (load_policy(storage.path(d) / "policy.npz", upper) for d in self.config.method.soups_from)
         w_help, w_harm = self.config.method.weights
         return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
 
 
-def _end_of_turn_and_pad(config: ExperimentConfig) -> tuple[int, int]:
+def end_of_turn_and_pad(config: ExperimentConfig) -> tuple[int, int]:
     """The token ids that end a sampled response (the chat template's end of turn) and pad it."""
     from mopo_jax.data import end_of_turn_text
     from mopo_jax.models import load_tokenizer
@@ -570,80 +555,10 @@ def _end_of_turn_and_pad(config: ExperimentConfig) -> tuple[int, int]:
     return end_of_turn, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
 
 
-def _method(config: ExperimentConfig):
+def method_of(config: ExperimentConfig):
     from mopo_jax.experiment.methods import get_method
 
     return get_method(config.method.name)
-
-
-#: Fields that may differ between the runs of one run directory: where things live, how the devices are arranged,
-#: how long it trains and how it is evaluated. Anything else defines another run.
-RUN_INDEPENDENT_FIELDS = ("run_dir", "work_dir", "mesh", "eval", "training.steps", "training.save_every")
-#: What ``mopo eval`` may override in a run's stored config: how it is evaluated, never what was trained.
-EVAL_OVERRIDE_FIELDS = ("work_dir", "mesh", "eval")
-
-
-def _flat_fields(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            out.update(_flat_fields(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def run_config_diff(stored: dict, new: dict) -> list[str]:
-    """``"field: stored -> new"`` for every field (dotted) that makes ``new`` another run than ``stored``."""
-    def keep(name):
-        return not any(name == f or name.startswith(f + ".") for f in RUN_INDEPENDENT_FIELDS)
-
-    old, fresh = _flat_fields(stored), _flat_fields(new)
-    return [f"{name}: {old.get(name)!r} -> {fresh.get(name)!r}" for name in sorted(set(old) | set(fresh))
-            if keep(name) and old.get(name) != fresh.get(name)]
-
-
-def _stored_config_diff(config: ExperimentConfig) -> list[str] | None:
-    """How ``config`` differs from the run stored in its ``run_dir`` (``[]``: the same run), or ``None`` when the
-    directory holds no run yet."""
-    stored_path = storage.path(config.run_dir) / "config.yaml"
-    if not stored_path.exists():
-        return None
-    return run_config_diff(yaml.safe_load(stored_path.read_text()) or {}, _plain_config(config))
-
-
-def _plain_config(config: ExperimentConfig) -> dict:
-    return json.loads(json.dumps(_as_plain(dataclasses.asdict(config))))  # tuples as lists, as YAML stores them
-
-
-def _check_run_dir(config: ExperimentConfig, force_new: bool) -> list[str] | None:
-    """Raises ``ValueError`` (touching nothing) when ``run_dir`` holds a run of another configuration and
-    ``force_new`` does not ask to move it aside; returns :func:`_stored_config_diff`."""
-    diff = _stored_config_diff(config)
-    if not diff:
-        return diff
-    if not force_new:
-        raise ValueError(f"{config.run_dir} holds a run of another configuration ({'; '.join(diff)}); resume it "
-                         "with its own config, choose a new run_dir, or pass --force-new to move it aside")
-    if not storage.is_local(config.run_dir):
-        raise ValueError(f"--force-new cannot move a remote run directory ({config.run_dir}); choose a new run_dir")
-    return diff
-
-
-def _claim_run_dir(config: ExperimentConfig, force_new: bool) -> None:
-    """A run directory holds one run: its config is written once; a rerun must match it (resume), or, with
-    ``force_new``, the old run is moved aside first. Raises ``ValueError`` (touching nothing) on a mismatch. The
-    stored config follows the settings that do not make another run (``training.steps``, the mesh, ...), so it
-    says what the run was last trained with."""
-    if _check_run_dir(config, force_new):  # another run, and force_new (checked) moves it aside
-        if storage.is_primary():
-            aside = f"{os.path.normpath(config.run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(config.run_dir, aside)
-            _log(f"moved the previous run in {config.run_dir} to {aside}")
-        storage.barrier("run-dir-moved")
-    if storage.is_primary():
-        storage.save_text(storage.path(config.run_dir) / "config.yaml",
-                          yaml.safe_dump(_plain_config(config), sort_keys=False))
 
 
 def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, Any]:
@@ -651,15 +566,15 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
 
     Runs on ``config.mesh`` over every process's devices; each process feeds its rows of every batch. Raises
     :class:`mopo_jax.training.preemption.Preempted` after saving a checkpoint when SIGTERM arrives, ``ValueError``
-    when ``run_dir`` holds a run of another configuration (unless ``force_new``: see :func:`_claim_run_dir`) and
+    when ``run_dir`` holds a run of another configuration (unless ``force_new``: see :func:`claim_run_dir`) and
     :class:`mopo_jax.training.loop.NonFiniteError` when a step goes non-finite (nothing of it saved).
     """
-    method = _method(config)
+    method = method_of(config)
     mesh = experiment_mesh(config)
     run_dir = storage.path(config.run_dir)
     # The directory is claimed only once the data, the models and the method's batches have loaded: a run that
     # fails before (a missing label, a wrong model name) leaves no run behind that a fixed rerun would collide with.
-    _check_run_dir(config, force_new)
+    check_run_dir(config, force_new)
     with storage.DirectoryLock(config.run_dir, f"mopo train {method.name}"):  # one job per run directory
         return _train_locked(config, force_new, method, mesh, run_dir)
 
@@ -673,8 +588,8 @@ def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_d
                "processes": jax.process_count()}
     if not method.trains:
         policy = method.policy(config, context)
-        _claim_run_dir(config, force_new)
-        _save_policy(policy_path, policy)
+        claim_run_dir(config, force_new)
+        save_policy(policy_path, policy)
     else:
         train_config = context.train_config
         _, _, upper_config, upper = context.split
@@ -685,8 +600,8 @@ def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_d
 
             batches = with_policy_sample_dual(batches, context.policy_sample_dual, config.dual.every,
                                               context.full_policy, context.holder)
-        _claim_run_dir(config, force_new)
-        progress = _Progress(config, method.name) if storage.is_primary() else None
+        claim_run_dir(config, force_new)
+        progress = TrainingProgress(config, method.name) if storage.is_primary() else None
         state, history = train(
             upper_config, train_config, upper, batches, config.training.steps, mesh,
             CheckpointConfig(os.fspath(run_dir / "checkpoints"), save_every=config.training.save_every),
@@ -696,7 +611,7 @@ def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_d
         )
         if progress:
             progress.close()
-        _save_policy(policy_path, policy_params(train_config.trainable, state))
+        save_policy(policy_path, policy_params(train_config.trainable, state))
         if storage.is_primary():  # over every step of the run, resumed ones included, from its metrics log
             logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
             summary["clip_fraction"] = (sum(r.get("clipped", 0.0) for r in logged) / len(logged)) if logged else None
@@ -709,296 +624,3 @@ def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_d
     if storage.is_primary():
         storage.save_json(run_dir / "train.json", summary)
     return summary
-
-
-class _Progress:
-    """Process 0's progress bar and TensorBoard scalars (TensorBoard only for a local run directory)."""
-
-    def __init__(self, config: ExperimentConfig, name: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=config.training.steps, desc=name, unit="step", dynamic_ncols=True)
-        self.writer = _tensorboard(config.run_dir) if storage.is_local(config.run_dir) else None
-
-    def update(self, record: dict) -> None:
-        self.bar.n = record["step"]
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        self.bar.refresh()
-        if self.writer is not None:
-            for name, value in record.items():
-                values = value if isinstance(value, list) else [value]
-                for i, v in enumerate(values):
-                    if isinstance(v, (int, float)) and name not in ("step", "time"):
-                        self.writer.add_scalar(name if len(values) == 1 else f"{name}/{i}", v, record["step"])
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _onpolicy_batches(config, train_config, model_config, params, lower_config, lower, prompts, labelers, holder,
-                      mesh, rows: slice):
-    """MOPO's on-policy data (the published algorithm): per prompt, ``N`` responses sampled from the *current*
-    reference (the lagged policy in the train state, read through ``holder``), every pair labelled by the labelers
-    (``P_k = sigmoid(r_k(y) - r_k(y'))``), and the activations of the frozen blocks for the upper-layer step.
-
-    Sampling and features run on the mesh for the whole global batch (every process gets every row back); each
-    process then yields its ``rows`` of prompts."""
-    from mopo_jax.data import iterate_batches
-    from mopo_jax.evaluation.policy_eval import batched_residual_stream, generate_responses, response_rows
-    from mopo_jax.evaluation.preference_models import response_features, rewards
-    from mopo_jax.models import join_layers
-    from mopo_jax.training import reference_params
-
-    end_of_turn, pad = _end_of_turn_and_pad(config)
-    count, per_prompt = config.training.batch_pairs, config.onpolicy.candidates
-    prompt_arrays = {"prompt_tokens": prompts["prompt_tokens"], "prompt_mask": prompts["prompt_mask"]}
-
-    def batches(position):
-        for prompt_batch, next_position in iterate_batches(prompt_arrays, count, config.seed, position):
-            state = holder["state"]
-            upper = reference_params(train_config.trainable, state)
-            reference = upper if lower is None else join_layers(lower, upper)
-            step = int(jax.device_get(state.step))
-            repeated = {k: np.repeat(v, per_prompt, axis=0) for k, v in prompt_batch.items()}
-            responses, response_mask = generate_responses(
-                model_config, reference, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"],
-                config.data.max_response_tokens, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
-                temperature=config.onpolicy.temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
-                batch_size=count, mesh=mesh, num_samples=per_prompt,
-            )
-            tokens, attention, completion = response_rows(
-                repeated["prompt_tokens"], repeated["prompt_mask"], responses, response_mask)
-            features = response_features(model_config, params, tokens, attention, completion,
-                                         layer=config.preference.feature_layer, batch_size=count * per_prompt,
-                                         mesh=mesh)
-            scores = np.stack([np.asarray(rewards(m, features)) for m in labelers]).reshape(len(labelers), count,
-                                                                                              per_prompt)
-            preferences = 1.0 / (1.0 + np.exp(-(scores[..., :, None] - scores[..., None, :])))
-            shape = (count, per_prompt, tokens.shape[-1])
-            batch = {
-                "tokens": tokens.reshape(shape),
-                "attention_mask": attention.reshape(shape),
-                "completion_mask": completion.reshape(shape),
-                "candidate_preferences": np.moveaxis(preferences, 0, 1).astype(np.float32),
-                "candidate_label_mask": np.ones((count, len(labelers), per_prompt, per_prompt), bool),
-            }
-            if lower is not None:
-                batch["inputs_hidden"] = batched_residual_stream(lower_config, lower, tokens, attention, len(tokens),
-                                                                 mesh).reshape(shape + (-1,))
-            yield {k: v[rows] for k, v in batch.items()}, next_position
-
-    return batches
-
-
-def _tensorboard(run_dir: str):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional: the JSONL log always exists
-        return None
-    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
-
-
-def _as_plain(value):
-    if isinstance(value, dict):
-        return {k: _as_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_plain(v) for v in value]
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 4. Evaluation.
-
-
-def load_run_config(run_dir: str, overrides=()) -> ExperimentConfig:
-    """The config stored in ``run_dir`` (with ``overrides``, e.g. another mesh for evaluation)."""
-    from mopo_jax.configs import config_from_mapping
-
-    path = storage.path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: {run_dir} is not a trained run directory")
-    return config_from_mapping(ExperimentConfig, yaml.safe_load(path.read_text()) or {}, os.fspath(path),
-                               [f"run_dir={run_dir}", *overrides])
-
-
-def eval_prompt_rows(objective: np.ndarray, count: int, prompt_tokens: np.ndarray | None = None) -> np.ndarray:
-    """Rows of the eval split whose prompts are sampled for the win rates: half from each objective's pairs (the
-    split lists one objective after the other, so a plain prefix would judge only helpfulness prompts). When every
-    pair sits under objective 0 (datasets labelled for both objectives on each pair) and ``prompt_tokens`` are
-    given: the first ``count`` distinct prompts."""
-    if prompt_tokens is not None and (objective == 0).all():
-        _, first = np.unique(np.asarray(prompt_tokens), axis=0, return_index=True)
-        return np.sort(first)[:count]
-    per_objective = [np.flatnonzero(objective == k) for k in range(len(OBJECTIVES))]
-    share = count // len(per_objective)
-    rows = [r[:share + (k < count % len(per_objective))] for k, r in enumerate(per_objective)]
-    return np.sort(np.concatenate(rows))
-
-
-def _reference_eval_cache(config: ExperimentConfig, model, prompt_tokens, prompt_mask, eos_id: int, pad_id: int,
-                          eval_pairs, eval_hidden, upper_config, upper, mesh):
-    """What every run's evaluation shares, computed once per evaluation setting: the reference's responses to the
-    eval prompts (sampled with the win-rate key of :func:`policy_eval.sampling_keys`, the policies' common random
-    numbers) and the reference's log-probabilities of the held-out pairs (its top blocks ``upper`` over
-    ``eval_hidden``, the frozen blocks' activations of the pairs, when only the top blocks train)."""
-    from mopo_jax.evaluation import policy_eval
-    from mopo_jax.models.generation import SAMPLER_VERSION
-
-    path = _cache_path(config, "eval_reference", prompts=np.asarray(prompt_tokens).tolist(),
-                       eval=dataclasses.asdict(config.eval), top=config.model.trainable_top_layers,
-                       sampler=SAMPLER_VERSION)
-
-    def build(write):
-        model_config, params = model
-        _log("reference responses and held-out log-probabilities for evaluation")
-        responses, response_mask = policy_eval.generate_responses(
-            model_config, params, prompt_tokens, prompt_mask, config.eval.max_new_tokens,
-            policy_eval.sampling_keys(jax.random.PRNGKey(config.eval.seed))[0], temperature=config.eval.temperature,
-            top_p=config.eval.top_p, eos_id=eos_id, pad_id=pad_id, batch_size=config.eval.batch_size, mesh=mesh,
-            num_samples=config.eval.samples_per_prompt)
-        cached = {"responses": responses, "response_mask": response_mask}
-        cached["pair_log_probs"] = policy_eval.pair_log_probs(
-            upper_config, upper, eval_pairs, config.eval.batch_size, inputs_hidden=eval_hidden,
-            completion_start=config.data.max_prompt_tokens, mesh=mesh)
-        if write:
-            storage.save_arrays(path, cached)
-        return cached
-
-    return storage.cached_stage("eval-reference", path.exists, build, lambda: storage.load_arrays(path),
-                                everywhere=True)
-
-
-def _reference_eval_features(config: ExperimentConfig, prompt_tokens, prompt_mask, reference, feature_fn, mesh):
-    """The judges' features (``feature_fn``, layer ``preference.feature_layer`` of the base model) of the reference's
-    eval responses ``reference`` (:func:`_reference_eval_cache`), computed once. Keyed by the mesh and the process
-    count too: the policy's features are computed on the evaluation's mesh, and a response the policy shares with
-    the reference (common random numbers) must get bit-identical features on both sides to score as the exact tie it
-    is; another mesh may round differently."""
-    from mopo_jax.evaluation import policy_eval
-
-    responses, response_mask = reference["responses"], reference["response_mask"]
-    layout = None if mesh is None else dict(mesh.shape)
-    path = _cache_path(config, "eval_reference_features", responses=np.asarray(responses).tolist(),
-                       response_mask=np.asarray(response_mask).tolist(), prompts=np.asarray(prompt_tokens).tolist(),
-                       feature_layer=config.preference.feature_layer, mesh=layout, processes=jax.process_count(),
-                       platform=jax.default_backend())
-
-    def build(write):
-        samples = config.eval.samples_per_prompt
-        rows = policy_eval.response_rows(np.repeat(prompt_tokens, samples, axis=0),
-                                         np.repeat(prompt_mask, samples, axis=0), responses, response_mask)
-        features = {"features": np.asarray(feature_fn(*rows), np.float32)}
-        if write:
-            storage.save_arrays(path, features)
-        return features
-
-    return storage.cached_stage("eval-reference-features", path.exists, build, lambda: storage.load_arrays(path),
-                                everywhere=True)["features"]
-
-
-def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
-    """Evaluates a trained run and writes ``RUN_DIR/eval.json`` (``overrides`` of the stored config, e.g.
-    ``mesh.fsdp=4``: generation and scoring split the prompts over the mesh's batch axes; the numbers do not depend
-    on the mesh)."""
-    from mopo_jax.evaluation import policy_eval
-    from mopo_jax.evaluation.preference_models import response_features
-    from mopo_jax.models import join_layers
-
-    for override in overrides:
-        key = override.split("=", 1)[0].strip()
-        if not any(key == f or key.startswith(f + ".") for f in EVAL_OVERRIDE_FIELDS):
-            raise ValueError(f"{key} cannot change at evaluation (only eval.*, mesh.* and work_dir can): it is "
-                             f"part of what {run_dir} trained; train another run")
-    config = load_run_config(run_dir, overrides)
-    mesh = experiment_mesh(config, check_training_batch=False)
-    _log(f"eval {run_dir}: data, model and judges")
-    data = prepare_data(config)
-    model = _base_model(config, mesh)
-    judges = preference_models(config, data, model, mesh)
-    model_config, params = model
-    lower_config, lower, upper_config, upper = _split_model(config, model_config, params)
-    policy_path = storage.path(config.run_dir) / "policy.npz"
-    host_policy = _load_policy(policy_path, upper)
-    bad = [name for name, leaf in jax.tree_util.tree_leaves_with_path(host_policy) if not np.isfinite(leaf).all()]
-    if bad:
-        raise ValueError(f"{policy_path}: the policy holds non-finite parameters ({jax.tree_util.keystr(bad[0])} and "
-                         f"{len(bad) - 1} more); this run is broken and is not evaluated")
-    trained = sharding.put_params(upper_config, host_policy, mesh)
-    policy = trained if lower is None else join_layers(lower, trained)
-
-    end_of_turn, pad = _end_of_turn_and_pad(config)
-    eval_pairs = data["eval"]
-    rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"])
-    prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
-    hidden = None if lower is None else _lower_activations(config, lower_config, lower, eval_pairs, "eval", mesh)
-    feature_layer = config.preference.feature_layer
-
-    def feature_fn(tokens, attention, completion):
-        return response_features(model_config, params, tokens, attention, completion, layer=feature_layer,
-                                 batch_size=_feature_batch_size(mesh), mesh=mesh)
-
-    _log(f"eval {run_dir}: the reference's samples and features (cached after the first run)")
-    cached = _reference_eval_cache(config, model, prompt_tokens, prompt_mask, end_of_turn, pad,
-                                   eval_pairs, hidden, upper_config, upper, mesh)
-    reference_features = _reference_eval_features(config, prompt_tokens, prompt_mask, cached, feature_fn, mesh)
-    _log(f"eval {run_dir}: implicit preference accuracy on {len(eval_pairs['objective'])} held-out pairs")
-    implicit = policy_eval.implicit_preference_accuracy(
-        upper_config, trained, upper, eval_pairs, config.eval.batch_size,
-        reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
-        completion_start=config.data.max_prompt_tokens, mesh=mesh)
-    _log(f"eval {run_dir}: {config.eval.samples_per_prompt} samples on each of {len(rows)} prompts, judged "
-         "against the reference's")
-    evaluation = policy_eval.evaluate_policy(
-        model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-        judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
-        max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
-        rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
-        reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
-        samples_per_prompt=config.eval.samples_per_prompt, reference_features=reference_features,
-    )
-    evaluation["implicit"] = implicit
-    threshold = config.method.threshold if _method(config).knob == "threshold" else None
-    # MOPO's constraint is the policy's expected win rate over the reference under the harmlessness preference: on
-    # held-out prompts, under the judge (the gold model of the gold protocol), decided by its 95% interval (see
-    # mopo_jax.evaluation.paired.constraint_verdict); the pairwise value on held-out human pairs is the offline
-    # estimate the pairwise method trains on, reported beside it.
-    constraint_verdict = constraint_met = constraint_met_pairs = None
-    if threshold is not None:
-        from mopo_jax.evaluation import paired
-
-        harmless = OBJECTIVES[1]
-        interval = paired.Interval(evaluation["expected_win_rate"][harmless],
-                                   *evaluation["expected_win_rate_interval"][harmless])
-        constraint_verdict = paired.constraint_verdict(interval, threshold)
-        constraint_met = constraint_verdict == "met"
-        constraint_met_pairs = bool(implicit["constraint_values"][1] >= threshold)
-    train_summary_path = storage.path(run_dir) / "train.json"
-    train_summary = storage.load_json(train_summary_path) if train_summary_path.exists() else {}
-    dual_calibration = None
-    if train_summary.get("dual_final"):
-        from mopo_jax.evaluation import paired
-
-        harmless = OBJECTIVES[1]
-        dual_calibration = paired.calibration(
-            train_summary["dual_final"]["estimates"][0], train_summary["dual_final"]["stderr"][0],
-            evaluation["expected_win_rate"][harmless], evaluation["expected_win_rate_interval"][harmless])
-    payload = {
-        "name": os.path.basename(os.path.normpath(run_dir)),
-        "method": config.method.name,
-        "protocol": config.preference.protocol,
-        "config": _as_plain(dataclasses.asdict(config)),
-        "seed": config.seed,
-        "evaluation": evaluation,
-        "threshold": threshold,
-        "constraint_verdict": constraint_verdict,
-        "constraint_met": constraint_met,
-        "constraint_met_pairs": constraint_met_pairs,
-        "dual_calibration": dual_calibration,
-        "preference_models": judges["summary"],
-    }
-    if storage.is_primary():
-        storage.save_json(storage.path(run_dir) / "eval.json", payload)
-    _log(f"eval {run_dir}: wrote eval.json")
-    return payload
