@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", formatter_class=_HelpFormatter,
         help="write a trained run's whole policy as a Hugging Face model directory",
-        description="Joins RUN_DIR's trained parameters with its base model's frozen blocks (LoRA already merged) and "
+        description="Merges RUN_DIR's trained parameters (top blocks, or LoRA adapters) onto its base model's frozen "
+        "parts and "
         "writes config.json, safetensors weights and the tokenizer's files to --out, loadable by "
         "transformers.AutoModelForCausalLM.from_pretrained and mopo generate --model OUT.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holding policy.npz)")

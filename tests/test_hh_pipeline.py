@@ -109,6 +109,11 @@ def test_every_method_writes_its_run_directory(pipeline):
             assert all(np.isfinite(r["loss"]) for r in records)
             assert any(f.startswith("events") for f in os.listdir(run / "tensorboard"))
             assert (run / "checkpoints").is_dir()
+        # A trained run's policy file holds what it trained (the top block, not the frozen embedding); a method
+        # that builds its policy without training saves the whole trained-block model.
+        stored = set(np.load(run / "policy.npz").files)
+        assert ("embed" in stored) == (name in ("reference", "soups")), (name, sorted(stored))
+        assert any(key.startswith("layers/") for key in stored)
     onpolicy = [json.loads(line) for line in open(root / "mopo_onpolicy" / "metrics.jsonl")]
     assert "multipliers" in onpolicy[-1] and "chi" in onpolicy[-1]
     # The user's method trained its own objective, from a module the package does not know.

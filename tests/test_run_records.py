@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -178,3 +179,37 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):  # a streamed write (mopo export's weights) alike
         storage.save_streamed(target, lambda handle: handle.write(b"y" * 4096))
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["policy.npz"]
+
+
+def test_the_policy_file_holds_what_was_trained_and_loads_onto_the_frozen_part(tmp_path):
+    """policy.npz holds the trained entries (top blocks: not the frozen embedding) or the LoRA adapters; loading
+    merges them onto the model's frozen part (LoRA: W + alpha/r a b, computed here in NumPy). A whole-model file
+    (a method that does not train, an older run) loads as it is; a file of other parameters is a named error."""
+    from mopo_jax import storage
+    from mopo_jax.experiment.run_dir import load_policy
+    from mopo_jax.training import TrainableConfig
+
+    rng = np.random.default_rng(0)
+    upper = {"embed": rng.normal(size=(5, 2)), "layers": {"wq": rng.normal(size=(1, 2, 2))},
+             "final_norm": {"scale": rng.normal(size=2)}}
+    top = TrainableConfig(frozen=("embed",))
+    trained = {"layers/wq": rng.normal(size=(1, 2, 2)), "final_norm/scale": rng.normal(size=2)}
+    storage.save_arrays(tmp_path / "top.npz", trained)
+    loaded = load_policy(tmp_path / "top.npz", upper, top)
+    np.testing.assert_array_equal(loaded["embed"], upper["embed"])
+    np.testing.assert_allclose(loaded["layers"]["wq"], trained["layers/wq"], rtol=1e-6)
+
+    lora = TrainableConfig(lora_rank=1, lora_alpha=2.0, lora_targets=("wq",))
+    a, b = rng.normal(size=(1, 2, 1)), rng.normal(size=(1, 1, 2))
+    storage.save_arrays(tmp_path / "lora.npz", {"wq/a": a, "wq/b": b})
+    loaded = load_policy(tmp_path / "lora.npz", upper, lora)
+    np.testing.assert_allclose(loaded["layers"]["wq"], upper["layers"]["wq"] + 2.0 * a @ b, rtol=1e-5)
+    np.testing.assert_array_equal(loaded["embed"], upper["embed"])
+
+    whole = {"embed": upper["embed"] + 1, "layers/wq": upper["layers"]["wq"],
+             "final_norm/scale": upper["final_norm"]["scale"]}
+    storage.save_arrays(tmp_path / "whole.npz", whole)
+    np.testing.assert_array_equal(load_policy(tmp_path / "whole.npz", upper, top)["embed"], upper["embed"] + 1)
+    storage.save_arrays(tmp_path / "other.npz", {"layers/wk": a})
+    with pytest.raises(ValueError, match="other.npz: not this run's trained parameters"):
+        load_policy(tmp_path / "other.npz", upper, top)

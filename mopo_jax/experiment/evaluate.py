@@ -15,7 +15,7 @@ from mopo_jax import storage
 from mopo_jax.experiment.config import ExperimentConfig
 from mopo_jax.experiment.hh_rlhf import (OBJECTIVES, base_model, cache_path, end_of_turn_and_pad, experiment_mesh,
                                          feature_batch_size, lower_activations, method_of, prepare_data,
-                                         preference_models, split_model)
+                                         preference_models, split_model, trainable_for)
 from mopo_jax.experiment.progress import log
 from mopo_jax.experiment.run_dir import EVAL_OVERRIDE_FIELDS, as_plain, load_policy, load_run_config
 from mopo_jax.parallel import sharding
@@ -118,7 +118,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     model_config, params = model
     lower_config, lower, upper_config, upper = split_model(config, model_config, params)
     policy_path = storage.path(config.run_dir) / "policy.npz"
-    host_policy = load_policy(policy_path, upper)
+    host_policy = load_policy(policy_path, upper, trainable_for(config))
     bad = [name for name, leaf in jax.tree_util.tree_leaves_with_path(host_policy) if not np.isfinite(leaf).all()]
     if bad:
         raise ValueError(f"{policy_path}: the policy holds non-finite parameters ({jax.tree_util.keystr(bad[0])} and "

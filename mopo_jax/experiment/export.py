@@ -1,9 +1,9 @@
 """``mopo export``: a trained run's whole policy as a Hugging Face model directory.
 
-The run's ``policy.npz`` holds the parameters it trained (the top blocks on cached activations, or the whole model
-with LoRA merged); the export joins them with the frozen blocks of the run's base model and writes the complete
-model (:func:`mopo_jax.models.export.save_pretrained`) with the tokenizer, so that ``transformers`` and ``mopo
-generate --model DIR`` load it without this project.
+The run's ``policy.npz`` holds the parameters it trained (the top blocks on cached activations, or LoRA
+adapters); the export merges them onto the frozen parts of the run's base model and writes the complete model
+(:func:`mopo_jax.models.export.save_pretrained`) with the tokenizer, so that ``transformers`` and ``mopo generate
+--model DIR`` load it without this project.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def export_run(run_dir: str, out: str, dtype: str | None = None) -> list[str]:
     ``dtype`` converts the weights (default: the run's parameter dtype)."""
     import jax
 
-    from mopo_jax.experiment.hh_rlhf import base_model, split_model
+    from mopo_jax.experiment.hh_rlhf import base_model, split_model, trainable_for
     from mopo_jax.experiment.run_dir import load_policy, load_run_config
     from mopo_jax.models import join_layers, load_tokenizer
     from mopo_jax.models.export import save_pretrained
@@ -32,6 +32,6 @@ def export_run(run_dir: str, out: str, dtype: str | None = None) -> list[str]:
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
     model_config, params = base_model(config, mesh)
     lower_config, lower, upper_config, upper = split_model(config, model_config, params)
-    trained = load_policy(policy_path, upper)
+    trained = load_policy(policy_path, upper, trainable_for(config))
     policy = trained if lower is None else join_layers(lower, trained)
     return save_pretrained(model_config, policy, out, tokenizer=load_tokenizer(config.model.name), dtype=dtype)

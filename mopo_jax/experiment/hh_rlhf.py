@@ -358,16 +358,24 @@ def lower_activations(config, lower_config, lower, arrays, name: str, mesh) -> n
                                 everywhere=True)["hidden"]
 
 
+def trainable_for(config: ExperimentConfig):
+    """Which of the model's parameters a run trains (:class:`mopo_jax.training.TrainableConfig`): LoRA adapters, or
+    everything of the trained blocks but the embedding (the frozen blocks' cached activations already embed)."""
+    from mopo_jax.training import TrainableConfig
+
+    spec = config.model
+    frozen = ("embed",) if spec.trainable_top_layers > 0 else ()
+    return TrainableConfig(lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_targets=spec.lora_targets,
+                           frozen=frozen)
+
+
 def train_config_for(config: ExperimentConfig):
     """The train step's configuration for ``config``'s method: its objective (from the method registry), the
     optimiser, and which parameters train."""
     from mopo_jax.experiment.methods import get_method
-    from mopo_jax.training import TrainableConfig, TrainConfig
+    from mopo_jax.training import TrainConfig
 
-    spec = config.model
-    frozen = ("embed",) if spec.trainable_top_layers > 0 else ()
-    trainable = TrainableConfig(lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_targets=spec.lora_targets,
-                                frozen=frozen)
+    trainable = trainable_for(config)
     # Prompts are left-padded to max_prompt_tokens, so no completion token sits before that column.
     return TrainConfig(objective=get_method(config.method.name).objective(config), optimizer=config.optimizer,
                        trainable=trainable, micro_batches=config.training.micro_batches,
@@ -540,7 +548,8 @@ class RunContext:
 
     def soup_policy(self):
         upper = self.split[3]
-        helpful, harmless = (load_policy(storage.path(d) / "policy.npz", upper) for d in self.config.method.soups_from)
+        helpful, harmless = (load_policy(storage.path(d) / "policy.npz", upper, trainable_for(self.config))
+                             for d in self.config.method.soups_from)
         w_help, w_harm = self.config.method.weights
         return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
 
@@ -580,7 +589,7 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
 
 
 def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_dir) -> dict[str, Any]:
-    from mopo_jax.training import CheckpointConfig, policy_params, train
+    from mopo_jax.training import CheckpointConfig, train
 
     policy_path = run_dir / "policy.npz"
     context = RunContext(config, mesh)
@@ -611,7 +620,7 @@ def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_d
         )
         if progress:
             progress.close()
-        save_policy(policy_path, policy_params(train_config.trainable, state))
+        save_policy(policy_path, state.params)  # what was trained; load_policy merges it onto the frozen part
         if storage.is_primary():  # over every step of the run, resumed ones included, from its metrics log
             logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
             summary["clip_fraction"] = (sum(r.get("clipped", 0.0) for r in logged) / len(logged)) if logged else None

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import yaml
 
 from mopo_jax import storage
@@ -110,17 +111,40 @@ def load_run_config(run_dir: str, overrides=()) -> ExperimentConfig:
 
 
 def save_policy(path, params) -> None:
-    """Writes the policy's parameters (gathered from the mesh on every process; process 0 writes)."""
+    """Writes a policy's parameters (gathered from the mesh on every process; process 0 writes): what the run trained
+    (the train state's ``params``: the trained entries, or the LoRA adapters), or a whole model for a method that
+    builds its policy without training."""
     host = sharding.to_host(params)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in keypath): leaf
-            for keypath, leaf in jax.tree_util.tree_leaves_with_path(host)}
+    flat = {_key(keypath): leaf for keypath, leaf in jax.tree_util.tree_leaves_with_path(host)}
     if storage.is_primary():
         storage.save_arrays(path, flat)
     storage.barrier("policy-saved")
 
 
-def load_policy(path, like):
-    """Host arrays of a saved policy, in the structure of ``like``."""
+def _key(keypath) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keypath)
+
+
+def load_policy(path, upper, trainable=None):
+    """The policy of a run as host arrays in the structure of ``upper`` (the model's trained blocks' parameters, or
+    the whole model's): a saved trained part (:class:`mopo_jax.training.TrainableConfig`'s trained entries, or
+    LoRA adapters) merged onto ``upper``'s frozen part, or a saved whole ``upper`` as it is (a method that does not
+    train, or a run saved before the policy file held only what was trained)."""
+    from mopo_jax.training import trainable as trainable_lib
+
     stored = storage.load_arrays(path)
-    return jax.tree_util.tree_map_with_path(
-        lambda keypath, leaf: stored["/".join(str(getattr(k, "key", k)) for k in keypath)], like)
+    whole = {_key(k) for k, _ in jax.tree_util.tree_leaves_with_path(upper)}
+    if set(stored) == whole:
+        return jax.tree_util.tree_map_with_path(lambda keypath, leaf: stored[_key(keypath)], upper)
+    if trainable is None:
+        raise ValueError(f"{path}: holds {len(stored)} arrays that are not the model's parameters")
+    like = jax.eval_shape(lambda params, key: trainable_lib.split(trainable, params, key)[0], upper,
+                          jax.random.PRNGKey(0))
+    expected = {_key(k) for k, _ in jax.tree_util.tree_leaves_with_path(like)}
+    if set(stored) != expected:
+        missing, extra = sorted(expected - set(stored)), sorted(set(stored) - expected)
+        raise ValueError(f"{path}: not this run's trained parameters (missing {missing[:4]}, unexpected "
+                         f"{extra[:4]}); was it trained with another model or model.* setting?")
+    trained = jax.tree_util.tree_map_with_path(lambda keypath, leaf: stored[_key(keypath)], like)
+    merged = trainable_lib.merge(trainable, trainable_lib.base_of(trainable, upper), trained)
+    return jax.tree.map(np.asarray, merged)

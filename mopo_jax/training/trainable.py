@@ -56,18 +56,28 @@ def init_lora(config: TrainableConfig, base_params, rng: jax.Array):
     return adapters
 
 
-def split(config: TrainableConfig, params, rng: jax.Array):
-    """``(trained, base)`` from a model's parameters (copies: the train state is donated by the compiled step)."""
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+def base_of(config: TrainableConfig, params):
+    """The frozen part of a model's parameters (no copy): the whole model under LoRA, the frozen entries, or None
+    when everything trains."""
     if config.lora_rank:
-        return init_lora(config, params, rng), copy(params)
+        return params
     if config.frozen:
         missing = set(config.frozen) - set(params)
         if missing:
             raise ValueError(f"TrainableConfig.frozen names {sorted(missing)}, not in the model's parameters "
                              f"{sorted(params)}")
-        return (copy({k: v for k, v in params.items() if k not in config.frozen}),
-                copy({k: v for k, v in params.items() if k in config.frozen}))
+        return {k: v for k, v in params.items() if k in config.frozen}
+    return None
+
+
+def split(config: TrainableConfig, params, rng: jax.Array):
+    """``(trained, base)`` from a model's parameters (copies: the train state is donated by the compiled step)."""
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    base = base_of(config, params)
+    if config.lora_rank:
+        return init_lora(config, params, rng), copy(base)
+    if config.frozen:
+        return copy({k: v for k, v in params.items() if k not in config.frozen}), copy(base)
     return copy(params), None
 
 
