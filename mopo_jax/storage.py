@@ -118,13 +118,18 @@ def content_key(**dependencies) -> str:
 
 def input_files_signature(source: str) -> list:
     """``[(name, size, sha256), ...]`` of the files under a local source (a file or a directory; ``name`` relative to
-    it); ``[source]`` for a hub name or URL, whose content the name stands for.
+    it); ``[(name, size, modified), ...]`` under a URL (``gs://``: rewriting an object changes its time, and reading
+    gigabytes of remote weights to hash them is what the cache exists to avoid); ``[source]`` for a hub name, whose
+    content the name (and its revision) stands for.
 
-    Content, not modification time: a dataset copied or unpacked again with the same bytes (a new clone, a
-    re-provisioned machine) keeps its caches, and an edit that keeps the size and the second of the mtime does not.
+    Content, not modification time, for local files: a dataset copied or unpacked again with the same bytes (a new
+    clone, a re-provisioned machine) keeps its caches, and an edit that keeps the size and the second of the mtime
+    does not.
     """
+    if not is_local(source):
+        return _remote_files_signature(source)
     local = os.path.expanduser(source)
-    if not is_local(source) or not os.path.exists(local):
+    if not os.path.exists(local):
         return [source]
     if os.path.isfile(local):
         files = [(os.path.basename(local), local)]
@@ -136,6 +141,24 @@ def input_files_signature(source: str) -> list:
         stat = os.stat(file)
         signature.append((name, stat.st_size, _file_sha256(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
                                                            stat.st_ino)))
+    return signature
+
+
+def _remote_files_signature(source: str) -> list:
+    """``(name, size, version)`` of each object under a URL, ``version`` being what the store changes on every
+    write (a GCS object's generation, else its checksum, ETag or modification time)."""
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(source)
+    if not filesystem.exists(root):
+        return [source]
+    found = filesystem.find(root, detail=True) if filesystem.isdir(root) else {root: filesystem.info(root)}
+    signature = []
+    for name, info in sorted(found.items()):
+        version = next((info[key] for key in ("generation", "md5Hash", "crc32c", "ETag", "mtime", "updated")
+                        if info.get(key) is not None), None)
+        signature.append((os.path.relpath(name, root) if name != root else os.path.basename(name),
+                          info.get("size"), str(version)))
     return signature
 
 

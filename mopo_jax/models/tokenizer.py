@@ -43,12 +43,31 @@ def load_tokenizer(path_or_name: str):
     return _hf_tokenizer(path)
 
 
+#: The files of a Hugging Face directory a tokenizer is built from (what ``AutoTokenizer`` may read).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "config.json")
+
+
 @functools.lru_cache(maxsize=8)
 def _hf_tokenizer(path: str):
+    import tempfile
+
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        if "://" in path:
+            # transformers reads local files only: copy the (small) tokenizer files of a remote directory aside.
+            from mopo_jax import storage
+
+            with tempfile.TemporaryDirectory() as local:
+                for name in TOKENIZER_FILES:
+                    remote = storage.path(path) / name
+                    if remote.exists():
+                        (storage.path(local) / name).write_bytes(remote.read_bytes())
+                tok = AutoTokenizer.from_pretrained(local)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise OSError(f"{path}: could not load a tokenizer ({type(e).__name__}: {e})") from e
     if not getattr(tok, "chat_template", None):

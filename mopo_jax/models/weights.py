@@ -64,6 +64,8 @@ def resolve_model(path_or_name: str) -> tuple[str, str]:
     ``snapshot_download``).
     """
     p = os.path.expanduser(str(path_or_name))
+    if "://" in p:
+        return "hf", _remote_model_dir(p)
     if os.path.isfile(p):
         if p.endswith(".gguf"):
             return "gguf", p
@@ -91,6 +93,23 @@ def resolve_model(path_or_name: str) -> tuple[str, str]:
             f"{path_or_name!r} is neither an existing path nor a known model name "
             f"({sorted(GGUF_MODELS)}) nor a Hugging Face Hub id of the form 'org/name'")
     return "hf", _snapshot_download(p)
+
+
+def _remote_model_dir(url: str) -> str:
+    """A Hugging Face directory at a URL (``gs://bucket/llama``), read in place: its safetensors blocks are read by
+    byte range as each process needs them, so no host copies the whole model."""
+    from mopo_jax import storage
+
+    root = storage.path(url.rstrip("/"))
+    try:
+        found = (root / "config.json").exists()
+    except ImportError as e:  # gcsfs, s3fs, ...: the extra that reaches the scheme
+        raise ModelUnavailable(f"{url}: reading this URL needs its filesystem package ({e}); for gs:// install "
+                               "mopo-jax[gcs]") from e
+    if not found:
+        raise ModelUnavailable(f"{url}: no config.json there (a model URL must be a Hugging Face directory: "
+                               "config.json, *.safetensors and the tokenizer files)")
+    return str(root)
 
 
 def _snapshot_download(repo_id: str, preset: str | None = None) -> str:
@@ -121,6 +140,8 @@ def local_model_files(path_or_name: str) -> str | None:
     local = os.path.expanduser(path_or_name)
     if os.path.exists(local):
         return local
+    if "://" in path_or_name:
+        return _remote_model_dir(path_or_name)
     key = _ALIASES.get(path_or_name.lower(), path_or_name.lower())
     if key in GGUF_MODELS:
         try:
@@ -318,11 +339,12 @@ def load_gguf_numpy(path: str) -> tuple[ModelConfig, dict]:
 # ---------------------------------------------------------------------------
 
 def _read_hf_config(path: str) -> dict:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
+    from mopo_jax import storage
+
+    cfg_path = storage.path(path) / "config.json"
+    if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path}: missing (a Hugging Face model directory needs config.json)")
-    with open(cfg_path) as f:
-        return json.load(f)
+    return json.loads(cfg_path.read_text())
 
 
 # Stored dtypes of the safetensors format and their NumPy types (bfloat16 and float8 through ml_dtypes, which jax
