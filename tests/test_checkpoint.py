@@ -28,7 +28,7 @@ from mopo_jax.training.checkpoint import (
     CheckpointWarning,
     abstract_train_state,
 )
-from mopo_jax.training.loop import train
+from mopo_jax.training.loop import LoopConfig, train
 from mopo_jax.policy_objectives import DPO, MOPOPairwise
 from mopo_jax.training.train_step import (
     OptimizerConfig,
@@ -63,19 +63,17 @@ def make_batch(index: int, vocab_size: int) -> dict:
     }
 
 
-def batches(position: dict, vocab_size: int, kill_at: int | None = None, commit_dir: str | None = None):
-    """Batches from ``position`` on; when asked for batch ``kill_at`` the process waits for the commit manifest in
+def batch_at(position: dict, vocab_size: int, kill_at: int | None = None, commit_dir: str | None = None):
+    """The batch at ``position``; when asked for batch ``kill_at`` the process waits for the commit manifest in
     ``commit_dir`` (the async save of the previous checkpoint) and SIGKILLs itself."""
     epoch, index = position.get("epoch", 0), position.get("batch_index", 0)
-    while True:
-        if index == kill_at:
-            manifest = Path(commit_dir) / MANIFEST_NAME
-            deadline = time.monotonic() + 60
-            while not manifest.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield make_batch(index, vocab_size), {"epoch": epoch, "batch_index": index + 1}
-        index += 1
+    if index == kill_at:
+        manifest = Path(commit_dir) / MANIFEST_NAME
+        deadline = time.monotonic() + 60
+        while not manifest.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return make_batch(index, vocab_size), {"epoch": epoch, "batch_index": index + 1}
 
 
 KILLED_RUN = textwrap.dedent(
@@ -87,15 +85,16 @@ KILLED_RUN = textwrap.dedent(
     from mopo_jax.models import get_preset, init_params
     from mopo_jax.parallel import sharding
     from mopo_jax.training.checkpoint import CheckpointConfig
-    from mopo_jax.training.loop import train
+    from mopo_jax.training.loop import LoopConfig, train
     import jax
 
     ckpt, metrics, kill_at, commit_dir = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     model = get_preset("tiny")
     train(model, helpers.MOPO_CONFIG, init_params(model, jax.random.PRNGKey(0)),
-          lambda pos: helpers.batches(pos, model.vocab_size, kill_at, commit_dir),
-          helpers.NUM_STEPS, sharding.make_mesh(helpers.MESH), CheckpointConfig(ckpt, save_every=helpers.SAVE_EVERY),
-          metrics_path=metrics, rng=1)
+          lambda pos, state: helpers.batch_at(pos, model.vocab_size, kill_at, commit_dir),
+          sharding.make_mesh(helpers.MESH),
+          LoopConfig(helpers.NUM_STEPS, CheckpointConfig(ckpt, save_every=helpers.SAVE_EVERY), metrics_path=metrics,
+                     rng=1))
     raise SystemExit("not killed")
     """
 )
@@ -159,10 +158,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     params = init_params(model, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(MESH)
 
-    def data(pos):
-        return batches(pos, model.vocab_size)
+    def data(pos, state):
+        return batch_at(pos, model.vocab_size)
 
-    reference_state, reference = train(model, MOPO_CONFIG, params, data, NUM_STEPS, mesh, None, rng=1)
+    reference_state, reference = train(model, MOPO_CONFIG, params, data, mesh, LoopConfig(NUM_STEPS, rng=1))
     reference_losses = [r["loss"] for r in reference]
     assert [r["step"] for r in reference] == list(range(1, NUM_STEPS + 1))
     assert all(np.isfinite(reference_losses)) and len(set(reference_losses)) == NUM_STEPS
@@ -181,9 +180,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert {"step", "time", "step_time_s", "tokens", "tokens_per_s", "loss", "multipliers"} <= set(killed[0])
     assert killed[0]["tokens"] == PROMPTS * 2 * LENGTH
 
-    resumed_state, resumed = train(model, MOPO_CONFIG, params, lambda pos: batches(pos, model.vocab_size),
-                                   NUM_STEPS, mesh, CheckpointConfig(str(ckpt), save_every=SAVE_EVERY),
-                                   metrics_path=str(metrics_path), rng=1)
+    checkpoints = CheckpointConfig(str(ckpt), save_every=SAVE_EVERY)
+    resumed_state, resumed = train(model, MOPO_CONFIG, params, data, mesh,
+                                   LoopConfig(NUM_STEPS, checkpoints, metrics_path=str(metrics_path), rng=1))
     assert [r["step"] for r in resumed] == list(range(SAVE_EVERY + 1, NUM_STEPS + 1))
     losses = [r["loss"] for r in killed[:SAVE_EVERY]] + [r["loss"] for r in resumed]
     np.testing.assert_allclose(losses, reference_losses, rtol=0, atol=1e-6)
@@ -192,8 +191,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4, 6]
 
     # Nothing left to do: a finished run restores and returns at once.
-    _, again = train(model, MOPO_CONFIG, params, lambda pos: batches(pos, model.vocab_size), NUM_STEPS, mesh,
-                     CheckpointConfig(str(ckpt), save_every=SAVE_EVERY), rng=1)
+    _, again = train(model, MOPO_CONFIG, params, data, mesh, LoopConfig(NUM_STEPS, checkpoints, rng=1))
     assert again == []
 
 
@@ -205,9 +203,9 @@ def test_attempt_killed_before_its_first_checkpoint_leaves_no_steps_behind(tmp_p
     killed = [{"step": 1, "loss": -1.0}, {"step": 2, "loss": -2.0}]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in killed) + '{"step": 3, "lo')  # torn last line
     _, history = train(model, MOPO_CONFIG, init_params(model, jax.random.PRNGKey(0)),
-                       lambda pos: batches(pos, model.vocab_size), 2, sharding.make_mesh(MESH),
-                       CheckpointConfig(str(tmp_path / "ckpt"), save_every=SAVE_EVERY),
-                       metrics_path=str(metrics_path), rng=1)
+                       lambda pos, state: batch_at(pos, model.vocab_size), sharding.make_mesh(MESH),
+                       LoopConfig(2, CheckpointConfig(str(tmp_path / "ckpt"), save_every=SAVE_EVERY),
+                                  metrics_path=str(metrics_path), rng=1))
     logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2]
     assert [r["loss"] for r in logged] == [r["loss"] for r in history] and -1.0 not in [r["loss"] for r in logged]

@@ -14,7 +14,7 @@ import pytest
 
 from mopo_jax import policy_objectives as po
 from mopo_jax.models import get_preset, init_params
-from mopo_jax.training import CheckpointConfig, sharding, train
+from mopo_jax.training import CheckpointConfig, LoopConfig, sharding, train
 from mopo_jax.training.loop import NonFiniteError
 from mopo_jax.training.train_step import OptimizerConfig, TrainConfig
 
@@ -54,11 +54,9 @@ def _batch(prompts=4, length=12):
     }
 
 
-def _batches(position):
-    """Ten copies of :func:`_batch`, resumable from ``position``."""
-    batch = _batch()
-    for index in range(position.get("index", 0), 10):
-        yield batch, {"index": index + 1}
+def _batch_at(position, state):
+    """Copies of :func:`_batch`, one per position."""
+    return _batch(), {"index": position.get("index", 0) + 1}
 
 
 def _one_device():
@@ -71,8 +69,8 @@ def test_non_finite_step_stops_without_saving_it(tmp_path):
     params = init_params(MODEL, jax.random.PRNGKey(0))
     metrics_path = tmp_path / "metrics.jsonl"
     with pytest.raises(NonFiniteError, match=r"step 3 produced non-finite .*loss.*newest checkpoint is step 2"):
-        train(MODEL, config, params, _batches, 6, mesh, CheckpointConfig(str(tmp_path / "ckpt"), save_every=1),
-              metrics_path=str(metrics_path))
+        train(MODEL, config, params, _batch_at, mesh,
+              LoopConfig(6, CheckpointConfig(str(tmp_path / "ckpt"), save_every=1), metrics_path=str(metrics_path)))
     saved = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
     assert saved == [1, 2]  # nothing of the non-finite step 3
     steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
@@ -192,7 +190,8 @@ def test_metrics_hold_each_step_once_after_resumes(tmp_path):
     params = init_params(MODEL, jax.random.PRNGKey(0))
     checkpoints = CheckpointConfig(str(tmp_path / "ckpt"), save_every=2)
     metrics_path = tmp_path / "metrics.jsonl"
-    train(MODEL, config, params, _batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
+    loop = LoopConfig(4, checkpoints, metrics_path=str(metrics_path))
+    train(MODEL, config, params, _batch_at, mesh, loop)
     uninterrupted = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     # A crash after step 4's metrics reached the file but before its checkpoint was committed, plus a line torn
     # in the middle: the rerun resumes from step 2 and runs steps 3 and 4 again.
@@ -200,7 +199,7 @@ def test_metrics_hold_each_step_once_after_resumes(tmp_path):
     with open(metrics_path, "a") as handle:
         handle.write('{"step": 5, "lo')
     for _ in range(2):  # any number of resumes
-        train(MODEL, config, params, _batches, 4, mesh, checkpoints, metrics_path=str(metrics_path))
+        train(MODEL, config, params, _batch_at, mesh, loop)
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in uninterrupted], rtol=1e-6)
@@ -220,5 +219,30 @@ def test_a_gradient_norm_of_zero_is_reported(tmp_path):
     config = TrainConfig(objective=Frozen(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
     mesh = _one_device()
     with pytest.warns(ZeroGradientWarning, match="step 1: the gradient norm is exactly 0") as caught:
-        train(MODEL, config, init_params(MODEL, jax.random.PRNGKey(0)), _batches, 3, mesh, None)
+        train(MODEL, config, init_params(MODEL, jax.random.PRNGKey(0)), _batch_at, mesh, LoopConfig(3))
     assert sum(issubclass(w.category, ZeroGradientWarning) for w in caught) == 1  # once per run, not per step
+
+
+def test_the_loop_hands_each_batch_the_state_it_will_update_and_calls_hooks_on_their_steps():
+    """``next_batch(position, state)`` sees the state of the step it feeds (what on-policy data samples from), a
+    ``None`` ends the data, and each hook runs on the steps of its period with that step's record and state."""
+    from mopo_jax.training import Hook
+
+    config = TrainConfig(objective=po.DPO(beta=0.1), optimizer=OptimizerConfig(learning_rate=1e-3))
+    seen_steps, every_step, every_other = [], [], []
+
+    def next_batch(position, state):
+        seen_steps.append(int(jax.device_get(state.step)))
+        return None if position.get("index", 0) == 3 else _batch_at(position, state)
+
+    hooks = [Hook(lambda info: every_step.append((info.step, info.metrics["step"], int(info.state.step)))),
+             Hook(lambda info: every_other.append(info.step), every=2)]
+    state, history = train(MODEL, config, init_params(MODEL, jax.random.PRNGKey(0)), next_batch, _one_device(),
+                           LoopConfig(5), hooks)
+    assert seen_steps == [0, 1, 2, 3]  # the fourth call ended the data
+    assert [r["step"] for r in history] == [1, 2, 3] and int(state.step) == 3
+    assert every_step == [(1, 1, 1), (2, 2, 2), (3, 3, 3)] and every_other == [2]
+    with pytest.raises(ValueError, match="Hook.every"):
+        Hook(print, every=0)
+    with pytest.raises(ValueError, match="log_every"):
+        LoopConfig(3, log_every=0)

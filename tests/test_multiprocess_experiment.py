@@ -45,15 +45,17 @@ def _signalling(config, context):
     which = os.environ.get("MOPO_TEST_SIGNAL_PROCESS")
     signum = getattr(signal, "SIG" + os.environ.get("MOPO_TEST_SIGNAL", "TERM"))
 
-    def signalled(position):
-        for index, item in enumerate(batches(position)):
-            if at is not None and index == int(at) and which in (None, str(jax.process_index())):
-                after = os.environ.get("MOPO_TEST_SIGNAL_AFTER")
-                deadline = time.monotonic() + 60
-                while after and not os.path.exists(after) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                os.kill(os.getpid(), signum)
-            yield item
+    drawn = [0]  # batches this process has drawn
+
+    def signalled(position, state):
+        if at is not None and drawn[0] == int(at) and which in (None, str(jax.process_index())):
+            after = os.environ.get("MOPO_TEST_SIGNAL_AFTER")
+            deadline = time.monotonic() + 60
+            while after and not os.path.exists(after) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signum)
+        drawn[0] += 1
+        return batches(position, state)
 
     return signalled
 

@@ -264,7 +264,7 @@ def _lm_batch(prompts=8, length=16):
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices; see tests/conftest.py")
 def test_user_objective_trains_through_the_sharded_step_and_the_loop(tmp_path):
-    from mopo_jax.training import train
+    from mopo_jax.training import LoopConfig, train
 
     params = init_params(MODEL, jax.random.PRNGKey(0))
     batch = _lm_batch()
@@ -295,14 +295,13 @@ def test_user_objective_trains_through_the_sharded_step_and_the_loop(tmp_path):
     # The resumable loop, with its checkpointed objective state.
     from mopo_jax.training import CheckpointConfig
 
-    def batches(position):
-        for index in range(position.get("index", 0), 10):
-            yield batch, {"index": index + 1}
+    def batch_at(position, state):
+        return batch, {"index": position.get("index", 0) + 1}
 
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=2), jax.devices()[:4])
     checkpoints = CheckpointConfig(str(tmp_path / "ckpt"), save_every=2)
-    train(MODEL, config, params, batches, 2, mesh, checkpoints)
-    state, history = train(MODEL, config, params, batches, 3, mesh, checkpoints)
+    train(MODEL, config, params, batch_at, mesh, LoopConfig(2, checkpoints))
+    state, history = train(MODEL, config, params, batch_at, mesh, LoopConfig(3, checkpoints))
     assert [h["step"] for h in history] == [3] and int(state.objective_state["steps"]) == 3
     np.testing.assert_allclose(history[0]["loss"], single[2]["loss"], rtol=1e-5)
 

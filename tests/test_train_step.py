@@ -303,7 +303,7 @@ def test_an_estimate_without_data_is_logged_as_null_and_moves_nothing(params, tm
     """Step 1's batch carries no harmlessness label: the dual has nothing to read, so the log says null (not 0, not
     the threshold), the multiplier stays where it was and the run goes on; step 2's batch has the labels and the
     multiplier steps on that step's estimate, lambda = max(0, 0 - 0.5 (G - 0.6))."""
-    from mopo_jax.training import train
+    from mopo_jax.training import LoopConfig, train
 
     without = _pair_batch()
     without["label_mask"] = np.array([[1, 0], [1, 0], [1, 0], [1, 0]], bool)
@@ -312,13 +312,13 @@ def test_an_estimate_without_data_is_logged_as_null_and_moves_nothing(params, tm
     config = TrainConfig(objective=MOPOPairwise(MOPOConfig(tau=0.1, multiplier_lr=0.5), thresholds=(0.6,)),
                          optimizer=OptimizerConfig(learning_rate=3e-2))
 
-    def batches(position):
-        for index in range(position.get("index", 0), 2):
-            yield (without, labelled)[index], {"index": index + 1}
+    def batch_at(position, state):
+        index = position.get("index", 0)
+        return (without, labelled)[index], {"index": index + 1}
 
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), jax.devices()[:1])
     metrics_path = tmp_path / "metrics.jsonl"
-    train(MODEL, config, params, batches, 2, mesh, None, metrics_path=str(metrics_path))
+    train(MODEL, config, params, batch_at, mesh, LoopConfig(2, metrics_path=str(metrics_path)))
     first, second = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert first["secondary_estimates"] == [None] and first["secondary_estimates_plain"] == [None]
     assert first["multipliers"] == [0.0]

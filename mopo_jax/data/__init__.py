@@ -59,6 +59,7 @@ from .tokenize import (
     end_of_turn_text,
     epoch_permutation,
     format_and_tokenize,
+    batch_at,
     iterate_batches,
     prompt_messages,
     train_batch,
@@ -75,5 +76,5 @@ __all__ = [
     "PreferenceDataConfig", "PreferenceDataError", "PreferenceDataWarning", "PreferenceFileReport",
     "PreferenceLoadReport", "label_probability", "load_preference_dataset", "read_preference_file",
     "TRAIN_KEYS", "TokenizeReport", "end_of_turn_text", "epoch_permutation", "format_and_tokenize",
-    "iterate_batches", "prompt_messages", "train_batch",
+    "batch_at", "iterate_batches", "prompt_messages", "train_batch",
 ]

@@ -344,6 +344,15 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+def batch_at(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, position: Mapping[str, int] | None,
+             *, keys: Sequence[str] | None = None, rows: slice = slice(None)):
+    """The batch that starts at ``position`` of :func:`iterate_batches`' order, and the position after it: offline
+    data as the training loop's ``next_batch`` (``lambda position, state: batch_at(arrays, B, seed, position)``).
+    ``rows`` selects this process's rows of the global batch."""
+    batch, next_position = next(iterate_batches(arrays, batch_size, seed, position, keys=keys))
+    return {k: v[rows] for k, v in batch.items()}, next_position
+
+
 def iterate_batches(
     arrays: Mapping[str, np.ndarray],
     batch_size: int,

@@ -391,7 +391,6 @@ class RunContext:
         self.config = config
         self.mesh = mesh
         self.train_config = train_config_for(config) if method_of(config).trains else None
-        self.holder: dict[str, Any] = {}  # the loop's current train state (on-policy sampling reads it)
 
     @functools.cached_property
     def data(self):
@@ -487,7 +486,7 @@ class RunContext:
     def pair_batches(self, arrays: dict[str, np.ndarray]):
         """Shuffled, resumable batches of ``training.batch_pairs`` pairs with the fields the objective reads; each
         process yields only its rows of every global batch (the same global batches whatever the process count)."""
-        from mopo_jax.data import iterate_batches
+        from mopo_jax.data import batch_at
 
         objective = self.train_config.objective
         labelled = np.asarray(arrays["label_mask"], bool).sum(axis=0)
@@ -507,20 +506,15 @@ class RunContext:
                   *objective.optional_fields}
         keys = [k for k in arrays if k in wanted]
         rows = self.process_rows(self.config.training.batch_pairs)
-
-        def batches(position):
-            for batch, next_position in iterate_batches(arrays, self.config.training.batch_pairs, self.config.seed,
-                                                        position, keys=keys):
-                yield {k: v[rows] for k, v in batch.items()}, next_position
-
-        return batches
+        count, seed = self.config.training.batch_pairs, self.config.seed
+        return lambda position, state: batch_at(arrays, count, seed, position, keys=keys, rows=rows)
 
     def onpolicy_batches(self):
         from mopo_jax.experiment.onpolicy import onpolicy_batches
 
         labelers = [self.labeler(k) for k in range(len(OBJECTIVES))]
         return onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
-                                self.data["policy_train"], labelers, self.holder, self.mesh,
+                                self.data["policy_train"], labelers, self.mesh,
                                 self.process_rows(self.config.training.batch_pairs),
                                 *end_of_turn_and_pad(self.config))
 
@@ -589,7 +583,7 @@ def train_run(config: ExperimentConfig, force_new: bool = False) -> dict[str, An
 
 
 def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_dir) -> dict[str, Any]:
-    from mopo_jax.training import CheckpointConfig, train
+    from mopo_jax.training import CheckpointConfig, Hook, LoopConfig, train
 
     policy_path = run_dir / "policy.npz"
     context = RunContext(config, mesh)
@@ -608,16 +602,14 @@ def _train_locked(config: ExperimentConfig, force_new: bool, method, mesh, run_d
             from mopo_jax.experiment.policy_samples import with_policy_sample_dual
 
             batches = with_policy_sample_dual(batches, context.policy_sample_dual, config.dual.every,
-                                              context.full_policy, context.holder)
+                                              context.full_policy)
         claim_run_dir(config, force_new)
         progress = TrainingProgress(config, method.name) if storage.is_primary() else None
-        state, history = train(
-            upper_config, train_config, upper, batches, config.training.steps, mesh,
-            CheckpointConfig(os.fspath(run_dir / "checkpoints"), save_every=config.training.save_every),
-            metrics_path=os.fspath(run_dir / "metrics.jsonl"), rng=config.seed,
-            on_metrics=progress.update if progress else None,
-            on_state=lambda state: context.holder.__setitem__("state", state),
-        )
+        loop = LoopConfig(config.training.steps,
+                          CheckpointConfig(os.fspath(run_dir / "checkpoints"), save_every=config.training.save_every),
+                          metrics_path=os.fspath(run_dir / "metrics.jsonl"), rng=config.seed)
+        state, history = train(upper_config, train_config, upper, batches, mesh, loop,
+                               hooks=[Hook(progress.update)] if progress else ())
         if progress:
             progress.close()
         save_policy(policy_path, state.params)  # what was trained; load_policy merges it onto the frozen part

@@ -41,7 +41,7 @@ class Method:
       name: what ``method.name`` selects.
       summary: one line for ``mopo train --help``.
       objective: ``config -> Objective`` (None for methods that build their policy without training).
-      data: ``(config, context) -> batches_fn`` of the training loop (:func:`offline_pairs` or
+      data: ``(config, context) -> next_batch(position, state)`` of the training loop (:func:`offline_pairs` or
         :func:`onpolicy_candidates`); None without training.
       policy: ``(config, context) -> upper-block parameters`` for methods that do not train (the reference, soups).
       knob: the ``method.*`` field that sets its trade-off (``"threshold"``, ``"weights"``) or None; a

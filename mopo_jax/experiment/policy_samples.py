@@ -95,25 +95,26 @@ class PolicySampleDual:
         return DualMeasurement(per_prompt.mean(axis=1), per_prompt.std(axis=1, ddof=1) / np.sqrt(count), count)
 
 
-def with_policy_sample_dual(batches, dual: PolicySampleDual, every: int, policy_of_state, holder: dict):
-    """Wraps a method's ``batches(position)``: before the batch of every step ``t`` with ``t % every == 0`` (``t``
-    the train state's step, read through ``holder`` after each step, so a resumed run measures at the same steps),
-    the current policy is measured and the batch carries it as ``dual_estimates`` / ``dual_stderr`` and
-    ``dual_counts`` (the number of prompts); other steps carry ``dual_counts = 0``, so the multipliers keep their
-    values until the next measurement."""
+def with_policy_sample_dual(next_batch, dual: PolicySampleDual, every: int, policy_of_state):
+    """Wraps a method's ``next_batch(position, state)``: at every step ``t`` with ``t % every == 0`` (``t`` the step
+    of the state the batch will update, so a resumed run measures at the same steps) the current policy is measured
+    and the batch carries it as ``dual_estimates`` / ``dual_stderr`` and ``dual_counts`` (the number of prompts);
+    other steps carry ``dual_counts = 0``, so the multipliers keep their values until the next measurement."""
 
-    def wrapped(position):
-        for batch, next_position in batches(position):
-            state = holder["state"]
-            rows = len(next(iter(batch.values())))
-            shape = (rows, len(dual.labelers))
-            extra = {"dual_estimates": np.full(shape, 0.5, np.float32), "dual_stderr": np.zeros(shape, np.float32),
-                     "dual_counts": np.zeros(shape, np.float32)}
-            if int(jax.device_get(state.step)) % every == 0:
-                measured = dual.measure(policy_of_state(state))
-                extra = {"dual_estimates": np.broadcast_to(measured.values, shape).astype(np.float32),
-                         "dual_stderr": np.broadcast_to(measured.stderr, shape).astype(np.float32),
-                         "dual_counts": np.full(shape, measured.prompts, np.float32)}
-            yield {**batch, **extra}, next_position
+    def wrapped(position, state):
+        drawn = next_batch(position, state)
+        if drawn is None:
+            return None
+        batch, next_position = drawn
+        rows = len(next(iter(batch.values())))
+        shape = (rows, len(dual.labelers))
+        extra = {"dual_estimates": np.full(shape, 0.5, np.float32), "dual_stderr": np.zeros(shape, np.float32),
+                 "dual_counts": np.zeros(shape, np.float32)}
+        if int(jax.device_get(state.step)) % every == 0:
+            measured = dual.measure(policy_of_state(state))
+            extra = {"dual_estimates": np.broadcast_to(measured.values, shape).astype(np.float32),
+                     "dual_stderr": np.broadcast_to(measured.stderr, shape).astype(np.float32),
+                     "dual_counts": np.full(shape, measured.prompts, np.float32)}
+        return {**batch, **extra}, next_position
 
     return wrapped

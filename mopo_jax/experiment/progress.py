@@ -17,7 +17,8 @@ def log(message: str) -> None:
 
 
 class TrainingProgress:
-    """Process 0's progress bar and TensorBoard scalars (TensorBoard only for a local run directory)."""
+    """Process 0's progress bar and TensorBoard scalars (TensorBoard only for a local run directory); a training
+    loop hook (``Hook(progress.update)``)."""
 
     def __init__(self, config: ExperimentConfig, name: str):
         from tqdm import tqdm
@@ -25,7 +26,9 @@ class TrainingProgress:
         self.bar = tqdm(total=config.training.steps, desc=name, unit="step", dynamic_ncols=True)
         self.writer = _tensorboard(config.run_dir) if storage.is_local(config.run_dir) else None
 
-    def update(self, record: dict) -> None:
+    def update(self, info) -> None:
+        """Shows a step's :class:`mopo_jax.training.StepInfo`."""
+        record = info.metrics
         self.bar.n = record["step"]
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.refresh()

@@ -4,7 +4,7 @@ parameters (LoRA, frozen entries), the train step, checkpoints, and the loop. Th
 
 from mopo_jax.training.checkpoint import CheckpointConfig, Checkpointer
 from mopo_jax.training.logprobs import SequenceLogProbs, sequence_log_probs
-from mopo_jax.training.loop import train
+from mopo_jax.training.loop import Hook, LoopConfig, StepInfo, train
 from mopo_jax.parallel import distributed, sharding
 from mopo_jax.parallel.sharding import MeshConfig, global_batch, make_mesh, parse_mesh
 from mopo_jax.training.train_step import (
@@ -23,6 +23,9 @@ __all__ = [
     "sharding",
     "CheckpointConfig",
     "Checkpointer",
+    "Hook",
+    "LoopConfig",
+    "StepInfo",
     "MeshConfig",
     "OptimizerConfig",
     "SequenceLogProbs",

@@ -1,21 +1,28 @@
 """The training loop: sharded state, compiled step, checkpoints with data positions, JSON-lines metrics.
 
 ``train(...)`` is resumable and deterministic: it restores the newest good checkpoint (state *and* data position),
-asks ``batches_fn`` for the batches from that position on, and so a run killed at any point and restarted produces
-the same per-step losses as an uninterrupted one.
+asks ``next_batch`` for each step's batch from that position on, and so a run killed at any point and restarted
+produces the same per-step losses as an uninterrupted one.
 
-``batches_fn(position: dict)`` returns an iterator of ``(batch, next_position)``: ``batch`` is this process's rows
-of the batch as host numpy arrays (see :mod:`mopo_jax.training.train_step` for the layout), ``next_position`` a
-JSON-serialisable dict from which the batch after this one starts (e.g. ``{"epoch": 0, "batch_index": 5}``). A
-fresh run starts from ``initial_position`` (default ``{}``).
+``next_batch(position: dict, state: TrainState)`` returns ``(batch, next_position)``, or ``None`` when the data
+ends: ``batch`` is this process's rows of the step's batch as host numpy arrays (see
+:mod:`mopo_jax.training.train_step` for the layout), ``next_position`` a JSON-serialisable dict from which the batch
+after this one starts (e.g. ``{"epoch": 0, "index": 40}``). ``state`` is the train state the step will update, so
+data that depends on the policy (Algorithm 1's candidates, sampled from the current reference; the dual's readings
+of the current policy) is a function of it, like any other batch of its position. Offline data ignores it
+(:func:`mopo_jax.data.batch_at`). A fresh run starts from ``LoopConfig.initial_position`` (default ``{}``).
+
+``hooks`` are :class:`Hook` s (``Hook(fn, every=N)``): ``fn(StepInfo)`` on every ``N``-th step's fetched metrics
+(progress bars, TensorBoard, a user's own logging), as Levanter's ``add_hook(every=)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +44,56 @@ from mopo_jax.training.train_step import (
 
 logger = logging.getLogger(__name__)
 
-BatchesFn = Callable[[dict], Iterable[tuple[dict, dict]]]
+NextBatch = Callable[[dict, TrainState], "tuple[dict, dict] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long the loop runs and what it keeps.
+
+    Attributes:
+      num_steps: total number of train steps (counting those of a restored checkpoint).
+      checkpoint: where and how often to checkpoint; ``None`` disables checkpointing and resuming.
+      metrics_path: append one JSON line per step to this file (process 0 only; a local path or a URL).
+      log_every: fetch metrics from the devices (and write them and call the hooks) every this many steps; with
+        ``> 1`` the steps of one window share its average step time.
+      rng: seed of the train state (a fresh start only).
+      initial_position: data position of a fresh start (default ``{}``).
+    """
+
+    num_steps: int
+    checkpoint: CheckpointConfig | None = None
+    metrics_path: str | None = None
+    log_every: int = 1
+    rng: int = 0
+    initial_position: dict | None = None
+
+    def __post_init__(self):
+        if self.num_steps < 0:
+            raise ValueError(f"LoopConfig.num_steps must be >= 0, got {self.num_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"LoopConfig.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What a hook sees: the step, its metrics record (as written to ``metrics.jsonl``) and the newest state."""
+
+    step: int
+    metrics: dict
+    state: TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """``fn(StepInfo)`` after every ``every``-th step, once its metrics are fetched."""
+
+    fn: Callable[[StepInfo], None]
+    every: int = 1
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"Hook.every must be >= 1, got {self.every}")
 
 
 class NonFiniteError(RuntimeError):
@@ -117,34 +173,20 @@ def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
     params,
-    batches_fn: BatchesFn,
-    num_steps: int,
+    next_batch: NextBatch,
     mesh,
-    checkpoint_config: CheckpointConfig | None,
-    metrics_path: str | None = None,
-    log_every: int = 1,
-    rng: int | jax.Array = 0,
-    initial_position: dict | None = None,
-    on_metrics: Callable[[dict], None] | None = None,
-    on_state: Callable[[TrainState], None] | None = None,
+    loop: LoopConfig,
+    hooks: Sequence[Hook] = (),
 ) -> tuple[TrainState, list[dict]]:
-    """Train until the state's step reaches ``num_steps``, resuming from the newest good checkpoint if any.
+    """Train until the state's step reaches ``loop.num_steps``, resuming from the newest good checkpoint if any.
 
     Args:
       model_config, train_config: the model and the train step's configuration.
       params: initial model parameters (ignored when a checkpoint is restored).
-      batches_fn: ``position -> iterator of (host batch, next position)``; see the module docstring.
-      num_steps: total number of train steps (counting those of the restored checkpoint).
+      next_batch: ``(position, state) -> (host batch, next position)`` or ``None``; see the module docstring.
       mesh: the device mesh (:func:`mopo_jax.parallel.sharding.make_mesh`).
-      checkpoint_config: where and how often to checkpoint; ``None`` disables checkpointing and resuming.
-      metrics_path: append one JSON line per step to this file (process 0 only; a local path or a URL).
-      log_every: fetch metrics from the devices (and write and log them) every this many steps; with ``> 1``
-        the steps of one window share its average step time.
-      rng: seed or PRNG key of the train state (only for a fresh start).
-      initial_position: data position of a fresh start (default ``{}``).
-      on_metrics: called with each step's metrics record as it is fetched (progress bars, TensorBoard).
-      on_state: called with the (restored or initial) state and after every step, before the next batch is
-        drawn: on-policy data (candidates sampled from the current reference) reads the state through it.
+      loop: steps, checkpoints, metrics file, seed (:class:`LoopConfig`).
+      hooks: called on the fetched metrics of their steps (:class:`Hook`).
 
     Raises:
       NonFiniteError: a step's metrics (loss, gradient norm, the objective's multipliers and estimates) hold a NaN
@@ -159,17 +201,16 @@ def train(
       (non-padding tokens of the global batch), ``tokens_per_s`` and the train step's metrics (floats, arrays as
       lists).
     """
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    num_steps, log_every = loop.num_steps, loop.log_every
     optimizer = make_optimizer(train_config.optimizer)
-    key = jax.random.PRNGKey(rng) if isinstance(rng, (int, np.integer)) else rng
+    key = jax.random.PRNGKey(loop.rng)
     state_shapes = jax.eval_shape(
         lambda p, k: init_train_state(model_config, train_config, p, optimizer, k), params, key
     )
     state_shardings = train_state_shardings(model_config, train_config, optimizer, mesh, state_shapes)
 
-    checkpointer = Checkpointer(checkpoint_config) if checkpoint_config is not None else None
-    metrics_log = storage.AppendLog(metrics_path) if metrics_path and storage.is_primary() else None
+    checkpointer = Checkpointer(loop.checkpoint) if loop.checkpoint is not None else None
+    metrics_log = storage.AppendLog(loop.metrics_path) if loop.metrics_path and storage.is_primary() else None
     history: list[dict] = []
     # Without checkpoints there is nothing to save on SIGTERM: leave its default (terminate) in place.
     guard = PreemptionGuard().start() if checkpointer is not None else None
@@ -184,7 +225,7 @@ def train(
                 metrics_log.truncate_after(start)
         else:
             state = _initial_state(model_config, train_config, optimizer, params, key, mesh, state_shardings)
-            position, start = dict(initial_position or {}), 0
+            position, start = dict(loop.initial_position or {}), 0
             if metrics_log is not None:  # an attempt killed before its first checkpoint (or a save torn by it)
                 metrics_log.truncate_after(0)
 
@@ -225,8 +266,9 @@ def train(
                 }
                 record.update({name: _to_json(value, name in no_data) for name, value in sorted(metrics.items())})
                 history.append(record)
-                if on_metrics is not None:
-                    on_metrics(record)
+                for hook in hooks:
+                    if step % hook.every == 0:
+                        hook.fn(StepInfo(step, record, state))
                 records.append(record)
                 logger.info("step %d: loss %.6g, %.1f tokens/s", step, record.get("loss", float("nan")),
                             record["tokens_per_s"])
@@ -235,16 +277,13 @@ def train(
             pending.clear()
             window_start = time.perf_counter()
 
-        if on_state is not None:
-            on_state(state)
-        batches: Iterator = iter(batches_fn(position)) if start < num_steps else iter(())
         for step in range(start, num_steps):
             data_start = time.perf_counter()
-            try:
-                batch, next_position = next(batches)
-            except StopIteration:
-                logger.warning("batches_fn ran out of data after step %d (of %d)", step, num_steps)
+            drawn = next_batch(position, state)
+            if drawn is None:
+                logger.warning("the data ran out after step %d (of %d)", step, num_steps)
                 break
+            batch, next_position = drawn
             # The Python boundary: a malformed batch is named here, not inside the compiled step.
             train_config.objective.check_batch(batch, where=f"batch of step {step + 1}")
             global_batch = sharding.global_batch(batch, mesh)
@@ -253,8 +292,6 @@ def train(
                 batch_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
                 step_fn = _compiled_step(model_config, train_config, optimizer, mesh, state_shapes, batch_shapes)
             state, metrics = step_fn(state, global_batch)
-            if on_state is not None:
-                on_state(state)
             position = dict(next_position)
             pending.append((step + 1, metrics, _count_tokens(global_batch), data_time))
             if len(pending) >= log_every:
