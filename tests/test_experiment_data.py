@@ -150,3 +150,54 @@ def test_caches_are_keyed_by_the_model_files_content(tmp_path):
     hub = load_config(ExperimentConfig, None, [f"work_dir={tmp_path / 'work'}", "model.name=smollm2-1.7b",
                                               f"data.source={tmp_path / 'no-data'}"])
     assert cache_path(hub, "activations") not in (first, changed)  # a hub name: its name is its content
+
+
+@needs_smollm2
+def test_trl_layout_trains_and_evaluates_one_objective_runs(tmp_path, capsys):
+    """TRL's `prompt/chosen/rejected` JSONL (conversational, no label column) through the whole pipeline on the tiny
+    profile: DPO and MOPO (one objective: no secondary, so no constraint) train and are judged on the one
+    preference, the methods of two objectives are refused by name, and the two-objective front refuses the runs."""
+    import gzip
+
+    from lm_assets import HH_DATA
+    from tiny_runs import CONFIG
+
+    from mopo_jax.cli import main
+    from mopo_jax.data.hh_rlhf import parse_pair
+
+    rows = []
+    for subset in ("helpful-base", "harmless-base"):
+        with gzip.open(os.path.join(HH_DATA, f"{subset}-test.jsonl.gz"), "rt") as handle:
+            for line in handle:
+                pair = parse_pair(**{k: v for k, v in json.loads(line).items() if k in ("chosen", "rejected")})
+                if pair is not None:
+                    rows.append({"prompt": pair.messages(),
+                                 "chosen": [{"role": "assistant", "content": pair.chosen}],
+                                 "rejected": [{"role": "assistant", "content": pair.rejected}]})
+                if len(rows) % 150 == 0 and rows:
+                    break
+    source = tmp_path / "preferences.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--config", str(CONFIG), f"work_dir={tmp_path / 'work'}", "data.format=pairs",
+              f"data.pairs.source={source}", "data.pairs.columns=trl", "data.pairs.split=null", "training.steps=2",
+              "eval.samples_per_prompt=1"]
+    for method in ("dpo_helpful", "mopo_pairwise"):
+        assert main(["train", *common, f"run_dir={tmp_path / method}", f"method.name={method}"]) == 0
+    assert main(["train", *common, f"run_dir={tmp_path / 'weighted'}", "method.name=weighted_dpo"]) == 2
+    error = capsys.readouterr().err
+    assert "method.name=weighted_dpo: the data have one objective ('preference'" in error
+    assert "dpo_helpful, mopo_pairwise, reference" in error
+
+    assert main(["eval", str(tmp_path / "dpo_helpful"), str(tmp_path / "mopo_pairwise")]) == 0
+    for method in ("dpo_helpful", "mopo_pairwise"):
+        record = json.loads((tmp_path / method / "eval.json").read_text())
+        evaluation = record["evaluation"]
+        assert set(evaluation["expected_win_rate"]) == {"preference"}
+        assert 0.0 <= evaluation["expected_win_rate"]["preference"] <= 1.0
+        assert set(evaluation["implicit"]["per_objective"]) == {"preference"}
+        assert record["threshold"] is None and record["constraint_verdict"] is None
+        assert set(record["preference_models"]) >= {"labeler_preference", "judge_preference"}
+    mopo_metrics = [json.loads(line) for line in (tmp_path / "mopo_pairwise" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in mopo_metrics] == [1, 2] and mopo_metrics[-1]["multipliers"] == []
+    assert main(["pareto", str(tmp_path / "dpo_helpful"), "--out", str(tmp_path / "front.png")]) == 2
+    assert "not on helpfulness and harmlessness" in capsys.readouterr().err

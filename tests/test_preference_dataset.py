@@ -449,12 +449,16 @@ def test_trl_chosen_rejected_layout(tmp_path):
 
 
 def test_a_column_preset_by_name_in_a_config():
-    """`data.pairs.columns=trl` selects the preset; the HH comparison, two-objective, refuses a one-objective layout
-    with a message naming the key and the objectives."""
+    """`data.pairs.columns=trl` selects the preset and makes the comparison one-objective (the preset's name); more
+    than two objectives are refused with a message naming the key and the objectives."""
     from mopo_jax.configs import apply_overrides
     from mopo_jax.experiment.config import ExperimentConfig
 
     config = apply_overrides(ExperimentConfig(), ["data.pairs.columns=trl"])
     assert config.data.pairs.columns == TRL_COLUMNS
-    with pytest.raises(ValueError, match=r"data.pairs.columns.labels: .* 1 objective\(s\) \['preference'\]"):
-        apply_overrides(ExperimentConfig(), ["data.format=pairs", "data.pairs.columns=trl"])
+    assert config.data.objective_names == ("helpfulness", "harmlessness")  # the format is still hh-rlhf
+    one = apply_overrides(ExperimentConfig(), ["data.format=pairs", "data.pairs.columns=trl", "method.name=dpo_helpful"])
+    assert one.data.objective_names == ("preference",)
+    three = ["data.pairs.columns.labels=[a,b,c]", "data.pairs.columns.objective_names=[x,y,z]"]
+    with pytest.raises(ValueError, match=r"data.pairs.columns.labels: .* one or two objectives .* got 3 \['x', 'y', 'z'\]"):
+        apply_overrides(ExperimentConfig(), ["data.format=pairs", *three])

@@ -222,6 +222,10 @@ def result_from_eval(record: Mapping[str, Any], run_dir: str | None = None) -> d
     evaluation = record.get("evaluation") or {}
     judges = evaluation.get("judges") or {}
     per_prompt = evaluation.get("per_prompt") or {}
+    if judges and not set(OBJECTIVES) & set(judges):
+        raise ValueError(f"{where}: evaluated on {sorted(judges)}, not on {' and '.join(OBJECTIVES)}: the front "
+                         "places runs of the two-objective comparison (a one-objective run's numbers are in its "
+                         "eval.json)")
     missing = [k for k in OBJECTIVES if "per_prompt" not in (judges.get(k) or {})]
     if missing or "kl" not in per_prompt:
         raise ValueError(f"{where}: eval.json has no per-prompt values (written before paired intervals existed); "

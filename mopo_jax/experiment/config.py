@@ -36,8 +36,10 @@ class DataConfig:
     (``Anthropic/hh-rlhf``), one subset per objective. ``format: pairs`` reads any preference dataset through the
     column mapping of ``pairs`` (:class:`mopo_jax.data.PreferenceDataConfig`: a ``datasets`` name or local
     JSONL/JSON/Parquet/CSV files, the prompt and response columns, one label column per objective, e.g.
-    PKU-SafeRLHF's ``better_response_id`` and ``safer_response_id`` on the same pair). Caps are totals per split;
-    with one label per pair they are split evenly between the two objectives.
+    PKU-SafeRLHF's ``better_response_id`` and ``safer_response_id`` on the same pair), or one objective (TRL's
+    ``prompt/chosen/rejected``: ``pairs.columns: trl``), which the methods of one preference train on (DPO, MOPO
+    without a constraint; ``mopo train --help`` marks them). Caps are totals per split; with one label per pair
+    they are split evenly between the objectives.
     """
 
     format: str = "hh-rlhf"
@@ -60,11 +62,19 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.format not in ("hh-rlhf", "pairs"):
             raise ValueError(f"data.format must be 'hh-rlhf' or 'pairs', got {self.format!r}")
-        if self.format == "pairs" and self.pairs.columns.num_objectives != 2:
-            raise ValueError(f"data.pairs.columns.labels: the HH comparison's methods are two-objective "
-                             f"(helpfulness, harmlessness); got {self.pairs.columns.num_objectives} objective(s) "
-                             f"{list(self.pairs.columns.objective_names)} (a one-objective layout such as TRL's "
-                             "chosen/rejected serves a loop of your own: mopo_jax.data.load_preference_dataset)")
+        if self.format == "pairs" and self.pairs.columns.num_objectives > 2:
+            raise ValueError(f"data.pairs.columns.labels: the HH comparison has one or two objectives (helpfulness, "
+                             f"harmlessness); got {self.pairs.columns.num_objectives} "
+                             f"{list(self.pairs.columns.objective_names)} (more objectives serve a loop of your own: "
+                             "mopo_jax.data.load_preference_dataset and mopo_jax.MOPOPairwise)")
+
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        """The objectives the runs are trained and judged on: helpfulness and harmlessness (HH-RLHF, or pairs
+        labelled for two objectives, under the comparison's names), or a one-objective layout's own name."""
+        if self.format == "pairs" and self.pairs.columns.num_objectives == 1:
+            return self.pairs.columns.objective_names
+        return ("helpfulness", "harmlessness")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from mopo_jax import storage
 from mopo_jax.experiment.config import ExperimentConfig
-from mopo_jax.experiment.hh_rlhf import (OBJECTIVES, base_model, cache_path, end_of_turn_and_pad, experiment_mesh,
+from mopo_jax.experiment.hh_rlhf import (base_model, cache_path, end_of_turn_and_pad, experiment_mesh,
                                          feature_batch_size, lower_activations, method_of, prepare_data,
                                          preference_models, split_model, trainable_for)
 from mopo_jax.experiment.progress import log
@@ -21,15 +21,16 @@ from mopo_jax.experiment.run_dir import EVAL_OVERRIDE_FIELDS, as_plain, load_pol
 from mopo_jax.parallel import sharding
 
 
-def eval_prompt_rows(objective: np.ndarray, count: int, prompt_tokens: np.ndarray | None = None) -> np.ndarray:
-    """Rows of the eval split whose prompts are sampled for the win rates: half from each objective's pairs (the
-    split lists one objective after the other, so a plain prefix would judge only helpfulness prompts). When every
-    pair sits under objective 0 (datasets labelled for both objectives on each pair) and ``prompt_tokens`` are
-    given: the first ``count`` distinct prompts."""
+def eval_prompt_rows(objective: np.ndarray, count: int, prompt_tokens: np.ndarray | None = None,
+                     num_objectives: int = 2) -> np.ndarray:
+    """Rows of the eval split whose prompts are sampled for the win rates: an equal share from each objective's pairs
+    (the split lists one objective after the other, so a plain prefix would judge only helpfulness prompts). When
+    every pair sits under objective 0 (datasets labelled for every objective on each pair, or one objective) and
+    ``prompt_tokens`` are given: the first ``count`` distinct prompts."""
     if prompt_tokens is not None and (objective == 0).all():
         _, first = np.unique(np.asarray(prompt_tokens), axis=0, return_index=True)
         return np.sort(first)[:count]
-    per_objective = [np.flatnonzero(objective == k) for k in range(len(OBJECTIVES))]
+    per_objective = [np.flatnonzero(objective == k) for k in range(num_objectives)]
     share = count // len(per_objective)
     rows = [r[:share + (k < count % len(per_objective))] for k, r in enumerate(per_objective)]
     return np.sort(np.concatenate(rows))
@@ -128,7 +129,9 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
 
     end_of_turn, pad = end_of_turn_and_pad(config)
     eval_pairs = data["eval"]
-    rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"])
+    names = config.data.objective_names
+    rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"],
+                            len(names))
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
     hidden = None if lower is None else lower_activations(config, lower_config, lower, eval_pairs, "eval", mesh)
     feature_layer = config.preference.feature_layer
@@ -145,19 +148,21 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     implicit = policy_eval.implicit_preference_accuracy(
         upper_config, trained, upper, eval_pairs, config.eval.batch_size,
         reference_log_probs=cached["pair_log_probs"], inputs_hidden=hidden,
-        completion_start=config.data.max_prompt_tokens, mesh=mesh)
+        completion_start=config.data.max_prompt_tokens, mesh=mesh, objective_names=names)
     log(f"eval {run_dir}: {config.eval.samples_per_prompt} samples on each of {len(rows)} prompts, judged "
          "against the reference's")
     evaluation = policy_eval.evaluate_policy(
         model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-        judges={k: judges["models"][f"judge_{k}"] for k in range(len(OBJECTIVES))}, feature_fn=feature_fn,
+        judges={k: judges["models"][f"judge_{k}"] for k in range(len(names))}, feature_fn=feature_fn,
+        objective_names=names,
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
         rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
         reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
         samples_per_prompt=config.eval.samples_per_prompt, reference_features=reference_features,
     )
     evaluation["implicit"] = implicit
-    threshold = config.method.threshold if method_of(config).knob == "threshold" else None
+    # On one objective MOPO has no secondary, so no threshold to judge.
+    threshold = config.method.threshold if method_of(config).knob == "threshold" and len(names) > 1 else None
     # MOPO's constraint is the policy's expected win rate over the reference under the harmlessness preference: on
     # held-out prompts, under the judge (the gold model of the gold protocol), decided by its 95% interval (see
     # mopo_jax.evaluation.paired.constraint_verdict); the pairwise value on held-out human pairs is the offline
@@ -166,7 +171,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     if threshold is not None:
         from mopo_jax.evaluation import paired
 
-        harmless = OBJECTIVES[1]
+        harmless = names[1]
         interval = paired.Interval(evaluation["expected_win_rate"][harmless],
                                    *evaluation["expected_win_rate_interval"][harmless])
         constraint_verdict = paired.constraint_verdict(interval, threshold)
@@ -178,7 +183,7 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
     if train_summary.get("dual_final"):
         from mopo_jax.evaluation import paired
 
-        harmless = OBJECTIVES[1]
+        harmless = names[1]
         dual_calibration = paired.calibration(
             train_summary["dual_final"]["estimates"][0], train_summary["dual_final"]["stderr"][0],
             evaluation["expected_win_rate"][harmless], evaluation["expected_win_rate_interval"][harmless])

@@ -43,7 +43,6 @@ from mopo_jax.parallel import sharding
 from mopo_jax.experiment.progress import TrainingProgress, log
 from mopo_jax.experiment.run_dir import check_run_dir, claim_run_dir, load_policy, save_policy
 
-OBJECTIVES = ("helpfulness", "harmlessness")
 
 
 def experiment_mesh(config: ExperimentConfig, check_training_batch: bool = True):
@@ -82,7 +81,7 @@ def _balanced(dataset, cap: int) -> list[dict]:
     labels = np.asarray([r["label_mask"] for r in rows], bool).reshape(len(rows), -1)
     if (labels.sum(axis=1) == 1).all():
         out = []
-        for objective in range(len(OBJECTIVES)):
+        for objective in range(labels.shape[1]):
             out += [r for r in rows if r["objective"] == objective][: cap // 2]
         return out
     counts = np.zeros(labels.shape[1], int)
@@ -260,7 +259,7 @@ def preference_models(config: ExperimentConfig, data, model, mesh) -> dict[str, 
         stored = storage.load_arrays(path)
         models = {
             f"{role}_{k}": BradleyTerryModel(*(jnp.asarray(stored[f"{role}_{k}_{f}"]) for f in BradleyTerryModel._fields))
-            for role in ("labeler", "judge") for k in range(len(OBJECTIVES))
+            for role in ("labeler", "judge") for k in range(len(config.data.objective_names))
         }
         return {"models": models, "summary": storage.load_json(summary_path)}
 
@@ -296,7 +295,7 @@ def _fit_preference_models(config, data, model, mesh, path, summary_path) -> dic
         features[split] = _pair_features(config, model_config, params, data[split], split, mesh)
     models, summary, arrays = {}, {"feature_layer": config.preference.feature_layer}, {}
     for role, split in (("labeler", "labeler_train"), ("judge", "judge_train")):
-        for k, name in enumerate(OBJECTIVES):
+        for k, name in enumerate(config.data.objective_names):
             chosen, rejected = _oriented(data[split], features[split], k)
             grid = config.preference.l2_grid
             selection = (select_ridge(chosen, rejected, grid, folds=config.preference.cv_folds, seed=0)
@@ -498,10 +497,11 @@ class RunContext:
                 where = (f"data.pairs.source={data.pairs.source}, label column "
                          f"{labels[k] if k < len(labels) else '(none)'!r} (data.pairs.columns.labels)"
                          if data.format == "pairs" else f"data.subsets={list(data.subsets)}, data.source={data.source}")
+                name = data.objective_names[k] if k < len(data.objective_names) else f"objective {k}"
                 raise ValueError(
-                    f"method.name={self.config.method.name}: no policy-train pair carries a {OBJECTIVES[k]} label, "
+                    f"method.name={self.config.method.name}: no policy-train pair carries a {name} label, "
                     f"which the method {role} (objective {k}); {where}: add the subset or label column that gives "
-                    f"{OBJECTIVES[k]} pairs")
+                    f"{name} pairs")
         wanted = {"tokens", "completion_mask", "attention_mask", "inputs_hidden", "ref_log_probs", *objective.fields,
                   *objective.optional_fields}
         keys = [k for k in arrays if k in wanted]
@@ -512,7 +512,7 @@ class RunContext:
     def onpolicy_batches(self):
         from mopo_jax.experiment.onpolicy import onpolicy_batches
 
-        labelers = [self.labeler(k) for k in range(len(OBJECTIVES))]
+        labelers = [self.labeler(k) for k in range(len(self.config.data.objective_names))]
         return onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
                                 self.data["policy_train"], labelers, self.mesh,
                                 self.process_rows(self.config.training.batch_pairs),
@@ -524,7 +524,7 @@ class RunContext:
         first use)."""
         from mopo_jax.experiment.policy_samples import PolicySampleDual
 
-        labelers = [self.labeler(k) for k in range(1, len(OBJECTIVES))]
+        labelers = [self.labeler(k) for k in range(1, len(self.config.data.objective_names))]
         return PolicySampleDual(self.config, self.model, self.data["labeler_train"], labelers,
                                 *end_of_turn_and_pad(self.config), self.mesh)
 

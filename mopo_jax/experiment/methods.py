@@ -48,6 +48,8 @@ class Method:
         ``"threshold"`` method is judged on whether it meets it.
       needs_labelers: trains on labels from the labeler preference models (fitted on their own split first).
       check: ``config -> None``, raising ``ValueError`` on settings this method cannot run with.
+      one_objective: also runs on data of a single objective (TRL's chosen/rejected): it reads only objective 0's
+        labels and, for MOPO, has no secondary to constrain.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Method:
     knob: str | None = None
     needs_labelers: bool = False
     check: Callable[[Any], None] | None = None
+    one_objective: bool = False
 
     def __post_init__(self):
         trained = self.objective is not None and self.data is not None and self.policy is None
@@ -73,6 +76,12 @@ class Method:
         return self.policy is None
 
     def validate(self, config) -> None:
+        objectives = config.data.objective_names
+        if len(objectives) == 1 and not self.one_objective:
+            able = ", ".join(name for name, method in registered_methods().items() if method.one_objective)
+            raise ValueError(f"method.name={self.name}: the data have one objective ({objectives[0]!r}, "
+                             f"data.pairs.columns), and {self.name} trains on or constrains two; on one objective "
+                             f"run {able}")
         if self.knob == "weights":
             weights = config.method.weights
             if len(weights) != 2 or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
@@ -107,7 +116,8 @@ def describe_methods() -> str:
     lines = []
     for name, method in registered_methods().items():
         knob = f"method.{method.knob}" if method.knob else "-"
-        extra = ", labelers" if method.needs_labelers else ""
+        extra = (", labelers" if method.needs_labelers else "") + (", one objective too" if method.one_objective
+                                                                     else "")
         lines.append(f"  {name:<16} {method.summary} (knob: {knob}{extra})")
     return "\n".join(lines)
 
@@ -183,14 +193,20 @@ def _enforced_threshold(config) -> float:
     return config.method.threshold + config.dual.margin
 
 
+def _secondary_thresholds(config) -> tuple[float, ...]:
+    """MOPO's thresholds, one per secondary objective: none on one-objective data, where MOPO is the KL-regularised
+    maximisation of the one preference's win rate (Eq. 2 without constraints)."""
+    return (_enforced_threshold(config),) if len(config.data.objective_names) > 1 else ()
+
+
 register_method(Method(
     name="reference", summary="the pretrained model itself (no training)",
-    policy=lambda config, context: context.reference_policy(),
+    policy=lambda config, context: context.reference_policy(), one_objective=True,
 ))
 register_method(Method(
     name="dpo_helpful", summary="DPO on the helpfulness pairs",
     objective=lambda config: dataclasses.replace(config.dpo, label=0),
-    data=offline_pairs(only_objective(0)),
+    data=offline_pairs(only_objective(0)), one_objective=True,
 ))
 register_method(Method(
     name="dpo_harmless", summary="DPO on the harmlessness pairs",
@@ -218,9 +234,9 @@ register_method(Method(
 ))
 register_method(Method(
     name="mopo_pairwise", summary="MOPO on the offline pairs (Eq. 8 and the pairwise dual)",
-    objective=lambda config: MOPOPairwise(mopo=config.mopo, thresholds=(_enforced_threshold(config),),
+    objective=lambda config: MOPOPairwise(mopo=config.mopo, thresholds=_secondary_thresholds(config),
                                           dual=config.dual.source),
-    data=offline_pairs(), knob="threshold",
+    data=offline_pairs(), knob="threshold", one_objective=True,
 ))
 register_method(Method(
     name="mopo_onpolicy", summary="MOPO on candidates sampled from the lagged reference (Algorithm 1)",
