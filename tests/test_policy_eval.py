@@ -1,5 +1,6 @@
 """Policy evaluation (implicit accuracy, generation, KL, judge win rates) and Pareto analysis on tiny random models."""
 
+import dataclasses
 import json
 
 import jax
@@ -19,6 +20,7 @@ from mopo_jax.evaluation.pareto import (
 )
 from mopo_jax.evaluation.policy_eval import (
     batched_continuation_log_probs,
+    EvalSettings,
     evaluate_policy,
     generate_responses,
     implicit_preference_accuracy,
@@ -292,33 +294,34 @@ def test_evaluate_policy_end_to_end(models):
               1: BradleyTerryModel(jnp.linspace(1, -1, CONFIG.d_model), jnp.zeros(CONFIG.d_model),
                                    jnp.ones(CONFIG.d_model))}
     feature_fn = make_feature_fn(CONFIG, reference, layer=1, batch_size=4)
+    settings = EvalSettings(max_new_tokens=R, batch_size=4)
     common = dict(prompt_tokens=arrays["prompt_tokens"], prompt_mask=arrays["prompt_mask"],
-                  judges=judges, feature_fn=feature_fn, max_new_tokens=R, rng=jax.random.PRNGKey(0), batch_size=4)
-    same = evaluate_policy(CONFIG, reference, reference, arrays, **common)
+                  judges=judges, feature_fn=feature_fn, rng=jax.random.PRNGKey(0))
+    same = evaluate_policy(CONFIG, reference, reference, settings, eval_arrays=arrays, **common)
     # The policy's log-probabilities come from its sampler, the reference's from scoring: equal up to float32
     # rounding when the two are the same model.
-    assert same["kl"] == pytest.approx(0.0, abs=1e-5) and same["num_prompts"] == 6
-    assert same["implicit"]["per_objective"]["helpfulness"]["accuracy"] == 0.5
+    assert same.kl == pytest.approx(0.0, abs=1e-5) and same.num_prompts == 6
+    assert same.implicit["per_objective"]["helpfulness"]["accuracy"] == 0.5
     # Common random numbers: a policy equal to its reference draws the reference's very responses (all ties).
-    assert all(j["win_rate"] == 0.5 and j["ties"] == 1.0 for j in same["judges"].values())
-    out = evaluate_policy(CONFIG, policy, reference, eval_arrays=arrays, return_responses=True, **common)
-    assert out["kl"] > 0 and set(out["win_rate"]) == {"helpfulness", "harmlessness"}
-    assert all(0.0 <= v <= 1.0 for v in out["win_rate"].values())
+    assert all(j["win_rate"] == 0.5 and j["ties"] == 1.0 for j in same.judges.values())
+    out = evaluate_policy(CONFIG, policy, reference, settings, eval_arrays=arrays, return_responses=True, **common)
+    assert out.kl > 0 and set(out.win_rate) == {"helpfulness", "harmlessness"}
+    assert all(0.0 <= v <= 1.0 for v in out.win_rate.values())
     # The reference samples depend only on rng (so they are shared across evaluated policies) and use the policy's
     # sampling key.
     sample_key = jax.random.split(jax.random.PRNGKey(0))[0]
     for name, params in (("reference", reference), ("policy", policy)):
-        np.testing.assert_array_equal(out["responses"][name][0],
+        np.testing.assert_array_equal(out.responses[name][0],
                                       generate_responses(CONFIG, params, arrays["prompt_tokens"],
                                                          arrays["prompt_mask"], R, sample_key, batch_size=4)[0])
-    json.dumps({k: v for k, v in out.items() if k != "responses"})  # plain Python values
+    json.dumps(out.as_dict())  # plain Python values
     # Win-rate samples at temperature 1 without top-p are exact policy samples: the KL reuses them.
-    exact = evaluate_policy(CONFIG, policy, reference, None, return_responses=True,
-                            **{**common, "temperature": 1.0, "top_p": None})
-    assert "policy_kl" not in exact["responses"]
+    exact = evaluate_policy(CONFIG, policy, reference, dataclasses.replace(settings, temperature=1.0, top_p=None),
+                            return_responses=True, **common)
+    assert "policy_kl" not in exact.responses
     kl = sequence_kl(CONFIG, policy, reference, arrays["prompt_tokens"], arrays["prompt_mask"],
-                     *exact["responses"]["policy"], batch_size=4)
-    assert exact["kl"] == pytest.approx(kl, rel=1e-6)
+                     *exact.responses["policy"], batch_size=4)
+    assert exact.kl == pytest.approx(kl, rel=1e-6)
 
 
 def test_evaluate_policy_with_several_samples_per_prompt(models):
@@ -327,25 +330,25 @@ def test_evaluate_policy_with_several_samples_per_prompt(models):
     judges = {0: BradleyTerryModel(jnp.linspace(-1, 1, CONFIG.d_model), jnp.zeros(CONFIG.d_model),
                                    jnp.ones(CONFIG.d_model))}
     feature_fn = make_feature_fn(CONFIG, reference, layer=1, batch_size=4)
+    settings = EvalSettings(max_new_tokens=R, batch_size=4, temperature=1.0, top_p=None, samples_per_prompt=3)
     common = dict(prompt_tokens=arrays["prompt_tokens"], prompt_mask=arrays["prompt_mask"], judges=judges,
-                  feature_fn=feature_fn, max_new_tokens=R, rng=jax.random.PRNGKey(5), batch_size=4,
-                  temperature=1.0, top_p=None, samples_per_prompt=3, return_responses=True)
-    same = evaluate_policy(CONFIG, reference, reference, None, **common)
-    assert same["judges"]["helpfulness"]["per_prompt"]["expected_win_rate"] == pytest.approx([0.5] * 5, abs=1e-12)
-    assert same["per_prompt"]["kl"] == pytest.approx([0.0] * 5, abs=1e-5)
-    out = evaluate_policy(CONFIG, policy, reference, None, **common)
-    responses = out["responses"]["policy"]
+                  feature_fn=feature_fn, rng=jax.random.PRNGKey(5), return_responses=True)
+    same = evaluate_policy(CONFIG, reference, reference, settings, **common)
+    assert same.judges["helpfulness"]["per_prompt"]["expected_win_rate"] == pytest.approx([0.5] * 5, abs=1e-12)
+    assert same.per_prompt["kl"] == pytest.approx([0.0] * 5, abs=1e-5)
+    out = evaluate_policy(CONFIG, policy, reference, settings, **common)
+    responses = out.responses["policy"]
     assert responses[0].shape == (15, R)
     # Rows 3i..3i+2 answer prompt i: the KL is the per-prompt mean of the rows' log-ratios (a NumPy reference).
     repeated = np.repeat(arrays["prompt_tokens"], 3, axis=0), np.repeat(arrays["prompt_mask"], 3, axis=0)
     tokens, attention, completion = response_rows(*repeated, *responses)
     terms = (_numpy_log_probs(policy, tokens, attention, completion)
              - _numpy_log_probs(reference, tokens, attention, completion))
-    np.testing.assert_allclose(out["per_prompt"]["kl"], terms.reshape(5, 3).mean(axis=1), rtol=1e-4, atol=1e-3)
-    low, high = out["kl_interval"]
-    assert low <= out["kl"] <= high and out["settings"]["samples_per_prompt"] == 3
-    low, high = out["expected_win_rate_interval"]["helpfulness"]
-    assert low <= out["expected_win_rate"]["helpfulness"] <= high
+    np.testing.assert_allclose(out.per_prompt["kl"], terms.reshape(5, 3).mean(axis=1), rtol=1e-4, atol=1e-3)
+    low, high = out.kl_interval
+    assert low <= out.kl <= high and out.settings["samples_per_prompt"] == 3
+    low, high = out.expected_win_rate_interval["helpfulness"]
+    assert low <= out.expected_win_rate["helpfulness"] <= high
 
 
 # ---------------------------------------------------------------------------------------------------------------

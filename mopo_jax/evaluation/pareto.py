@@ -3,7 +3,8 @@
 Each run directory holds an ``eval.json`` (:func:`mopo_jax.experiment.evaluate.evaluate_run`)::
 
     {"name": str, "method": str, "protocol": str, "config": {...}, "seed": int, "threshold": float | None,
-     "evaluation": <mopo_jax.evaluation.policy_eval.evaluate_policy output, with per-prompt values>, ...}
+     "evaluation": <mopo_jax.evaluation.policy_eval.evaluate_policy(...).as_dict(), with per-prompt values>,
+     ...}
 
 :func:`collect_run_results` reads them, :func:`group_seeds` puts the seeds of one run name together, and
 :func:`compare` turns each group into a point with 95% intervals (:mod:`mopo_jax.evaluation.paired`: a bootstrap over

@@ -19,6 +19,7 @@ left padding is handled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, Mapping, Sequence
@@ -553,95 +554,145 @@ def sampling_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sample_key, kl_key
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How a policy is sampled and scored (recorded as ``settings`` in its evaluation).
+
+    Attributes:
+      max_new_tokens, temperature, top_p: the win-rate samples.
+      kl_temperature: temperature of the policy samples (no top-p) of the KL estimate; 1.0 gives the unbiased
+        ``KL(pi || pi_ref)``. The win-rate samples are reused when they are such samples already (``temperature ==
+        kl_temperature`` and no ``top_p``); ``None`` always reuses them (a tempered log-ratio, not the KL).
+      samples_per_prompt: responses sampled per prompt from the policy and from the reference (sharing the prompt's
+        prefill; the reference's row ``r`` drawn with the policy's row ``r``'s random numbers); the win rates and
+        the KL are per-prompt means over them (:func:`judge_win_rates`).
+      batch_size: prompts per generation and scoring batch.
+      eos_id, pad_id: end and padding of a response (default ``model_config.eos_id`` / ``pad_id``; generation runs
+        the full ``max_new_tokens`` if both are None).
+      vocab_chunk: vocabulary chunk of the log-softmax.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float | None = 0.9
+    kl_temperature: float | None = 1.0
+    samples_per_prompt: int = 1
+    batch_size: int = 16
+    eos_id: int | None = None
+    pad_id: int | None = None
+    vocab_chunk: int | None = None
+
+    def __post_init__(self):
+        check_count("samples_per_prompt", self.samples_per_prompt)
+        check_count("max_new_tokens", self.max_new_tokens)
+        check_count("batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceCache:
+    """What every policy's evaluation against one reference shares, computed once: the reference's responses to the
+    prompts (``(tokens, mask)``, sampled with ``sampling_keys(rng)[0]`` to keep the common random numbers), its
+    :func:`pair_log_probs` of the held-out pairs, and the judges' features of its responses."""
+
+    responses: tuple[np.ndarray, np.ndarray] | None = None
+    pair_log_probs: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyEvaluation:
+    """One policy's numbers; a part whose inputs were not given is None.
+
+    Attributes:
+      implicit: :func:`implicit_preference_accuracy` on held-out pairs.
+      win_rate, win_rate_stderr, expected_win_rate: ``{objective: float}`` under the judges.
+      expected_win_rate_interval: ``{objective: [low, high]}``, 95% prompt-bootstrap intervals
+        (:func:`mopo_jax.evaluation.paired.bootstrap_interval`).
+      judges: ``{objective: {...}}`` of :func:`judge_win_rates` (per-prompt values included).
+      kl, kl_stderr, kl_interval: the sequence KL estimate; ``per_prompt = {"kl": [N]}``.
+      num_prompts: prompts evaluated; response_length: mean tokens of ``policy`` / ``reference`` responses.
+      settings: the :class:`EvalSettings` used (as a dict, ``eos_id`` / ``pad_id`` resolved).
+      responses: the generated responses (``return_responses=True`` only; not part of :meth:`as_dict`).
+    """
+
+    settings: dict
+    implicit: dict | None = None
+    win_rate: dict | None = None
+    win_rate_stderr: dict | None = None
+    expected_win_rate: dict | None = None
+    expected_win_rate_interval: dict | None = None
+    judges: dict | None = None
+    kl: float | None = None
+    kl_stderr: float | None = None
+    kl_interval: list | None = None
+    per_prompt: dict | None = None
+    num_prompts: int = 0
+    response_length: dict | None = None
+    responses: dict | None = None
+
+    def as_dict(self) -> dict:
+        """Plain JSON values (``eval.json``'s ``evaluation``), without the responses."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "responses"}
+
+
 def evaluate_policy(
     model_config: ModelConfig,
     policy_params,
     reference_params,
-    eval_arrays: Mapping[str, np.ndarray] | None = None,
+    settings: EvalSettings = EvalSettings(),
     *,
+    eval_arrays: Mapping[str, np.ndarray] | None = None,
     prompt_tokens=None,
     prompt_mask=None,
     judges: Mapping[int, BradleyTerryModel] | None = None,
     feature_fn: FeatureFn | None = None,
-    max_new_tokens: int = 64,
     rng: jax.Array | None = None,
-    temperature: float = 0.7,
-    top_p: float | None = 0.9,
-    eos_id: int | None = None,
-    pad_id: int | None = None,
-    batch_size: int = 16,
-    kl_temperature: float | None = 1.0,
-    reference_responses: tuple[np.ndarray, np.ndarray] | None = None,
-    reference_log_probs: np.ndarray | None = None,
-    vocab_chunk: int | None = None,
+    reference: ReferenceCache = ReferenceCache(),
     objective_names: Sequence[str] | None = None,
     return_responses: bool = False,
     mesh=None,
-    samples_per_prompt: int = 1,
-    reference_features: np.ndarray | None = None,
-) -> dict:
-    """Implicit accuracy on held-out pairs, judge win rates against the reference and the sequence KL, in one dict.
+) -> PolicyEvaluation:
+    """Implicit accuracy on held-out pairs, judge win rates against the reference and the sequence KL.
 
     Args:
       model_config, policy_params, reference_params: the policy and its reference (same architecture).
-      prompt_tokens / prompt_mask: ``[N, P]`` left-padded evaluation prompts (needed for win rates and KL).
+      settings: sampling and scoring (:class:`EvalSettings`).
       eval_arrays: held-out ``format_and_tokenize`` pairs for :func:`implicit_preference_accuracy` (optional).
+      prompt_tokens / prompt_mask: ``[N, P]`` left-padded evaluation prompts (needed for win rates and KL).
       judges / feature_fn: held-out judges and their feature map for :func:`judge_win_rates` (optional).
-      max_new_tokens, temperature, top_p, eos_id, pad_id, batch_size: generation settings of the win-rate samples;
-        ``eos_id`` / ``pad_id`` default to ``model_config.eos_id`` / ``model_config.pad_id`` (generation runs the full
-        ``max_new_tokens`` if both are None).
       rng: key, split by :func:`sampling_keys`: the policy's and the reference's win-rate samples share one key
         (common random numbers: where the two models agree their samples agree, so the reference scores exactly 1/2
         against itself and a policy's win rate carries less sampling noise); the KL samples get their own.
-      kl_temperature: temperature of the policy samples (no top-p) of the KL estimate; 1.0 gives the unbiased
-        ``KL(pi || pi_ref)``. The win-rate samples are reused when they are such samples already (``temperature ==
-        kl_temperature`` and no ``top_p``); ``None`` always reuses them (a tempered log-ratio, not the KL).
-      reference_responses: cached ``(tokens, mask)`` of the reference (skips its generation); sample them with
-        ``sampling_keys(rng)[0]`` to keep the common random numbers.
-      reference_log_probs: cached reference :func:`pair_log_probs` on ``eval_arrays``.
-      vocab_chunk: vocabulary chunk of the log-softmax.
-      return_responses: also return the generated responses (numpy arrays) under ``"responses"``.
+      reference: cached reference outputs (:class:`ReferenceCache`); what is missing is computed.
+      objective_names: names of the judges' objectives (default helpfulness, harmlessness).
+      return_responses: also return the generated responses (numpy arrays) in ``responses``.
       mesh: generate and score on this mesh, the prompts of each batch split over its batch axes (parameters placed
         on it by the caller, :func:`mopo_jax.parallel.sharding.put_params`); the results do not depend on the mesh.
-      samples_per_prompt: responses sampled per prompt from the policy and from the reference (sharing the prompt's
-        prefill; the reference's row ``r`` drawn with the policy's row ``r``'s random numbers); the win rates and
-        the KL are per-prompt means over them (:func:`judge_win_rates`).
-      reference_features: cached ``feature_fn`` features of ``reference_responses`` (see :func:`judge_win_rates`).
 
     The KL terms are the policy's log-probabilities of its samples as its sampler computed them, minus the
     reference's (:func:`sequence_kl_terms`).
-
-    Returns:
-      ``{"implicit": ..., "win_rate": {name: float}, "win_rate_stderr": {name: float}, "expected_win_rate":
-      {name: float}, "expected_win_rate_interval": {name: [low, high]}, "judges": {name: {...}}, "kl": float,
-      "kl_stderr": float, "kl_interval": [low, high], "per_prompt": {"kl": [N]}, "num_prompts": int,
-      "response_length": {"policy", "reference"}, "settings": {...}}``; intervals are 95% prompt-bootstrap intervals
-      (:func:`mopo_jax.evaluation.paired.bootstrap_interval`); parts whose inputs are missing are None.
     """
-    check_count("samples_per_prompt", samples_per_prompt)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    eos_id = model_config.eos_id if eos_id is None else eos_id
-    pad_id = model_config.pad_id if pad_id is None else pad_id
+    eos_id = model_config.eos_id if settings.eos_id is None else settings.eos_id
+    pad_id = model_config.pad_id if settings.pad_id is None else settings.pad_id
     sample_key, kl_key = sampling_keys(rng)
-    result: dict = {"implicit": None, "win_rate": None, "win_rate_stderr": None, "expected_win_rate": None,
-                    "expected_win_rate_interval": None, "judges": None, "kl": None, "kl_stderr": None,
-                    "kl_interval": None, "per_prompt": None, "num_prompts": 0, "response_length": None,
-                    "settings": {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p,
-                                 "kl_temperature": kl_temperature, "batch_size": int(batch_size),
-                                 "samples_per_prompt": int(samples_per_prompt), "eos_id": eos_id, "pad_id": pad_id}}
+    batch_size, samples_per_prompt = settings.batch_size, settings.samples_per_prompt
+    temperature, top_p, kl_temperature = settings.temperature, settings.top_p, settings.kl_temperature
+    result: dict = {"settings": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "vocab_chunk"},
+                                 "eos_id": eos_id, "pad_id": pad_id}}
     if eval_arrays is not None:
         result["implicit"] = implicit_preference_accuracy(
             model_config, policy_params, reference_params, eval_arrays, batch_size,
-            reference_log_probs=reference_log_probs, vocab_chunk=vocab_chunk, objective_names=objective_names,
-            mesh=mesh)
+            reference_log_probs=reference.pair_log_probs, vocab_chunk=settings.vocab_chunk,
+            objective_names=objective_names, mesh=mesh)
     if prompt_tokens is None:
-        return result
+        return PolicyEvaluation(**result)
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.ones(prompt_tokens.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
     result["num_prompts"] = int(prompt_tokens.shape[0])
     gen = functools.partial(generate_responses, model_config, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, batch_size=batch_size,
-                            mesh=mesh, num_samples=samples_per_prompt)
+                            max_new_tokens=settings.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                            batch_size=batch_size, mesh=mesh, num_samples=samples_per_prompt)
     *policy_responses, policy_log_probs = gen(policy_params, rng=sample_key, temperature=temperature, top_p=top_p,
                                               return_log_probs=True)
     policy_responses = tuple(policy_responses)
@@ -649,13 +700,14 @@ def evaluate_policy(
     if judges:
         if feature_fn is None:
             raise ValueError("judges given without a feature_fn")
+        reference_responses = reference.responses
         if reference_responses is None:
             reference_responses = gen(reference_params, rng=sample_key, temperature=temperature, top_p=top_p)
         reference_responses = (np.asarray(reference_responses[0], np.int32), np.asarray(reference_responses[1], bool))
         responses["reference"] = reference_responses
         per_judge = judge_win_rates(judges, feature_fn, prompt_tokens, prompt_mask, policy_responses,
                                     reference_responses, objective_names, samples_per_prompt,
-                                    reference_features=reference_features)
+                                    reference_features=reference.features)
         result["judges"] = per_judge
         result["win_rate"] = {name: v["win_rate"] for name, v in per_judge.items()}
         result["win_rate_stderr"] = {name: v["win_rate_stderr"] for name, v in per_judge.items()}
@@ -673,7 +725,7 @@ def evaluate_policy(
         kl_responses = tuple(kl_responses)
         responses["policy_kl"] = kl_responses
     terms = sequence_kl_terms(model_config, policy_params, reference_params, prompt_tokens, prompt_mask,
-                              *kl_responses, batch_size=batch_size, vocab_chunk=vocab_chunk, mesh=mesh,
+                              *kl_responses, batch_size=batch_size, vocab_chunk=settings.vocab_chunk, mesh=mesh,
                               num_samples=samples_per_prompt, policy_log_probs=kl_log_probs)
     per_prompt_kl = terms.reshape(prompt_tokens.shape[0], samples_per_prompt).mean(axis=1)
     result["kl"] = float(per_prompt_kl.mean()) if per_prompt_kl.size else float("nan")
@@ -684,4 +736,4 @@ def evaluate_policy(
     result["response_length"] = {name: float(np.asarray(r[1]).sum(axis=1).mean()) for name, r in responses.items()}
     if return_responses:
         result["responses"] = responses
-    return result
+    return PolicyEvaluation(**result)

@@ -151,16 +151,18 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         completion_start=config.data.max_prompt_tokens, mesh=mesh, objective_names=names)
     log(f"eval {run_dir}: {config.eval.samples_per_prompt} samples on each of {len(rows)} prompts, judged "
          "against the reference's")
-    evaluation = policy_eval.evaluate_policy(
-        model_config, policy, params, None, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-        judges={k: judges["models"][f"judge_{k}"] for k in range(len(names))}, feature_fn=feature_fn,
-        objective_names=names,
+    settings = policy_eval.EvalSettings(
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature, top_p=config.eval.top_p,
-        rng=jax.random.PRNGKey(config.eval.seed), batch_size=config.eval.batch_size, eos_id=end_of_turn, pad_id=pad,
-        reference_responses=(cached["responses"], cached["response_mask"]), mesh=mesh,
-        samples_per_prompt=config.eval.samples_per_prompt, reference_features=reference_features,
+        samples_per_prompt=config.eval.samples_per_prompt, batch_size=config.eval.batch_size, eos_id=end_of_turn,
+        pad_id=pad)
+    evaluation = policy_eval.evaluate_policy(
+        model_config, policy, params, settings, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
+        judges={k: judges["models"][f"judge_{k}"] for k in range(len(names))}, feature_fn=feature_fn,
+        objective_names=names, rng=jax.random.PRNGKey(config.eval.seed), mesh=mesh,
+        reference=policy_eval.ReferenceCache(responses=(cached["responses"], cached["response_mask"]),
+                                             features=reference_features),
     )
-    evaluation["implicit"] = implicit
+    evaluation = dataclasses.replace(evaluation, implicit=implicit)
     # On one objective MOPO has no secondary, so no threshold to judge.
     threshold = config.method.threshold if method_of(config).knob == "threshold" and len(names) > 1 else None
     # MOPO's constraint is the policy's expected win rate over the reference under the harmlessness preference: on
@@ -172,8 +174,8 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         from mopo_jax.evaluation import paired
 
         harmless = names[1]
-        interval = paired.Interval(evaluation["expected_win_rate"][harmless],
-                                   *evaluation["expected_win_rate_interval"][harmless])
+        interval = paired.Interval(evaluation.expected_win_rate[harmless],
+                                   *evaluation.expected_win_rate_interval[harmless])
         constraint_verdict = paired.constraint_verdict(interval, threshold)
         constraint_met = constraint_verdict == "met"
         constraint_met_pairs = bool(implicit["constraint_values"][1] >= threshold)
@@ -186,14 +188,14 @@ def evaluate_run(run_dir: str, overrides=()) -> dict[str, Any]:
         harmless = names[1]
         dual_calibration = paired.calibration(
             train_summary["dual_final"]["estimates"][0], train_summary["dual_final"]["stderr"][0],
-            evaluation["expected_win_rate"][harmless], evaluation["expected_win_rate_interval"][harmless])
+            evaluation.expected_win_rate[harmless], evaluation.expected_win_rate_interval[harmless])
     payload = {
         "name": os.path.basename(os.path.normpath(run_dir)),
         "method": config.method.name,
         "protocol": config.preference.protocol,
         "config": as_plain(dataclasses.asdict(config)),
         "seed": config.seed,
-        "evaluation": evaluation,
+        "evaluation": evaluation.as_dict(),
         "threshold": threshold,
         "constraint_verdict": constraint_verdict,
         "constraint_met": constraint_met,
