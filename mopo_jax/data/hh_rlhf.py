@@ -384,12 +384,42 @@ def _validate(obj: Any, report: FileReport, line: int, subset: str, objective: i
     return make_record(pair, subset, objective, source=report.path, line=line, num_objectives=num_objectives)
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
+def is_gzip(path: str | os.PathLike) -> bool:
+    """Whether a file is gzip'd (its magic bytes, whatever its name)."""
     with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
-    with opener(path, "rb") as fh:
-        yield from fh
+        return raw.read(2) == b"\x1f\x8b"
+
+
+def json_lines(path: str | os.PathLike, report, drop) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON value)`` of each non-blank line of a (gzip'd or plain) JSON-lines file, read line
+    by line as bytes: the one reader of both data loaders.
+
+    Every line is decoded as strict UTF-8 (a BOM allowed on the first) and parsed on its own; a bad line is passed
+    to ``drop(reason, line, detail)`` (:data:`INVALID_UTF8`, :data:`MALFORMED_JSON`) and skipped. A truncated or
+    corrupt gzip stream keeps the lines read before the damage, drops :data:`CORRUPT_FILE` at the line where reading
+    stopped and appends the error to ``report.errors``. ``report.lines`` counts the non-blank lines.
+    """
+    line_no = 0
+    try:
+        with (gzip.open if is_gzip(path) else open)(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                report.lines += 1
+                try:
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    drop(INVALID_UTF8, line_no, None)
+                    continue
+                try:
+                    value = json.loads(text)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    drop(MALFORMED_JSON, line_no, getattr(e, "msg", type(e).__name__))
+                    continue
+                yield line_no, value
+    except (EOFError, OSError, zlib.error) as e:  # truncated / corrupt gzip (gzip.BadGzipFile is an OSError)
+        drop(CORRUPT_FILE, line_no + 1, None)
+        report.errors.append(f"line {line_no + 1}: {type(e).__name__}: {e}")
 
 
 def read_jsonl_pairs(path: str | os.PathLike, subset: str, objective: int,
@@ -408,28 +438,10 @@ def read_jsonl_pairs(path: str | os.PathLike, subset: str, objective: int,
         report.exists = False
         report.skip(MISSING_FILE, 0)
         return records, report
-    line_no = 0
-    try:
-        for line_no, raw in enumerate(_open_lines(path), start=1):
-            if not raw.strip():
-                continue
-            report.lines += 1
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError:
-                report.skip(INVALID_UTF8, line_no)
-                continue
-            try:
-                obj = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
-                report.skip(MALFORMED_JSON, line_no)
-                continue
-            record = _validate(obj, report, line_no, subset, objective, num_objectives)
-            if record is not None:
-                records.append(record)
-    except (EOFError, OSError, zlib.error) as e:  # truncated / corrupt gzip (gzip.BadGzipFile is an OSError)
-        report.skip(CORRUPT_FILE, line_no + 1)
-        report.errors.append(f"line {line_no + 1}: {type(e).__name__}: {e}")
+    for line_no, obj in json_lines(path, report, lambda reason, line, detail: report.skip(reason, line)):
+        record = _validate(obj, report, line_no, subset, objective, num_objectives)
+        if record is not None:
+            records.append(record)
     return records, report
 
 

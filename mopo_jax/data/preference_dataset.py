@@ -80,6 +80,8 @@ from .hh_rlhf import (
     NOT_AN_OBJECT,
     FileReport,
     LoadReport,
+    is_gzip,
+    json_lines,
     prompt_hash,
     records_to_dataset,
 )
@@ -558,15 +560,10 @@ def _file_format(path: Path) -> str | None:
     return next((fmt for ext, fmt in FILE_FORMATS.items() if name.endswith(ext)), None)
 
 
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as raw:
-        return raw.read(2) == b"\x1f\x8b"
-
-
 def _read_text(path: Path) -> str:
     """The whole file as text (gzip'd or not); bad gzip or UTF-8 is an error naming the file (and line)."""
     try:
-        data = gzip.decompress(path.read_bytes()) if _is_gzip(path) else path.read_bytes()
+        data = gzip.decompress(path.read_bytes()) if is_gzip(path) else path.read_bytes()
     except (EOFError, OSError, zlib.error) as e:
         raise PreferenceDataError(f"preference data: {path}: unreadable ({type(e).__name__}: {e})") from e
     try:
@@ -578,28 +575,7 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_rows(path: Path, report: PreferenceFileReport, strict: bool) -> Iterator[tuple[int, Any]]:
-    line_no = 0
-    opener = gzip.open if _is_gzip(path) else open
-    try:
-        with opener(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                report.lines += 1
-                try:
-                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    _drop(report, INVALID_UTF8, line_no, None, strict)
-                    continue
-                try:
-                    obj = json.loads(text)
-                except (json.JSONDecodeError, RecursionError) as e:
-                    _drop(report, MALFORMED_JSON, line_no, f"{getattr(e, 'msg', type(e).__name__)}", strict)
-                    continue
-                yield line_no, obj
-    except (EOFError, OSError, zlib.error) as e:  # truncated / corrupt gzip: keep what was read before
-        _drop(report, CORRUPT_FILE, line_no + 1, None, strict)
-        report.errors.append(f"line {line_no + 1}: {type(e).__name__}: {e}")
+    return json_lines(path, report, lambda reason, line, detail: _drop(report, reason, line, detail, strict))
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -647,7 +623,7 @@ def _json_array_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
 def _json_rows(path: Path, report: PreferenceFileReport, strict: bool) -> Iterator[tuple[int, Any]]:
     """A ``.json`` file: a JSON array of row objects, or JSON lines."""
     try:
-        with (gzip.open if _is_gzip(path) else open)(path, "rb") as fh:
+        with (gzip.open if is_gzip(path) else open)(path, "rb") as fh:
             head = fh.read(4096)
     except (EOFError, OSError, zlib.error):
         head = b""  # the JSON-lines reader reports the damage
