@@ -31,7 +31,9 @@
 #   onpolicypool  Algorithm 1 with the pairwise policy step over the pool (onpolicy.policy_step=pairwise: the
 #             weighted-BC step is clipped at every step, see below) and the policy-sample dual read every 2 of its
 #             32 steps, at the dual plans' thresholds; onpolicypool15 the same step with the batch dual's robust
-#             bound at the paper's eps 0.15 (the policy-sample dual has no robust form)
+#             bound at the paper's eps 0.15 (the policy-sample dual has no robust form); onpolicypoolmargin
+#             the onpolicypool runs with the dual margin of the dualmargin plans (it landed on b, undecided, at three
+#             of four thresholds without it)
 #   robust1, robust2, robust3  the policy-sample dual at b=0.54 over tau (0.05, 0.1, 0.2: one a plan) x multiplier
 #             step (2, 8, 32: a quarter of, equal to and four times the dual plans' 8)
 # A plan without the reference compares its runs with the reference's exact value (1/2 at every prompt). Every plan of
@@ -185,6 +187,11 @@ case "$plan" in
       train "onpolicypool/mopo_onpolicy_pool_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
         "${onpolicy[@]}" "${onpolicy_pool[@]}" "${dual[@]}" dual.every=2
     done ;;
+  onpolicypoolmargin)
+    for b in "${dual_thresholds[@]}"; do
+      train "onpolicypool/mopo_onpolicy_pool_m${dual_margin}_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
+        "${onpolicy[@]}" "${onpolicy_pool[@]}" "${dual[@]}" dual.every=2 "dual.margin=${dual_margin}"
+    done ;;
   onpolicypool15)
     for b in "${dual_thresholds[@]}"; do
       train "onpolicypool/mopo_onpolicy_pool_eps0.15_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
@@ -197,7 +204,7 @@ case "$plan" in
       train "robust/mopo_b${dual_thresholds[2]}_tau${tau}_lr${lr}" method.name=mopo_pairwise \
         "method.threshold=${dual_thresholds[2]}" "${dual[@]}" "mopo.tau=${tau}" "mopo.multiplier_lr=${lr}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualmargin, dualmarginseed1, dualmarginseed2, dualhuman, onpolicyfixed, onpolicyfixed0, onpolicypool, onpolicypool15, robust1, robust2, robust3)" >&2
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualmargin, dualmarginseed1, dualmarginseed2, dualhuman, onpolicyfixed, onpolicyfixed0, onpolicypool, onpolicypoolmargin, onpolicypool15, robust1, robust2, robust3)" >&2
      exit 2 ;;
 esac
 

@@ -173,6 +173,12 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
     assert result.returncode == 0 and runs == {
         f"onpolicypool/mopo_onpolicy_pool_b{b}": {**pool, "method.threshold": b, **dual, "dual.every": "2",
                                                   "mopo.multiplier_lr": "8.0"} for b in thresholds}
+    result, root, calls = _plan(tmp_path / "onpolicypoolmargin", "cpu-small-onpolicypoolmargin", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and runs == {
+        f"onpolicypool/mopo_onpolicy_pool_m0.015_b{b}": {**pool, "method.threshold": b, **dual, "dual.every": "2",
+                                                         "mopo.multiplier_lr": "8.0", "dual.margin": "0.015"}
+        for b in thresholds}
     result, root, calls = _plan(tmp_path / "onpolicypool15", "cpu-small-onpolicypool15", python_dir)
     runs = _trained(calls, root)
     assert result.returncode == 0 and runs == {
