@@ -40,6 +40,18 @@ def free_memory() -> None:
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+    _return_freed_heap()
+
+
+def _return_freed_heap() -> None:
+    """glibc keeps freed heap pages in its arenas (XLA's threads use many), so a worker's resident size only grows
+    from module to module; ``malloc_trim`` hands them back to the system."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @pytest.fixture(autouse=True, scope="module")

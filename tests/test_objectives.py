@@ -304,7 +304,7 @@ def test_estimate_window_pools_the_last_steps():
     state = transformation.init(jnp.array([0.6, 0.4]))
     estimates = [[0.5, 0.3], [0.7, 0.35], [0.4, 0.5], [0.9, 0.45]]
     counts = [[4.0, 0.0], [2.0, 0.0], [1.0, 3.0], [5.0, 1.0]]
-    multipliers, last = np.zeros(2), np.zeros(2)
+    multipliers, last = np.zeros(2), np.full(2, np.nan)  # no estimate before the first data
     for t, (g, n) in enumerate(zip(estimates, counts)):
         state = transformation.update_from_estimates(state, mj.SecondaryEstimate.from_values(jnp.array(g),
                                                                                              jnp.array(n)))
