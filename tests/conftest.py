@@ -10,6 +10,8 @@ if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
 
 
 os.environ.setdefault("MOPO_COMPILATION_CACHE", tempfile.mkdtemp(prefix="mopo-jax-test-compilation-cache-"))
+# The multi-process tests kill one process on purpose: the survivor notices within 20 s instead of JAX's 100.
+os.environ.setdefault("MOPO_HEARTBEAT_TIMEOUT_S", "20")
 
 import pytest  # noqa: E402
 

@@ -58,6 +58,7 @@ def initialize(
     *,
     auto: bool = False,
     initialization_timeout: int = 300,
+    heartbeat_timeout: int | None = None,
 ) -> bool:
     """Join the multi-process job; a no-op for a single process.
 
@@ -70,6 +71,8 @@ def initialize(
       auto: call ``jax.distributed.initialize`` even without ``num_processes``, letting JAX detect the cluster
         (Cloud TPU metadata, SLURM, Open MPI).
       initialization_timeout: seconds to wait for every process to connect.
+      heartbeat_timeout: seconds without a heartbeat after which a process counts as lost and the job stops
+        (default: the environment's ``MOPO_HEARTBEAT_TIMEOUT_S``, else JAX's 100).
 
     Returns:
       True when ``jax.distributed.initialize`` was called, False for a single process.
@@ -95,6 +98,7 @@ def initialize(
         process_id=process_id,
         local_device_ids=local_device_ids,
         initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=int(heartbeat_timeout or os.environ.get("MOPO_HEARTBEAT_TIMEOUT_S", 100)),
     )
     return True
 
