@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -333,11 +334,19 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=8)
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The example order of ``epoch``: a permutation of ``range(n)`` that depends only on ``(seed, epoch, n)``.
 
     Built from a sha256 of ``(seed, epoch)`` and splitmix64, so it is the same on every platform and NumPy version.
+    Memoised (read-only): :func:`batch_at` asks for the same epoch's order at every step.
     """
+    order = _epoch_permutation(n, seed, epoch)
+    order.flags.writeable = False
+    return order
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     base = int.from_bytes(hashlib.sha256(f"mopo-batches:{int(seed)}:{int(epoch)}".encode()).digest()[:8], "big")
     with np.errstate(over="ignore"):
         keys = _splitmix64(np.uint64(base) + np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
