@@ -383,8 +383,10 @@ def train_config_for(config: ExperimentConfig):
 
 class RunContext:
     """What a method's data, transforms and policy builders may ask of a run, each computed (or read from the
-    ``work_dir`` caches) on first use: the tokenized splits, the model and its frozen/trained split, the labelers,
-    the pairs' frozen features, and the batches of the training loop."""
+    ``work_dir`` caches) on first use: the tokenized splits, the model and its frozen/trained split, the labelers
+    and their reward margins on the pairs, another run's trained policy, and the shuffled batches of the training
+    loop. Nothing here is specific to one method: a method's own logic lives in its entry
+    (:mod:`mopo_jax.experiment.methods`)."""
 
     def __init__(self, config: ExperimentConfig, mesh):
         self.config = config
@@ -467,11 +469,6 @@ class RunContext:
         return storage.cached_stage("reference-log-probs", path.exists, build, lambda: storage.load_arrays(path),
                                     everywhere=True)["log_probs"]
 
-    def labeler_reward_margins(self, arrays, objective: int) -> np.ndarray:
-        """``r(y_1) - r(y_2)`` of the model that labels ``objective`` (:meth:`labeler`) on the policy-train pairs
-        ``[B]``."""
-        return self.reward_margins(arrays, self.labeler(objective)).astype(np.float32)
-
     def reward_margins(self, arrays, model) -> np.ndarray:
         """``r(y_1) - r(y_2)`` of the preference ``model`` on the policy-train pairs ``[B]`` (float64)."""
         from mopo_jax.evaluation.preference_models import rewards
@@ -509,24 +506,14 @@ class RunContext:
         count, seed = self.config.training.batch_pairs, self.config.seed
         return lambda position, state: batch_at(arrays, count, seed, position, keys=keys, rows=rows)
 
-    def onpolicy_batches(self):
-        from mopo_jax.experiment.onpolicy import onpolicy_batches
-
-        labelers = [self.labeler(k) for k in range(len(self.config.data.objective_names))]
-        return onpolicy_batches(self.config, self.train_config, *self.model, *self.split[:2],
-                                self.data["policy_train"], labelers, self.mesh,
-                                self.process_rows(self.config.training.batch_pairs),
-                                *end_of_turn_and_pad(self.config))
-
     @functools.cached_property
     def policy_sample_dual(self):
         """The run's :class:`mopo_jax.experiment.policy_samples.PolicySampleDual` (the reference's samples drawn on
         first use)."""
         from mopo_jax.experiment.policy_samples import PolicySampleDual
 
-        labelers = [self.labeler(k) for k in range(1, len(self.config.data.objective_names))]
-        return PolicySampleDual(self.config, self.model, self.data["labeler_train"], labelers,
-                                *end_of_turn_and_pad(self.config), self.mesh)
+        return PolicySampleDual(self.config, self.model, self.data["labeler_train"], self.labelers()[1:],
+                                *self.end_of_turn_and_pad, self.mesh)
 
     def full_policy(self, state):
         """The whole model's parameters of the policy in a train state (the frozen lower blocks joined on)."""
@@ -538,14 +525,21 @@ class RunContext:
         return upper if lower is None else join_layers(lower, upper)
 
     def reference_policy(self):
+        """The reference's parameters of the part a run trains (the top blocks, or all of them)."""
         return self.split[3]
 
-    def soup_policy(self):
-        upper = self.split[3]
-        helpful, harmless = (load_policy(storage.path(d) / "policy.npz", upper, trainable_for(self.config))
-                             for d in self.config.method.soups_from)
-        w_help, w_harm = self.config.method.weights
-        return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
+    def trained_policy(self, run_dir: str):
+        """The trained part of the policy another run saved in ``run_dir`` (its ``policy.npz`` merged onto this
+        run's reference, so its trees match :meth:`reference_policy`)."""
+        return load_policy(storage.path(run_dir) / "policy.npz", self.reference_policy(), trainable_for(self.config))
+
+    def labelers(self) -> list:
+        """:meth:`labeler` of every objective, in order."""
+        return [self.labeler(k) for k in range(len(self.config.data.objective_names))]
+
+    @functools.cached_property
+    def end_of_turn_and_pad(self) -> tuple[int, int]:
+        return end_of_turn_and_pad(self.config)
 
 
 def end_of_turn_and_pad(config: ExperimentConfig) -> tuple[int, int]:

@@ -18,7 +18,10 @@ call, from this module or from a user's (``plugins:`` in the config imports it):
 Data transforms take ``(config, arrays, context)`` and return the arrays a method trains on: ``arrays`` are the
 policy-train pairs (``tokens [B, 2, T]`` with the human-preferred response first, masks, ``preference_probs`` and
 ``label_mask [B, K]`` with one label per pair, ``objective [B]``, and ``inputs_hidden`` when only the top blocks
-train); ``context`` gives the run's labelers and cached features (:class:`mopo_jax.experiment.hh_rlhf.RunContext`).
+train); ``context`` (:class:`mopo_jax.experiment.hh_rlhf.RunContext`) is what a run offers every method: the
+tokenized splits, the model and its frozen/trained split, the labelers and their reward margins, another run's trained
+policy, and the shuffled batches. What is particular to a method (the soup's interpolation, MODPO's margins,
+Algorithm 1's sampling) is written in its entry here, so a new method is one entry in one file.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from mopo_jax.policy_objectives import MODPO, MOPOCandidates, MOPOPairwise, Objective, WeightedDPO
@@ -141,7 +145,11 @@ def offline_pairs(transform: Transform | None = None):
 def onpolicy_candidates(config, context):
     """Training data: per prompt, ``onpolicy.candidates`` responses sampled from the current (lagged) reference and
     labelled by the labelers (the published Algorithm 1)."""
-    return context.onpolicy_batches()
+    from mopo_jax.experiment.onpolicy import onpolicy_batches
+
+    return onpolicy_batches(config, context.train_config, *context.model, *context.split[:2],
+                            context.data["policy_train"], context.labelers(), context.mesh,
+                            context.process_rows(config.training.batch_pairs), *context.end_of_turn_and_pad)
 
 
 def only_objective(k: int) -> Transform:
@@ -167,11 +175,19 @@ def pooled_labels(config, arrays, context):
 
 def with_secondary_reward_margins(config, arrays, context):
     """The helpfulness pairs with the harmlessness labeler's reward margin ``r(y) - r(y')`` (MODPO's input)."""
-    margins = context.labeler_reward_margins(arrays, objective=1)
+    margins = context.reward_margins(arrays, context.labeler(1))
     keep = arrays["label_mask"][:, 0]
     out = {name: value[keep] for name, value in arrays.items()}
     out["reward_margins"] = margins[keep][:, None].astype(np.float32)
     return out
+
+
+def rewarded_soup(config, context):
+    """The soup's policy: ``w_help theta_help + w_harm theta_harm`` of the trained parameters of the helpful and the
+    harmless DPO runs (``method.soups_from``), elementwise over the parameter tree."""
+    helpful, harmless = (context.trained_policy(run_dir) for run_dir in config.method.soups_from)
+    w_help, w_harm = config.method.weights
+    return jax.tree.map(lambda a, b: w_help * a + w_harm * b, helpful, harmless)
 
 
 def _soups_check(config):
@@ -230,7 +246,7 @@ register_method(Method(
 ))
 register_method(Method(
     name="rewarded_soups", summary="interpolation of the helpful and the harmless DPO policies",
-    policy=lambda config, context: context.soup_policy(), knob="weights", check=_soups_check,
+    policy=rewarded_soup, knob="weights", check=_soups_check,
 ))
 register_method(Method(
     name="mopo_pairwise", summary="MOPO on the offline pairs (Eq. 8 and the pairwise dual)",
