@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lm_assets import HH_DATA as DATA, needs_hh_data, needs_smollm2
+from processes import run_python
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "hh_tiny.yaml"
 
@@ -51,20 +52,36 @@ register_method(Method(
 """
 
 
+# The pipeline's runs in one child process, as the library's functions a user would call: train_run for every
+# method (the plugin importable), evaluate_run for five of them, then the Pareto plot and results.json.
+TRAIN_AND_EVALUATE = """
+import json, sys
+
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, spec["plugin_dir"])
+from mopo_jax.configs import load_config
+from mopo_jax.evaluation.pareto import write_pareto
+from mopo_jax.experiment.config import ExperimentConfig
+from mopo_jax.experiment.evaluate import evaluate_run
+from mopo_jax.experiment.hh_rlhf import train_run
+
+root = spec["root"]
+for name, overrides in spec["runs"].items():
+    train_run(load_config(ExperimentConfig, spec["config"], [*spec["common"], f"run_dir={root}/{name}", *overrides]))
+for name in spec["evaluated"]:
+    evaluate_run(f"{root}/{name}")
+write_pareto([f"{root}/{name}" for name in spec["evaluated"]], f"{root}/pareto.png",
+             results_json=f"{root}/results.json")
+"""
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_work_dir):
-    import sys
-
-    from mopo_jax.configs import load_config
-    from mopo_jax.evaluation.pareto import write_pareto
-    from mopo_jax.experiment.config import ExperimentConfig
-    from mopo_jax.experiment.evaluate import evaluate_run
-    from mopo_jax.experiment.hh_rlhf import train_run
-
+    """Every method trained and five evaluated, in a child process (:data:`TRAIN_AND_EVALUATE`): eleven runs'
+    programs and models would raise this worker's peak by about 2 GB for the rest of the session."""
     root = tmp_path_factory.mktemp("hh")
     plugin_dir = tmp_path_factory.mktemp("plugin")
     (plugin_dir / "mopo_user_plugin.py").write_text(PLUGIN)
-    sys.path.insert(0, str(plugin_dir))
     common = [f"work_dir={tiny_work_dir}", f"data.source={DATA}", "training.steps=2"]
     runs = {
         "reference": ["method.name=reference"],
@@ -85,17 +102,12 @@ def pipeline(tmp_path_factory, tiny_work_dir):
                                "onpolicy.candidates=2", "preference.protocol=gold", "onpolicy.policy_step=pairwise",
                                "dual.source=policy_samples", "dual.prompts=4", "dual.samples=2", "dual.every=1"],
     }
-    try:
-        for name, overrides in runs.items():
-            config = load_config(ExperimentConfig, str(CONFIG), [*common, f"run_dir={root / name}", *overrides])
-            train_run(config)
-        evaluated = {name: evaluate_run(str(root / name))
-                     for name in ("reference", "mopo_pairwise", "soups", "user_plugin", "mopo_policy_dual")}
-        write_pareto([str(root / n) for n in evaluated], str(root / "pareto.png"),
-                     results_json=str(root / "results.json"))
-        yield root, runs, evaluated, tiny_work_dir
-    finally:
-        sys.path.remove(str(plugin_dir))
+    evaluated_names = ("reference", "mopo_pairwise", "soups", "user_plugin", "mopo_policy_dual")
+    spec = {"config": str(CONFIG), "root": str(root), "plugin_dir": str(plugin_dir), "common": common,
+            "runs": runs, "evaluated": evaluated_names}
+    run_python(TRAIN_AND_EVALUATE, [json.dumps(spec)], timeout_s=1200, what="the HH pipeline's runs")
+    evaluated = {name: json.loads((root / name / "eval.json").read_text()) for name in evaluated_names}
+    return root, runs, evaluated, tiny_work_dir
 
 
 def test_every_method_writes_its_run_directory(pipeline):

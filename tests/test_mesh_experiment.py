@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lm_assets import needs_hh_data, needs_smollm2
+from processes import run_python
 from tiny_runs import STEPS, common, logged_losses
 
 MESHES = ("fsdp=4,tensor=2", "data=2,fsdp=4")
@@ -17,33 +18,49 @@ MESHES = ("fsdp=4,tensor=2", "data=2,fsdp=4")
 pytestmark = [needs_hh_data, needs_smollm2]
 
 
+# Every method x mesh trained through `mopo train` in one child process (8 simulated devices), what a run compiled
+# and placed released before the next, then the fsdp=1 MOPO run evaluated on two meshes (each eval.json kept).
+TRAIN_AND_EVALUATE = """
+import json, shutil, sys
+from pathlib import Path
 
+from memory import free_memory
+from mopo_jax.cli import main
 
-
+spec = json.loads(sys.argv[1])
+for run_dir, mesh, arguments in spec["train"]:
+    assert main(["train", *arguments, f"run_dir={run_dir}", "--mesh", mesh]) == 0
+    free_memory()
+for run_dir, mesh, kept in spec["eval"]:
+    assert main(["eval", run_dir, "--mesh", mesh]) == 0
+    shutil.copy(Path(run_dir) / "eval.json", kept)
+    free_memory()
+"""
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_work_dir, release_memory):
-    """Every method x mesh trained in this process (8 simulated devices) through `mopo train`; what a run compiled
-    and placed is released before the next (six runs' programs and placed models would hold about 9 GB)."""
-    from mopo_jax.cli import main
-
+def runs(tmp_path_factory, tiny_work_dir):
+    """The runs of every method x mesh and the two evaluations, made apart from this worker: six runs' programs and
+    placed models peak at about 3 GB above what the worker held, which the child hands back when it exits."""
     root = tmp_path_factory.mktemp("mesh")
-    out = {}
+    out, train = {}, []
     for method in ("dpo_helpful", "mopo_pairwise"):
         for mesh in ("fsdp=1", *MESHES):
             run_dir = root / f"{method}_{mesh.replace(',', '_').replace('=', '')}"
-            assert main(["train", *common(tiny_work_dir), f"run_dir={run_dir}", f"method.name={method}", "--mesh",
-                         mesh]) == 0
+            train.append([str(run_dir), mesh, [*common(tiny_work_dir), f"method.name={method}"]])
             out[method, mesh] = run_dir
-            release_memory()
-    return tiny_work_dir, out
+    evaluated = {mesh: root / f"eval_{mesh.replace(',', '_').replace('=', '')}.json"
+                 for mesh in ("fsdp=1", "data=2,fsdp=4")}
+    spec = {"train": train, "eval": [[str(out["mopo_pairwise", "fsdp=1"]), mesh, str(path)]
+                                     for mesh, path in evaluated.items()]}
+    run_python(TRAIN_AND_EVALUATE, [json.dumps(spec)], timeout_s=900, what="the mesh experiment's runs")
+    return out, evaluated
 
 
 @pytest.mark.parametrize("method", ["dpo_helpful", "mopo_pairwise"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_same_losses_on_every_mesh(runs, method, mesh):
-    _, run_dirs = runs
+    run_dirs, _ = runs
     reference, steps = logged_losses(run_dirs[method, "fsdp=1"])
     losses, other_steps = logged_losses(run_dirs[method, mesh])
     assert steps == other_steps == list(range(1, STEPS + 1))
@@ -54,16 +71,9 @@ def test_same_losses_on_every_mesh(runs, method, mesh):
     assert np.ptp(reference) > 1e-3
 
 
-def test_eval_same_numbers_on_two_meshes(runs, release_memory):
-    from mopo_jax.cli import main
-
-    _, run_dirs = runs
-    run_dir = run_dirs["mopo_pairwise", "fsdp=1"]
-    results = []
-    for mesh in ("fsdp=1", "data=2,fsdp=4"):
-        assert main(["eval", str(run_dir), "--mesh", mesh]) == 0
-        release_memory()
-        results.append(json.loads((run_dir / "eval.json").read_text())["evaluation"])
+def test_eval_same_numbers_on_two_meshes(runs):
+    _, evaluated = runs
+    results = [json.loads(path.read_text())["evaluation"] for path in evaluated.values()]
     first, second = results
     for name in first["win_rate"]:
         assert first["win_rate"][name] == pytest.approx(second["win_rate"][name], abs=1e-6)
