@@ -34,12 +34,6 @@ def _free_what_the_module_built():
     free_memory()
 
 
-@pytest.fixture(scope="session")
-def release_memory():
-    """``free_memory`` for a test or fixture that builds several large things in turn."""
-    return free_memory
-
-
 _MEMORY_LOG = os.environ.get("MOPO_TEST_MEMORY_LOG")
 
 

@@ -111,3 +111,36 @@ def test_a_model_directory_in_a_bucket_loads_as_its_local_copy(tmp_path, monkeyp
     assert remote_tokens == load_tokenizer(str(local))("hello world")["input_ids"] == [1, 2]
     changed = [a[0] for a, b in zip(before, after) if a != b]
     assert changed == [shard] and len(before) == len(list(local.iterdir()))
+
+
+@needs_hh_data
+@needs_smollm2
+def test_a_work_dir_in_a_bucket_caches_a_stage_there_and_reads_it_back(tiny_work_dir, monkeypatch):
+    """The work directory's caches (a multi-host slice shares them through its bucket root) go through the same
+    storage functions: the data stage is built into the bucket once, then read back from it, equal to a local build."""
+    from mopo_jax.configs import load_config
+    from mopo_jax.experiment import hh_rlhf
+    from mopo_jax.experiment.config import ExperimentConfig
+
+    def config(work_dir):
+        return load_config(ExperimentConfig, str(CONFIG), [f"work_dir={work_dir}", f"data.source={DATA}",
+                                                           "run_dir=unused"])
+
+    local = hh_rlhf.prepare_data(config(tiny_work_dir))
+    with serving(monkeypatch, ["bucket"]) as emulator:
+        built = hh_rlhf.prepare_data(config("gs://bucket/work"))
+        names = emulator.names("bucket")
+
+        def no_rebuild(*args, **kwargs):
+            raise AssertionError("the data stage was built again instead of read from the bucket")
+
+        monkeypatch.setattr(hh_rlhf, "_tokenize_splits", no_rebuild)
+        read_back = hh_rlhf.prepare_data(config("gs://bucket/work"))
+    written = {name.rsplit("/", 1)[-1] for name in names if name.startswith("work/data-")}
+    assert written >= {f"{split}.npz" for split in hh_rlhf.SPLIT_CAPS}, written
+    for arrays in (built, read_back):
+        assert arrays.keys() == local.keys()
+        for split in local:
+            assert arrays[split].keys() == local[split].keys()
+            for name in local[split]:
+                np.testing.assert_array_equal(arrays[split][name], local[split][name])

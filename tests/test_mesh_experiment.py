@@ -38,6 +38,10 @@ for run_dir, mesh, kept in spec["eval"]:
 """
 
 
+def _slug(mesh: str) -> str:
+    return mesh.replace(",", "_").replace("=", "")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_work_dir):
     """The runs of every method x mesh and the two evaluations, made apart from this worker: six runs' programs and
@@ -46,10 +50,10 @@ def runs(tmp_path_factory, tiny_work_dir):
     out, train = {}, []
     for method in ("dpo_helpful", "mopo_pairwise"):
         for mesh in ("fsdp=1", *MESHES):
-            run_dir = root / f"{method}_{mesh.replace(',', '_').replace('=', '')}"
+            run_dir = root / f"{method}_{_slug(mesh)}"
             train.append([str(run_dir), mesh, [*common(tiny_work_dir), f"method.name={method}"]])
             out[method, mesh] = run_dir
-    evaluated = {mesh: root / f"eval_{mesh.replace(',', '_').replace('=', '')}.json"
+    evaluated = {mesh: root / f"eval_{_slug(mesh)}.json"
                  for mesh in ("fsdp=1", "data=2,fsdp=4")}
     spec = {"train": train, "eval": [[str(out["mopo_pairwise", "fsdp=1"]), mesh, str(path)]
                                      for mesh, path in evaluated.items()]}
