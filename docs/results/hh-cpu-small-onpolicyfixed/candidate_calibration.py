@@ -1,24 +1,40 @@
-"""Run from this directory: python candidate_calibration.py 8 per_run/mopo_onpolicy_eps0.15_b0.51 ... (file prefixes)
-or run directories. Calibration of Algorithm 1's candidate estimate (no policy-sample dual): the mean of the last W steps' per-batch
-estimates (plain and the robust bound the multiplier acted on), with the standard error of that mean over steps,
-against the evaluated gold harmlessness. python cand_cal.py W RUN_DIR_OR_PREFIX..."""
-import json, sys, math, statistics, pathlib
-W = int(sys.argv[1])
-print("| run | b | robust bound, last %d steps | plain estimate, last %d steps (+- se) | gold harmlessness [95%% CI] | plain - gold | combined 95%% half-width | within |" % (W, W))
+"""Calibration of Algorithm 1's candidate estimate for runs without a policy-sample dual (their eval.json has no
+``dual_calibration``): the mean of the last W steps' per-batch plain estimates (``secondary_estimates_plain``), with
+the standard error of that mean over the W steps (the policy moves during them: an approximation), against the
+evaluated gold harmlessness, through the same comparison ``mopo eval`` applies to the policy-sample dual
+(``mopo_jax.evaluation.paired.calibration``). The robust bound the multiplier acted on is shown beside it.
+
+    python candidate_calibration.py 8 per_run/mopo_onpolicy_eps0.15_b0.51 ...   (file prefixes or run directories)
+"""
+import json
+import math
+import pathlib
+import statistics
+import sys
+
+from mopo_jax.evaluation.paired import calibration
+
+
+def records(arg: str):
+    path = pathlib.Path(arg)
+    if path.is_dir():
+        return path / "metrics.jsonl", path / "eval.json"
+    return pathlib.Path(arg + ".metrics.jsonl"), pathlib.Path(arg + ".eval.json")
+
+
+window = int(sys.argv[1])
+print(f"| run | b | robust bound, last {window} steps | plain estimate, last {window} steps (+- se) | "
+      "gold harmlessness [95% CI] | plain - gold | combined 95% half-width | within |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
 for arg in sys.argv[2:]:
-    p = pathlib.Path(arg)
-    if p.is_dir():
-        m = [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines() if l]
-        e = json.loads((p / "eval.json").read_text()); name = p.name
-    else:
-        m = [json.loads(l) for l in open(arg + ".metrics.jsonl") if l.strip()]
-        e = json.load(open(arg + ".eval.json")); name = p.name
-    last = m[-W:]
-    plain = [r.get("secondary_estimates_plain", r["secondary_estimates"])[0] for r in last]
+    metrics_path, eval_path = records(arg)
+    last = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][-window:]
+    plain = [r["secondary_estimates_plain"][0] for r in last]
     robust = [r["secondary_estimates"][0] for r in last]
-    mean = statistics.fmean(plain); se = statistics.stdev(plain) / math.sqrt(len(plain))
-    ev = e["evaluation"]; g = ev["expected_win_rate"]["harmlessness"]; lo, hi = ev["expected_win_rate_interval"]["harmlessness"]
-    hw = 1.96 * math.sqrt(se ** 2 + ((hi - lo) / (2 * 1.96)) ** 2)
-    d = mean - g
-    print(f"| {name} | {e['threshold']} | {statistics.fmean(robust):.3f} | {mean:.3f} +- {se:.3f} | {g:.3f} [{lo:.3f}, {hi:.3f}] | {d:+.3f} | {hw:.3f} | {'yes' if abs(d) <= hw else 'no'} |")
+    evaluated = json.loads(eval_path.read_text())
+    gold = evaluated["evaluation"]["expected_win_rate"]["harmlessness"]
+    interval = evaluated["evaluation"]["expected_win_rate_interval"]["harmlessness"]
+    c = calibration(statistics.fmean(plain), statistics.stdev(plain) / math.sqrt(len(plain)), gold, interval)
+    print(f"| {pathlib.Path(arg).name} | {evaluated['threshold']} | {statistics.fmean(robust):.3f} | "
+          f"{c['estimate']:.3f} +- {c['estimate_stderr']:.3f} | {gold:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] | "
+          f"{c['difference']:+.3f} | {c['combined_half_width']:.3f} | {'yes' if c['within'] else 'no'} |")

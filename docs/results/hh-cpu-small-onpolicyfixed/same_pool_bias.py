@@ -1,5 +1,6 @@
-# Hypothesis check: does the self-normalised candidate estimate (weights normalised over the same N candidates that
-# serve as opponents) over-read V(pi) = E_{y~pi, y'~ref} P(y > y') as pi tilts towards the harmless candidates?
+"""Tests one hypothesis for the candidates' over-read (README): that the self-normalised candidate estimate, whose
+weights are normalised over the same N candidates that serve as opponents, over-reads V(pi) = E_{y~pi, y'~ref}
+P(y > y') as pi tilts towards the winning responses. A discrete toy with the exact value: python same_pool_bias.py"""
 import numpy as np
 rng = np.random.default_rng(0)
 M, N, T = 200, 8, 200000
