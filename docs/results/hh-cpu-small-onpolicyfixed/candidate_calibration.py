@@ -2,7 +2,8 @@
 ``dual_calibration``): the mean of the last W steps' per-batch plain estimates (``secondary_estimates_plain``), with
 the standard error of that mean over the W steps (the policy moves during them: an approximation), against the
 evaluated gold harmlessness, through the same comparison ``mopo eval`` applies to the policy-sample dual
-(``mopo_jax.evaluation.paired.calibration``). The robust bound the multiplier acted on is shown beside it.
+(``mopo_jax.evaluation.paired.calibration``). What the multiplier read (``secondary_estimates``: the robust bound when eps > 0, the pooled plain estimate at
+eps 0) is shown beside it.
 
     python candidate_calibration.py 8 per_run/mopo_onpolicy_eps0.15_b0.51 ...   (file prefixes or run directories)
 """
@@ -23,7 +24,7 @@ def records(arg: str):
 
 
 window = int(sys.argv[1])
-print(f"| run | b | robust bound, last {window} steps | plain estimate, last {window} steps (+- se) | "
+print(f"| run | b | what the multiplier read, last {window} steps | plain estimate, last {window} steps (+- se) | "
       "gold harmlessness [95% CI] | plain - gold | combined 95% half-width | within |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
 for arg in sys.argv[2:]:
