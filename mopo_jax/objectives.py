@@ -230,6 +230,25 @@ def objective_values(
     return per_prompt @ weights
 
 
+def policy_pool_log_weights(
+    policy_log_probs: Array,
+    reference_log_probs: Array,
+    base_log_probs: Array,
+    candidate_mask: Array,
+) -> Array:
+    """The policy's self-normalised weights over a candidate pool drawn from (or enumerating) the base ``q``:
+    ``log pi~(y_i) = log q(y_i) + log pi(y_i)/pi_ref(y_i)``, log-normalised per prompt over the valid candidates.
+
+    With sampled candidates ``q`` is uniform over the pool and these are the importance weights that make
+    ``sum_i pi~(y_i) w_k(y_i)`` the estimate of ``V_k(pi) = E_{y~pi} w_k(y)`` (Eq. 2) from reference draws; with the
+    enumerated support ``q = pi_ref`` and they are ``pi`` itself. Masked candidates get no weight and no NaN, whatever
+    their log-probabilities."""
+    mask = jnp.asarray(candidate_mask, bool)
+    log_ratio = jnp.where(mask, jnp.asarray(policy_log_probs, jnp.float32) - jnp.asarray(reference_log_probs,
+                                                                                        jnp.float32), 0.0)
+    return masked_log_normalize(jnp.where(mask, base_log_probs, 0.0) + log_ratio, mask)
+
+
 def secondary_values(
     log_policy: Array,
     win_rates_k: Array,

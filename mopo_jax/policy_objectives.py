@@ -427,8 +427,8 @@ class _MOPO(Objective):
 
     ``dual`` says where the multiplier step reads ``G_k``:
 
-    * ``"batch"``: from the batch the policy step trains on (the pairs' importance-sampling estimate, or the closed
-      form over the candidate pool);
+    * ``"batch"``: from the batch the policy step trains on (the pairs' importance-sampling estimate, or the
+      policy's value over the candidate pool, :class:`MOPOCandidates`'s ``batch_estimate``);
     * ``"policy_samples"``: from a measurement of the trained policy's own samples against the reference, made by
       the caller (e.g. every ``M`` steps on held-out prompts, scored by the labeler) and handed in as the batch
       fields ``dual_estimates [B, K-1]`` (the value, the same in every row), ``dual_stderr`` (its standard error,
@@ -579,6 +579,12 @@ class MOPOCandidates(_MOPO):
         the samples) or ``"enumerated"`` (the whole support with its reference probabilities, the tabular case:
         :func:`mopo_jax.win_rates` against ``comparison_probs`` with the self-comparison tie, and the closed form
         over ``log pi_ref``).
+      batch_estimate: with ``dual="batch"``, whose value over the pool the multiplier step reads. ``"policy"``: the
+        trained policy's (the pool weighted by ``pi/pi_ref``, :func:`mopo_jax.policy_pool_log_weights`), the
+        ``V_k(pi)`` the constraint is judged on. ``"closed_form"``: the closed form's (Eq. 3) that the policy step
+        aims at, the exact gradient of the dual (Eq. 4) and the paper's Algorithm 1; it reads the policy only where
+        the policy step reaches its target (the tabular benchmark). A language model's step does not: on HH-RLHF
+        the closed form's value read 0.003-0.041 above the trained policy's gold value (docs/algorithm.md, section 4).
 
     The closed-form weights use the multipliers before this step's update; the multiplier step runs after the
     gradient on the whole batch's pool.
@@ -586,6 +592,8 @@ class MOPOCandidates(_MOPO):
 
     policy_step: str = "weighted_bc"
     candidates: str = "sampled"
+    batch_estimate: str = "policy"
+    no_data_metrics: ClassVar = _MOPO.no_data_metrics | {"closed_form_estimates"}
     batch_fields: ClassVar = {
         "candidate_preferences": Field(("B", "K", "N", "N"), "float32", probability=True),
         "candidate_label_mask": Field(("B", "K", "N", "N"), "bool"),
@@ -599,10 +607,17 @@ class MOPOCandidates(_MOPO):
             raise ValueError(f"MOPOCandidates.policy_step must be 'weighted_bc' or 'pairwise', got {self.policy_step!r}")
         if self.candidates not in ("sampled", "enumerated"):
             raise ValueError(f"MOPOCandidates.candidates must be 'sampled' or 'enumerated', got {self.candidates!r}")
+        if self.batch_estimate not in ("policy", "closed_form"):
+            raise ValueError("MOPOCandidates.batch_estimate must be 'policy' or 'closed_form', got "
+                             f"{self.batch_estimate!r}")
 
     @property
     def needs_reference(self) -> bool:
-        return self.candidates == "enumerated" or self.policy_step == "pairwise"
+        return self.candidates == "enumerated" or self.policy_step == "pairwise" or self._reads_policy_weights
+
+    @property
+    def _reads_policy_weights(self) -> bool:
+        return self.dual == "batch" and self.batch_estimate == "policy"
 
     def _pool(self, batch, reference):
         """Win rates ``[K, b, N]``, the base ``log pi_ref`` of the closed form ``[b, N]`` and the pool mask."""
@@ -628,12 +643,25 @@ class MOPOCandidates(_MOPO):
             terms = _pool_pairwise_loss(log_probs, rates, state.multipliers, self.mopo.tau, mask,
                                         batch.get("comparison_probs"), prompt_weights)
         aux = {"log_weights": log_weights, "win_rates": jnp.moveaxis(rates, 0, 1), "base": base}
+        if self._reads_policy_weights:
+            aux["policy_log_weights"] = objectives.policy_pool_log_weights(log_probs.policy, log_probs.reference, base, mask)
         return terms, jax.lax.stop_gradient(aux)
 
     def _estimate(self, state, batch, aux):
+        log_weights = aux["policy_log_weights"] if self._reads_policy_weights else aux["log_weights"]
         return self.transformation.estimate_from_candidates(
-            state, aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0), aux["base"],
+            state, log_weights, jnp.moveaxis(aux["win_rates"], 1, 0), aux["base"],
             response_valid(batch), batch.get("prompt_weights"))
+
+    def metrics(self, state, batch, aux):
+        metrics = super().metrics(state, batch, aux)
+        # The value of the closed form the step aims at (Eq. 3), beside the policy's: their gap is how far the
+        # policy step is from its target.
+        target = objectives.secondary_values(aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0),
+                                             batch.get("prompt_weights"), response_valid(batch))
+        metrics["closed_form_estimates"] = jnp.where(jnp.isfinite(metrics["secondary_estimates_plain"]), target,
+                                                     jnp.nan)
+        return metrics
 
 
 

@@ -165,7 +165,8 @@ def test_mopo_metrics_log_the_plain_estimate_beside_the_robust_bound():
     """With eps > 0 the multiplier step uses the robust bound of Eq. 5; the metrics also carry this batch's plain
     self-normalised estimate (NumPy, on a batch with a row missing every label, a row with an empty response,
     missing labels and row weights), and the bound lies below it. The candidate objective's plain value is the
-    closed-form weights' mean win rate over the valid candidates."""
+    policy's: the valid candidates' win rates weighted by ``pi/pi_ref`` and self-normalised per prompt; the closed
+    form's value at the same multiplier is logged beside it."""
     log_probs, policy, reference = _log_probs(5)
     batch = _pair_batch(6)
     objective = po.MOPOPairwise(mj.MOPOConfig(tau=0.1, eps=0.15, refresh_every=None), thresholds=(0.55,))
@@ -190,17 +191,23 @@ def test_mopo_metrics_log_the_plain_estimate_beside_the_robust_bound():
              "response_valid": valid}
     objective = po.MOPOCandidates(mj.MOPOConfig(tau=0.2, eps=0.15, refresh_every=None), thresholds=(0.5,))
     state = objective.init()._replace(multipliers=jnp.asarray([0.6], jnp.float32))
-    logits = rng.normal(size=(prompts, candidates)).astype(np.float32)
-    _, aux = objective.loss(state, batch, po.ResponseLogProbs(jnp.asarray(logits), jnp.asarray(logits)))
+    policy = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    reference = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    policy[1, 2] = -np.inf  # an out-of-pool candidate's log-probability never reaches a weight
+    _, aux = objective.loss(state, batch, po.ResponseLogProbs(jnp.asarray(policy), jnp.asarray(reference)))
     metrics = objective.metrics(objective.update(state, batch, aux), batch, aux)
-    want = 0.0
+    want, closed_form = 0.0, 0.0
     for x in range(prompts):
         pool = np.flatnonzero(valid[x])
         w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
+        ratio = policy[x, pool].astype(np.float64) - reference[x, pool]
+        want += np.sum(np.exp(ratio) / np.exp(ratio).sum() * w[1]) / prompts
         g = (w[0] + 0.6 * w[1]) / 0.2
         weights = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
-        want += np.sum(weights * w[1]) / prompts
+        closed_form += np.sum(weights * w[1]) / prompts
+    assert abs(want - closed_form) > 1e-2
     np.testing.assert_allclose(np.asarray(metrics["secondary_estimates_plain"]), [want], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(metrics["closed_form_estimates"]), [closed_form], rtol=1e-5)
     assert float(metrics["secondary_estimates"][0]) < want - 1e-3
 
 

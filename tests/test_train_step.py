@@ -224,9 +224,9 @@ def test_lora_trains_adapters_only_and_starts_at_base(params):
 
 def test_candidate_step_uses_leave_one_out_closed_form_and_no_reference_pass(params, monkeypatch):
     """MOPO on sampled candidates: win rates are leave-one-out means over the other samples, the weights the closed
-    form at lambda = 0.4 over the valid candidates, the dual estimate its value (NumPy throughout); a candidate with an
-    empty completion is left out of the pool; the step runs the policy forward only (the weighted-BC loss never reads
-    the reference)."""
+    form at lambda = 0.4 over the valid candidates, the dual estimate (``batch_estimate="closed_form"``) its value
+    (NumPy throughout); a candidate with an empty completion is left out of the pool; the step runs the policy
+    forward only (neither the weighted-BC loss nor the closed form's estimate reads the reference)."""
     import importlib
 
     train_step_module = importlib.import_module("mopo_jax.training.train_step")
@@ -242,7 +242,8 @@ def test_candidate_step_uses_leave_one_out_closed_form_and_no_reference_pass(par
     prefs[..., np.arange(candidates), np.arange(candidates)] = 0.5
     batch = {"tokens": tokens, "completion_mask": completion, "attention_mask": np.ones_like(tokens),
              "candidate_preferences": prefs, "candidate_label_mask": np.ones(prefs.shape, bool)}
-    objective = MOPOCandidates(MOPOConfig(tau=0.2, eps=0.0, refresh_every=None), thresholds=(0.5,))
+    objective = MOPOCandidates(MOPOConfig(tau=0.2, eps=0.0, refresh_every=None), thresholds=(0.5,),
+                               batch_estimate="closed_form")
     config = TrainConfig(objective=objective, optimizer=OptimizerConfig(learning_rate=1e-3))
 
     calls = []
@@ -267,6 +268,74 @@ def test_candidate_step_uses_leave_one_out_closed_form_and_no_reference_pass(par
     np.testing.assert_allclose(history[0]["secondary_estimates"][0], secondary, rtol=1e-5)
     np.testing.assert_allclose(history[0]["secondary_estimates_plain"][0], secondary, rtol=1e-5)
     np.testing.assert_allclose(history[0]["multipliers"][0], max(0.0, 0.4 - 0.5 * (secondary - 0.5)), rtol=1e-5)
+
+
+def _candidate_batch(seed, candidates):
+    """Sampled candidates for :class:`MOPOCandidates`: one empty completion (out of the pool) and one pair of
+    candidates without a harmlessness label (both orders)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, MODEL.vocab_size, (PROMPTS, candidates, LENGTH)).astype(np.int32)
+    completion = np.zeros_like(tokens)
+    completion[..., 8:] = 1
+    completion[2, 1] = 0
+    prefs = rng.uniform(size=(PROMPTS, OBJECTIVES, candidates, candidates)).astype(np.float32)
+    prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
+    labels = np.ones(prefs.shape, bool)
+    labels[0, 1, 0, 2] = labels[0, 1, 2, 0] = False
+    return {"tokens": tokens, "completion_mask": completion, "attention_mask": np.ones_like(tokens),
+            "candidate_preferences": prefs, "candidate_label_mask": labels}
+
+
+def _numpy_leave_one_out_win_rates(prefs, labels, pool):
+    """``w_k(y_i) = mean over the labelled j != i in the pool of P_k(y_i > y_j)``, ``[K, len(pool)]``."""
+    return np.array([[np.mean([prefs[k, i, j] for j in pool if j != i and labels[k, i, j]]) for i in pool]
+                     for k in range(prefs.shape[0])])
+
+
+def test_candidate_batch_dual_reads_the_trained_policy_not_the_closed_form(params):
+    """Algorithm 1's batch dual (``batch_estimate="policy"``, the default) reads the policy being trained: at every
+    step ``G`` is the pool's leave-one-out win rates weighted by ``pi/pi_ref`` of the policy before the step,
+    self-normalised per prompt (NumPy from the model's logits, with the reference the initial parameters), while
+    ``closed_form_estimates`` logs the closed form's value at the same multipliers. Two policy steps (weighted BC,
+    pairwise over the pool) from the same start move the policy differently, so their duals must read differently:
+    a dual that read the closed form (what the step aims at) would log the same multipliers for both."""
+    candidates, tau, steps = 3, 0.2, 3
+    batch = _candidate_batch(5, candidates)
+    flat = {k: batch[k].reshape(-1, LENGTH) for k in ("tokens", "completion_mask", "attention_mask")}
+    reference, valid = _direct_log_probs(params, flat["tokens"], flat["completion_mask"], flat["attention_mask"])
+    reference, valid = reference.reshape(PROMPTS, candidates), valid.reshape(PROMPTS, candidates)
+    pools = [np.flatnonzero(valid[x]) for x in range(PROMPTS)]
+    assert [len(p) for p in pools] == [3, 3, 2, 3]
+    rates = [_numpy_leave_one_out_win_rates(batch["candidate_preferences"][x], batch["candidate_label_mask"][x],
+                                            pools[x]) for x in range(PROMPTS)]
+
+    multipliers_by_step = {}
+    for policy_step in ("weighted_bc", "pairwise"):
+        objective = MOPOCandidates(MOPOConfig(tau=tau, eps=0.0, multiplier_lr=2.0, refresh_every=None),
+                                   thresholds=(0.55,), policy_step=policy_step)
+        config = TrainConfig(objective=objective, optimizer=OptimizerConfig(learning_rate=3e-2))
+        _, history, before = _run(config, params, batch, steps=steps, multipliers=[0.4])
+        multiplier = 0.4
+        for t in range(steps):
+            logps, _ = _direct_log_probs(before[t], flat["tokens"], flat["completion_mask"], flat["attention_mask"])
+            logps = logps.reshape(PROMPTS, candidates)
+            policy_value, closed_form_value = 0.0, 0.0
+            for x, pool in enumerate(pools):
+                ratio = logps[x, pool] - reference[x, pool]
+                weights = np.exp(ratio - ratio.max()) / np.exp(ratio - ratio.max()).sum()
+                policy_value += np.sum(weights * rates[x][1]) / PROMPTS
+                g = (rates[x][0] + multiplier * rates[x][1]) / tau
+                target = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
+                closed_form_value += np.sum(target * rates[x][1]) / PROMPTS
+            np.testing.assert_allclose(history[t]["secondary_estimates_plain"][0], policy_value, atol=2e-4)
+            np.testing.assert_allclose(history[t]["secondary_estimates"][0], policy_value, atol=2e-4)
+            np.testing.assert_allclose(history[t]["closed_form_estimates"][0], closed_form_value, atol=2e-5)
+            multiplier = max(0.0, multiplier - 2.0 * (policy_value - 0.55))
+            np.testing.assert_allclose(history[t]["multipliers"][0], multiplier, atol=5e-4)
+        # Step 0 reads the reference itself (the pool's plain mean), so only later steps can tell the policies apart.
+        assert abs(history[0]["secondary_estimates"][0] - history[0]["closed_form_estimates"][0]) > 1e-2
+        multipliers_by_step[policy_step] = [h["multipliers"][0] for h in history]
+    assert abs(multipliers_by_step["weighted_bc"][-1] - multipliers_by_step["pairwise"][-1]) > 1e-3
 
 
 def test_upper_layers_on_cached_activations_match_full_model_and_freeze_embedding(params):

@@ -265,12 +265,13 @@ def run_mopo(
 
     :class:`~mopo_jax.policy_objectives.MOPOCandidates` with ``candidates="enumerated"``: each step the closed
     form against the current reference (Eq. 3), a policy step on the weighted-BC loss (Eq. 7) or the pairwise loss
-    over every pair of the pool (Eq. 8), and the dual update from the closed form's values (Eq. 4-5). With
+    over every pair of the pool (Eq. 8), and the dual update from the closed form's values (Eq. 4-5: the exact dual
+    gradient, the paper's choice, ``batch_estimate="closed_form"``). With
     ``refresh_every`` (``t0``) the reference is replaced by the policy lagged by ``t0`` steps and the thresholds
     ratchet (Eq. 6); ``None`` keeps ``pi_ref`` fixed, which is the problem the exact solver solves.
 
     ``refresh_every`` may be a traced integer so that a ``vmap`` covers several schedules in one compile.
     """
     objective = MOPOCandidates(mopo=dataclasses.replace(config, refresh_every=refresh_every), thresholds=thresholds,
-                               policy_step=policy_step, candidates="enumerated")
+                               policy_step=policy_step, candidates="enumerated", batch_estimate="closed_form")
     return run_objective(problem, objective, candidate_data(problem), settings)
