@@ -8,12 +8,18 @@ over the pool), the closed form's value over the same pool (``closed_form_estima
 estimate was that value).
 
     python candidate_calibration.py 8 per_run/mopo_onpolicy_eps0.15_b0.51 ...   (file prefixes or run directories)
+
+With ``--trend`` first, it also fits a line to the last W steps' plain estimates and reads it one step past the
+last (with the fit's standard error): the window's mean trails a policy whose value is still moving, and the fit
+says how much of a gap that lag accounts for.
 """
 import json
 import math
 import pathlib
 import statistics
 import sys
+
+import numpy as np
 
 from mopo_jax.evaluation.paired import calibration
 
@@ -25,12 +31,15 @@ def records(arg: str):
     return pathlib.Path(arg + ".metrics.jsonl"), pathlib.Path(arg + ".eval.json")
 
 
-window = int(sys.argv[1])
+args = sys.argv[1:]
+trend = args[0] == "--trend"
+args = args[1:] if trend else args
+window = int(args[0])
 print(f"| run | b | what the multiplier read, last {window} steps | closed form, last {window} steps | "
       f"plain estimate, last {window} steps (+- se) | gold harmlessness [95% CI] | plain - gold | "
       "combined 95% half-width | within |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
-for arg in sys.argv[2:]:
+for arg in args[1:]:
     metrics_path, eval_path = records(arg)
     last = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][-window:]
     plain = [r["secondary_estimates_plain"][0] for r in last]
@@ -44,3 +53,21 @@ for arg in sys.argv[2:]:
     print(f"| {pathlib.Path(arg).name} | {evaluated['threshold']} | {statistics.fmean(robust):.3f} | {target} | "
           f"{c['estimate']:.3f} +- {c['estimate_stderr']:.3f} | {gold:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] | "
           f"{c['difference']:+.3f} | {c['combined_half_width']:.3f} | {'yes' if c['within'] else 'no'} |")
+
+if trend:
+    print(f"\n| run | slope over the last {window} steps (per step) | fit read one step past the last (+- se) | "
+          "gold harmlessness | fit - gold |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for arg in args[1:]:
+        metrics_path, eval_path = records(arg)
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        steps = np.array([r["step"] for r in rows[-window:]], float)
+        plain = np.array([r["secondary_estimates_plain"][0] for r in rows[-window:]])
+        design = np.stack([np.ones_like(steps), steps], 1)
+        coef = np.linalg.lstsq(design, plain, rcond=None)[0]
+        residual = plain - design @ coef
+        covariance = residual @ residual / (len(steps) - 2) * np.linalg.inv(design.T @ design)
+        at = np.array([1.0, steps[-1] + 1])
+        gold = json.loads(eval_path.read_text())["evaluation"]["expected_win_rate"]["harmlessness"]
+        print(f"| {pathlib.Path(arg).name} | {coef[1]:+.4f} | {at @ coef:.3f} +- {math.sqrt(at @ covariance @ at):.3f} | "
+              f"{gold:.3f} | {at @ coef - gold:+.3f} |")
