@@ -208,9 +208,10 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
 
     ``estimate_from_candidates(state, log_weights, win_rates, base_log_probs, candidate_mask=None,
     prompt_weights=None) -> SecondaryEstimate`` and ``estimate_from_pairs(state, policy_log_ratios, preference_probs,
-    label_mask=None, valid_mask=None, weights=None) -> SecondaryEstimate``: ``G`` of a closed form over a candidate
-    pool, or of a policy from pairwise data (:func:`mopo_jax.pairwise_value_samples`); the robust bound of Eq. 5 at
-    its optimal ``chi`` when ``eps > 0``, the plain estimate otherwise. Pairs the policy was trained on over-read its
+    label_mask=None, valid_mask=None, weights=None) -> SecondaryEstimate``: ``G`` of a distribution over a
+    candidate pool given by its log-weights (the trained policy's, :func:`mopo_jax.policy_pool_log_weights`, or a
+    closed form's), or of a policy from pairwise data (:func:`mopo_jax.pairwise_value_samples`); the robust bound
+    of Eq. 5 at its optimal ``chi`` when ``eps > 0``, the plain estimate otherwise. Pairs the policy was trained on over-read its
     value once it has fitted them (docs/algorithm.md, section 4): take the estimate on pairs it has not trained on,
     or measure the policy's own samples (:meth:`SecondaryEstimate.from_values`).
 
@@ -305,7 +306,7 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
 
     def estimate_from_candidates(state, log_weights, win_rates, base_log_probs, candidate_mask=None,
                                  prompt_weights=None) -> SecondaryEstimate:
-        del state  # the estimate depends on the closed form only; kept for a uniform signature
+        del state  # the estimate depends on the pool's weights only; kept for a uniform signature
         win_rates = jnp.asarray(win_rates, jnp.float32)
         plain = objectives.secondary_values(log_weights, win_rates, prompt_weights, candidate_mask)
         samples, log_q = (None, None)
