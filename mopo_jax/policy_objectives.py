@@ -644,7 +644,8 @@ class MOPOCandidates(_MOPO):
                                         batch.get("comparison_probs"), prompt_weights)
         aux = {"log_weights": log_weights, "win_rates": jnp.moveaxis(rates, 0, 1), "base": base}
         if self._reads_policy_weights:
-            aux["policy_log_weights"] = objectives.policy_pool_log_weights(log_probs.policy, log_probs.reference, base, mask)
+            aux["policy_log_weights"] = objectives.policy_pool_log_weights(log_probs.policy, log_probs.reference,
+                                                                           base, mask)
         return terms, jax.lax.stop_gradient(aux)
 
     def _estimate(self, state, batch, aux):

@@ -211,9 +211,9 @@ def mopo(config: MOPOConfig = MOPOConfig()) -> MOPOTransformation:
     label_mask=None, valid_mask=None, weights=None) -> SecondaryEstimate``: ``G`` of a distribution over a
     candidate pool given by its log-weights (the trained policy's, :func:`mopo_jax.policy_pool_log_weights`, or a
     closed form's), or of a policy from pairwise data (:func:`mopo_jax.pairwise_value_samples`); the robust bound
-    of Eq. 5 at its optimal ``chi`` when ``eps > 0``, the plain estimate otherwise. Pairs the policy was trained on over-read its
-    value once it has fitted them (docs/algorithm.md, section 4): take the estimate on pairs it has not trained on,
-    or measure the policy's own samples (:meth:`SecondaryEstimate.from_values`).
+    of Eq. 5 at its optimal ``chi`` when ``eps > 0``, the plain estimate otherwise. Pairs the policy was trained
+    on over-read its value once it has fitted them (docs/algorithm.md, section 4): take the estimate on pairs it has
+    not trained on, or measure the policy's own samples (:meth:`SecondaryEstimate.from_values`).
 
     ``update_from_estimates(state, estimate: SecondaryEstimate) -> MOPOState``: the multiplier step (Eq. 4, or
     MOPO-LB's) from the estimate pooled over the window, and the ratchet bookkeeping. A secondary objective with no
