@@ -593,7 +593,8 @@ class MOPOCandidates(_MOPO):
     policy_step: str = "weighted_bc"
     candidates: str = "sampled"
     batch_estimate: str = "policy"
-    no_data_metrics: ClassVar = _MOPO.no_data_metrics | {"closed_form_estimates"}
+    no_data_metrics: ClassVar = _MOPO.no_data_metrics | {"closed_form_estimates", "pool_effective_size_mean",
+                                                          "pool_effective_size_min"}
     batch_fields: ClassVar = {
         "candidate_preferences": Field(("B", "K", "N", "N"), "float32", probability=True),
         "candidate_label_mask": Field(("B", "K", "N", "N"), "bool"),
@@ -662,8 +663,24 @@ class MOPOCandidates(_MOPO):
                                              batch.get("prompt_weights"), response_valid(batch))
         metrics["closed_form_estimates"] = jnp.where(jnp.isfinite(metrics["secondary_estimates_plain"]), target,
                                                      jnp.nan)
+        if self._reads_policy_weights:
+            metrics.update(_pool_effective_sizes(aux["policy_log_weights"], response_valid(batch)))
         return metrics
 
+
+
+def _pool_effective_sizes(log_weights, mask):
+    """Kish's effective sample size ``1 / sum_i pi~_i^2`` of each prompt's self-normalised policy weights over its
+    pool (``N`` when ``pi = pi_ref``, 1 when one candidate takes all): its mean and minimum over the prompts with a
+    pool. A small one says the policy estimate rests on few candidates, where self-normalisation is biased."""
+    weights = jnp.where(mask, jnp.exp(log_weights), 0.0)
+    has_pool = jnp.any(mask, axis=-1)
+    per_prompt = 1.0 / jnp.maximum(jnp.sum(jnp.square(weights), axis=-1), 1e-30)
+    count = jnp.sum(has_pool)
+    mean = jnp.sum(jnp.where(has_pool, per_prompt, 0.0)) / jnp.maximum(count, 1)
+    minimum = jnp.min(jnp.where(has_pool, per_prompt, jnp.inf))
+    return {"pool_effective_size_mean": jnp.where(count > 0, mean, jnp.nan),
+            "pool_effective_size_min": jnp.where(count > 0, minimum, jnp.nan)}
 
 
 def _pool_pairwise_loss(log_probs, rates, multipliers, tau, mask, comparison_probs, prompt_weights):

@@ -130,6 +130,9 @@ def test_every_method_writes_its_run_directory(pipeline):
     assert "multipliers" in onpolicy[-1] and "chi" in onpolicy[-1]
     # Algorithm 1's batch dual reads the policy and logs the closed form's value beside it.
     assert all(np.isfinite(onpolicy[-1][name][0]) for name in ("closed_form_estimates", "secondary_estimates_plain"))
+    # Its weights' effective size per prompt lies between one candidate and the whole pool.
+    pool = onpolicy[-1]["pool_effective_size_min"], onpolicy[-1]["pool_effective_size_mean"]
+    assert 1.0 <= pool[0] <= pool[1] <= 2.0 + 1e-4, pool  # onpolicy.candidates=2
     # The user's method trained its own objective, from a module the package does not know.
     plugin = [json.loads(line) for line in open(root / "user_plugin" / "metrics.jsonl")]
     assert plugin[0]["loss"] == pytest.approx(1.0, abs=1e-5)  # the hinge at the reference (h = 0)

@@ -319,10 +319,11 @@ def test_candidate_batch_dual_reads_the_trained_policy_not_the_closed_form(param
         for t in range(steps):
             logps, _ = _direct_log_probs(before[t], flat["tokens"], flat["completion_mask"], flat["attention_mask"])
             logps = logps.reshape(PROMPTS, candidates)
-            policy_value, closed_form_value = 0.0, 0.0
+            policy_value, closed_form_value, effective_sizes = 0.0, 0.0, []
             for x, pool in enumerate(pools):
                 ratio = logps[x, pool] - reference[x, pool]
                 weights = np.exp(ratio - ratio.max()) / np.exp(ratio - ratio.max()).sum()
+                effective_sizes.append(1.0 / np.sum(weights ** 2))
                 policy_value += np.sum(weights * rates[x][1]) / PROMPTS
                 g = (rates[x][0] + multiplier * rates[x][1]) / tau
                 target = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
@@ -330,6 +331,8 @@ def test_candidate_batch_dual_reads_the_trained_policy_not_the_closed_form(param
             np.testing.assert_allclose(history[t]["secondary_estimates_plain"][0], policy_value, atol=2e-4)
             np.testing.assert_allclose(history[t]["secondary_estimates"][0], policy_value, atol=2e-4)
             np.testing.assert_allclose(history[t]["closed_form_estimates"][0], closed_form_value, atol=2e-5)
+            np.testing.assert_allclose(history[t]["pool_effective_size_mean"], np.mean(effective_sizes), rtol=1e-4)
+            np.testing.assert_allclose(history[t]["pool_effective_size_min"], np.min(effective_sizes), rtol=1e-4)
             multiplier = max(0.0, multiplier - 2.0 * (policy_value - 0.55))
             np.testing.assert_allclose(history[t]["multipliers"][0], multiplier, atol=5e-4)
         # Step 0 reads the reference itself (the pool's plain mean), so only later steps can tell the policies apart.
