@@ -1,7 +1,7 @@
 """Several `mopo train` processes of one job (gloo on localhost), through the command line, against one process:
 `data` across the processes SIGTERMed on both mid-run then rerun; `fsdp` and `tensor` spanning the processes (each
-builds only its shards), also after one process alone is SIGTERMed or SIGKILLed (the `tiny` profile, real SmolLM2
-and HH-RLHF pairs). The one-process references run in subprocesses too, so this module's own memory stays small
+builds only its shards), each after one process alone is SIGTERMed or SIGKILLed (the `tiny` profile, real SmolLM2
+and HH-RLHF pairs). The one-process reference runs in a subprocess too, so this module's own memory stays small
 while the jobs' processes run (tests/test_mesh_experiment.py holds the in-process runs)."""
 
 from __future__ import annotations
@@ -75,22 +75,20 @@ methods.register_method(methods.Method(name="mopo_pairwise_sigterm", summary="MO
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, tiny_work_dir):
-    """MOPO pairwise trained by one process with 8 devices on `fsdp=1` and on `data=2,fsdp=4`, each in a subprocess
-    (its memory is returned when it ends): ``(work_dir, {mesh: run_dir})``."""
+def reference(tmp_path_factory, tiny_work_dir):
+    """MOPO pairwise trained by one process on one device (`fsdp=1`), in a subprocess (its memory is returned when
+    it ends): ``(work_dir, run_dir)``. One reference serves every layout: tests/test_mesh_experiment.py shows that
+    every mesh of one process logs these losses (relative 1e-5)."""
     root = tmp_path_factory.mktemp("one_process")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = {}
-    for mesh in ("fsdp=1", "data=2,fsdp=4"):
-        run_dir = root / mesh.replace(",", "_").replace("=", "")
-        proc = subprocess.Popen([sys.executable, "-m", "mopo_jax.cli", "train", *common(tiny_work_dir),
-                                 f"run_dir={run_dir}", "method.name=mopo_pairwise", "--mesh", mesh],
-                                env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        output, _ = communicate(proc, [proc], 600, f"the one-process reference on {mesh}")
-        assert proc.returncode == 0, output[-3000:]
-        out[mesh] = run_dir
-    return tiny_work_dir, out
+    run_dir = root / "fsdp1"
+    proc = subprocess.Popen([sys.executable, "-m", "mopo_jax.cli", "train", *common(tiny_work_dir),
+                             f"run_dir={run_dir}", "method.name=mopo_pairwise", "--mesh", "fsdp=1"],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = communicate(proc, [proc], 600, "the one-process reference")
+    assert proc.returncode == 0, output[-3000:]
+    return tiny_work_dir, run_dir
 
 
 def _launch_two_processes(work_dir: Path, run_dir: Path, plugin_dir: Path, mesh: str = "data=2,fsdp=4",
@@ -123,12 +121,12 @@ def _launch_two_processes(work_dir: Path, run_dir: Path, plugin_dir: Path, mesh:
     return outputs
 
 
-def test_two_processes_preempted_and_resumed_match_one_process(references, tmp_path):
+def test_two_processes_preempted_and_resumed_match_one_process(reference, tmp_path):
     """2 processes x 4 devices on data=2,fsdp=4, SIGTERM to both while step 2's batch is drawn, then the same
-    command again: the metrics equal those of one process with 8 devices that was never interrupted."""
+    command again: the metrics equal those of one process that was never interrupted."""
     from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE
 
-    work_dir, run_dirs = references
+    work_dir, reference_dir = reference
     (tmp_path / "mopo_sigterm_plugin.py").write_text(textwrap.dedent(PLUGIN))
     run_dir = tmp_path / "two_processes"
 
@@ -144,47 +142,46 @@ def test_two_processes_preempted_and_resumed_match_one_process(references, tmp_p
         assert code == 0, out[-3000:]
     losses, steps = logged_losses(run_dir)
     assert steps == list(range(1, STEPS + 1))  # no step repeated or lost across the restart
-    reference, _ = logged_losses(run_dirs["data=2,fsdp=4"])
-    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, logged_losses(reference_dir)[0], rtol=1e-5, atol=1e-6)
 
 
 # Layouts where the parameters' own axes span the two processes (each process holds only part of every sharded
-# parameter and of the optimizer state), each with one way a host can go: none, a SIGTERM to one process only (a
-# single host's maintenance notice), a SIGKILL of one process (a lost host).
-ACROSS_PROCESSES = (("fsdp=2", 1, None), ("fsdp=4", 2, "TERM"), ("fsdp=2,tensor=2", 2, "KILL"))
+# parameter and of the optimizer state): `tensor=4` (the MLP width and the vocabulary split across the processes;
+# SmolLM2's 9 heads stay whole) and `fsdp=2,tensor=2` (devices are process-major, so `fsdp` spans the processes and
+# `tensor` each process's pair), each with one way a host can go: a SIGTERM to one process only (a single host's
+# maintenance notice), a SIGKILL of one process (a lost host). Both train across the processes before the signal
+# (steps 1-2) and after the resume (steps 3-4), so an uninterrupted run of its own adds no layout.
+ACROSS_PROCESSES = (("tensor=4", 2, "TERM"), ("fsdp=2,tensor=2", 2, "KILL"))
 
 
 @pytest.mark.parametrize("mesh,local_devices,lost", ACROSS_PROCESSES)
-def test_parameters_sharded_across_processes_match_one_process(references, tmp_path, mesh, local_devices, lost):
+def test_parameters_sharded_across_processes_match_one_process(reference, tmp_path, mesh, local_devices, lost):
     """`fsdp` and `tensor` spanning two processes give the per-step losses of one process (relative 1e-5); after
     one process alone is preempted or killed the job stops, and the same command resumes it to those losses."""
+    from mopo_jax.training.checkpoint import MANIFEST_NAME
     from mopo_jax.training.preemption import PREEMPTED_EXIT_CODE
 
-    work_dir, run_dirs = references
+    work_dir, reference_dir = reference
     (tmp_path / "mopo_sigterm_plugin.py").write_text(textwrap.dedent(PLUGIN))
     run_dir = tmp_path / "two_processes"
-    reference, _ = logged_losses(run_dirs["fsdp=1"])
-    if lost is not None:
-        # Process 1 gets the signal as it draws batch 2, once step 2's checkpoint (save_every=2) has committed.
-        from mopo_jax.training.checkpoint import MANIFEST_NAME
-
-        first = _launch_two_processes(work_dir, run_dir, tmp_path, mesh, local_devices, signal_at=2,
-                                      signal_name=lost, signal_process=1,
-                                      signal_after=run_dir / "checkpoints" / "2" / MANIFEST_NAME, timeout_s=300)
-        codes = [code for code, _ in first]
-        if lost == "TERM":
-            # The notice reaches the other process too: both save after the same step and exit as preempted.
-            assert codes == [PREEMPTED_EXIT_CODE] * 2, [out[-3000:] for _, out in first]
-        else:
-            # The killed process dies with SIGKILL; its peer must not go on (or hang) without it.
-            assert codes[1] == -9 and codes[0] != 0, first[0][1][-3000:]
-        before = records(run_dir)
-        assert [r["step"] for r in before][:2] == [1, 2] and len(before) < STEPS
+    # Process 1 gets the signal as it draws batch 2, once step 2's checkpoint (save_every=2) has committed.
+    first = _launch_two_processes(work_dir, run_dir, tmp_path, mesh, local_devices, signal_at=2,
+                                  signal_name=lost, signal_process=1,
+                                  signal_after=run_dir / "checkpoints" / "2" / MANIFEST_NAME, timeout_s=300)
+    codes = [code for code, _ in first]
+    if lost == "TERM":
+        # The notice reaches the other process too: both save after the same step and exit as preempted.
+        assert codes == [PREEMPTED_EXIT_CODE] * 2, [out[-3000:] for _, out in first]
+    else:
+        # The killed process dies with SIGKILL; its peer must not go on (or hang) without it.
+        assert codes[1] == -9 and codes[0] != 0, first[0][1][-3000:]
+    before = records(run_dir)
+    assert [r["step"] for r in before][:2] == [1, 2] and len(before) < STEPS
     outputs = _launch_two_processes(work_dir, run_dir, tmp_path, mesh, local_devices)
     for code, out in outputs:
         assert code == 0, out[-3000:]
     losses, steps = logged_losses(run_dir)
     assert steps == list(range(1, STEPS + 1))  # no step repeated or lost across the restart
-    if lost is not None:  # resumed from step 2's checkpoint: steps 1-2 are the first attempt's records
-        assert [r["time"] for r in records(run_dir)[:2]] == [r["time"] for r in before[:2]]
-    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-6)
+    # Resumed from step 2's checkpoint: steps 1-2 are the first attempt's records.
+    assert [r["time"] for r in records(run_dir)[:2]] == [r["time"] for r in before[:2]]
+    np.testing.assert_allclose(losses, logged_losses(reference_dir)[0], rtol=1e-5, atol=1e-6)

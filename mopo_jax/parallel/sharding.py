@@ -212,13 +212,13 @@ def to_host(tree):
 def global_batch(local_batch, mesh: Mesh):
     """Global arrays from each process's slice of the batch (``jax.make_array_from_process_local_data``).
 
-    Every process passes the rows it loaded (its share of the leading axis, in process order); on one process this
-    is just a sharded ``device_put``.
+    Every process passes the rows it loaded, :func:`mopo_jax.parallel.distributed.process_batch_slice` (its block
+    of the leading axis in process order, or the whole batch where the batch axes do not split across the
+    processes, e.g. when they differ only along ``tensor``); on one process this is just a sharded ``device_put``.
+    The global row count is the sharding's, not ``rows x processes``: processes holding the same rows count once.
     """
     def make(leaf):
         leaf = np.asarray(leaf)
-        sharding = batch_sharding(mesh, leaf.ndim)
-        global_shape = (leaf.shape[0] * jax.process_count(),) + leaf.shape[1:]
-        return jax.make_array_from_process_local_data(sharding, leaf, global_shape)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, leaf.ndim), leaf)
 
     return jax.tree.map(make, local_batch)
