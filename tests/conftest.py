@@ -49,3 +49,37 @@ def pytest_runtest_call(item):
         children_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         with open(_MEMORY_LOG, "a") as handle:
             handle.write(f"{peak_mib:.0f}\t{children_mib:.0f}\t{os.getpid()}\t{item.nodeid}\n")
+
+
+# The modules that take longest, longest first (from `.ci/run --durations`; docs/benchmarks.md). pytest-xdist's
+# `--dist loadfile` hands out whole modules and by default starts with those holding the most tests, which puts
+# these few-test, long modules (a whole pipeline each) at the end, where one worker runs them while the other idles.
+# Started first, they overlap, and the many short modules fill the end on whichever worker is free.
+_LONGEST_FIRST = (
+    "test_multiprocess_experiment.py",
+    "test_hh_pipeline.py",
+    "test_mesh_experiment.py",
+    "test_synthetic.py",
+    "test_run_records.py",
+    "test_gcs_root.py",
+    "test_experiment_data.py",
+    "test_compilation_cache.py",
+    "test_multihost.py",
+    "test_checkpoint.py",
+    "test_examples.py",
+    "test_faults_inputs.py",
+    "test_sharding.py",
+    "test_models.py",
+    "test_memory_bench.py",
+)
+
+
+def pytest_configure(config):
+    # Keep the collection order below rather than xdist's by-count order (no effect without xdist).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
