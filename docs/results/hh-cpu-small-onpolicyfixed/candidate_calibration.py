@@ -9,6 +9,10 @@ estimate was that value).
 
     python candidate_calibration.py 8 per_run/mopo_onpolicy_eps0.15_b0.51 ...   (file prefixes or run directories)
 
+Runs from f44038f on also log the policy weights' per-prompt effective sample size over the pool (Kish's
+``1 / sum rho~^2``; ``pool_effective_size_mean`` / ``_min``); a table of it over the same window follows, beside the
+plain estimate's gap to gold, to test whether a thin pool goes with the under-read.
+
 With ``--trend`` first, it also fits a line to the last W steps' plain estimates and reads it one step past the
 last (with the fit's standard error): the window's mean trails a policy whose value is still moving, and the fit
 says how much of a gap that lag accounts for.
@@ -53,6 +57,20 @@ for arg in args[1:]:
     print(f"| {pathlib.Path(arg).name} | {evaluated['threshold']} | {statistics.fmean(robust):.3f} | {target} | "
           f"{c['estimate']:.3f} +- {c['estimate_stderr']:.3f} | {gold:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] | "
           f"{c['difference']:+.3f} | {c['combined_half_width']:.3f} | {'yes' if c['within'] else 'no'} |")
+
+sized = [(arg, [json.loads(line) for line in records(arg)[0].read_text().splitlines() if line.strip()][-window:])
+         for arg in args[1:]]
+sized = [(arg, rows) for arg, rows in sized if "pool_effective_size_mean" in rows[-1]]
+if sized:
+    print(f"\n| run | effective size, mean over prompts (last {window}) | "
+          f"smallest prompt's effective size (mean over the last {window}) | plain - gold |")
+    print("| --- | ---: | ---: | ---: |")
+    for arg, rows in sized:
+        evaluated = json.loads(records(arg)[1].read_text())
+        gold = evaluated["evaluation"]["expected_win_rate"]["harmlessness"]
+        plain = statistics.fmean(r["secondary_estimates_plain"][0] for r in rows)
+        print(f"| {pathlib.Path(arg).name} | {statistics.fmean(r['pool_effective_size_mean'] for r in rows):.2f} | "
+              f"{statistics.fmean(r['pool_effective_size_min'] for r in rows):.2f} | {plain - gold:+.3f} |")
 
 if trend:
     print(f"\n| run | slope over the last {window} steps (per step) | fit read one step past the last (+- se) | "
