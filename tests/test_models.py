@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 
@@ -436,12 +437,14 @@ _WITHOUT_TORCH = (
 def test_commands_do_not_print_the_pytorch_notice():
     """Where torch is not installed (simulated: its spec hidden), importing transformers prints a notice that
     PyTorch was not found; a `mopo` command, which uses transformers for tokenizers only, does not."""
+    # Without the variable `mopo`'s main sets: a test that ran main in this worker before left it in os.environ.
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
     plain = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH + "import transformers"], capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, env=env)
     assert "PyTorch was not found" in plain.stderr  # the simulation reaches transformers' check
     command = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TORCH + "import sys; from mopo_jax.cli import main\n"
          "sys.exit(main(['generate', '--prompt', 'Hi', '--max-new-tokens', '2', '--no-compilation-cache']))"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=env)
     assert command.returncode == 0, command.stderr[-2000:]
     assert "PyTorch was not found" not in command.stderr and command.stdout.strip()
