@@ -22,12 +22,11 @@ from mopo_jax import storage
 from mopo_jax.evaluation import policy_eval
 from mopo_jax.evaluation.preference_models import response_features, rewards
 from mopo_jax.experiment.evaluate import _reference_eval_cache, _reference_eval_features, eval_prompt_rows
-from mopo_jax.experiment.hh_rlhf import (base_model, end_of_turn_and_pad, experiment_mesh, feature_batch_size,
-                                         lower_activations, prepare_data, preference_models, split_model,
-                                         trainable_for)
+from mopo_jax.experiment.hh_rlhf import feature_batch_size, lower_activations, trainable_for
 from mopo_jax.experiment.run_dir import load_policy, load_run_config
 from mopo_jax.models import join_layers
 from mopo_jax.parallel import sharding
+from pool_size_probe import experiment  # this directory's other probe (the script's directory is on sys.path)
 
 
 def mean_se(values):
@@ -35,14 +34,11 @@ def mean_se(values):
 
 
 def main(runs):
-    config = load_run_config(runs[0])
-    mesh = experiment_mesh(config, check_training_batch=False)
-    data = prepare_data(config)
-    model = base_model(config, mesh)
-    judge = preference_models(config, data, model, mesh)["models"]["judge_1"]
+    loaded = experiment(runs[0])
+    config, mesh, data, model, judge = loaded.config, loaded.mesh, loaded.data, loaded.model, loaded.judge
     model_config, params = model
-    lower_config, lower, upper_config, upper = split_model(config, model_config, params)
-    end_of_turn, pad = end_of_turn_and_pad(config)
+    lower_config, lower, upper_config, upper = loaded.split
+    end_of_turn, pad = loaded.tokens
     eval_pairs = data["eval"]
     rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"], 2)
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]

@@ -19,6 +19,7 @@ evaluation's own gold value on the same P prompts (eval.json's per-prompt expect
 import argparse
 import json
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -59,6 +60,18 @@ def pool_estimates(log_ratio, reward, pool, estimator=pool_estimate):
                     for p in range(pools)], axis=0)
 
 
+def experiment(run):
+    """What both probes load for a run's experiment (its config, mesh, data, base model, the gold harmlessness
+    model, the frozen/trained split, end-of-turn and pad ids), as ``mopo eval`` does."""
+    config = load_run_config(run)
+    mesh = experiment_mesh(config, check_training_batch=False)
+    data = prepare_data(config)
+    model = base_model(config, mesh)
+    judge = preference_models(config, data, model, mesh)["models"]["judge_1"]
+    return types.SimpleNamespace(config=config, mesh=mesh, data=data, model=model, judge=judge,
+                                 split=split_model(config, *model), tokens=end_of_turn_and_pad(config))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32)
@@ -66,14 +79,11 @@ def main():
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
 
-    config = load_run_config(args.runs[0])
-    mesh = experiment_mesh(config, check_training_batch=False)
-    data = prepare_data(config)
-    model = base_model(config, mesh)
-    judge = preference_models(config, data, model, mesh)["models"]["judge_1"]
+    loaded = experiment(args.runs[0])
+    config, mesh, data, model, judge = loaded.config, loaded.mesh, loaded.data, loaded.model, loaded.judge
     model_config, params = model
-    lower_config, lower, upper_config, upper = split_model(config, model_config, params)
-    end_of_turn, pad = end_of_turn_and_pad(config)
+    lower_config, lower, upper_config, upper = loaded.split
+    end_of_turn, pad = loaded.tokens
     eval_pairs = data["eval"]
     rows = eval_prompt_rows(eval_pairs["objective"], args.prompts, eval_pairs["prompt_tokens"], 2)
     evaluated_rows = eval_prompt_rows(eval_pairs["objective"], config.data.eval_prompts, eval_pairs["prompt_tokens"],
