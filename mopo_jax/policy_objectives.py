@@ -585,6 +585,9 @@ class MOPOCandidates(_MOPO):
         aims at, the exact gradient of the dual (Eq. 4) and the paper's Algorithm 1; it reads the policy only where
         the policy step reaches its target (the tabular benchmark). A language model's step does not: on HH-RLHF
         the closed form's value read 0.003-0.041 above the trained policy's gold value (docs/algorithm.md, section 4).
+        Under ``dual="policy_samples"`` the multiplier reads the measurement instead, and ``"policy"`` still logs
+        the policy's value over the pool as ``secondary_estimates_plain`` where the step has the reference (the
+        pairwise step, an enumerated pool); weighted BC on a sampled pool runs no reference pass and logs null.
 
     The closed-form weights use the multipliers before this step's update; the multiplier step runs after the
     gradient on the whole batch's pool.
@@ -620,6 +623,12 @@ class MOPOCandidates(_MOPO):
     def _reads_policy_weights(self) -> bool:
         return self.dual == "batch" and self.batch_estimate == "policy"
 
+    @property
+    def _weighs_by_policy(self) -> bool:
+        """The pool's plain estimate is the policy's value wherever the step has the reference at hand (with the
+        policy-sample dual too, where it is logged beside the measurement the multiplier reads)."""
+        return self.batch_estimate == "policy" and self.needs_reference
+
     def _pool(self, batch, reference):
         """Win rates ``[K, b, N]``, the base ``log pi_ref`` of the closed form ``[b, N]`` and the pool mask."""
         mask = response_valid(batch)
@@ -644,13 +653,13 @@ class MOPOCandidates(_MOPO):
             terms = _pool_pairwise_loss(log_probs, rates, state.multipliers, self.mopo.tau, mask,
                                         batch.get("comparison_probs"), prompt_weights)
         aux = {"log_weights": log_weights, "win_rates": jnp.moveaxis(rates, 0, 1), "base": base}
-        if self._reads_policy_weights:
+        if self._weighs_by_policy:
             aux["policy_log_weights"] = objectives.policy_pool_log_weights(log_probs.policy, log_probs.reference,
                                                                            base, mask)
         return terms, jax.lax.stop_gradient(aux)
 
     def _estimate(self, state, batch, aux):
-        log_weights = aux["policy_log_weights"] if self._reads_policy_weights else aux["log_weights"]
+        log_weights = aux["policy_log_weights"] if self._weighs_by_policy else aux["log_weights"]
         return self.transformation.estimate_from_candidates(
             state, log_weights, jnp.moveaxis(aux["win_rates"], 1, 0), aux["base"],
             response_valid(batch), batch.get("prompt_weights"))
@@ -661,10 +670,14 @@ class MOPOCandidates(_MOPO):
         # policy step is from its target.
         target = objectives.secondary_values(aux["log_weights"], jnp.moveaxis(aux["win_rates"], 1, 0),
                                              batch.get("prompt_weights"), response_valid(batch))
-        metrics["closed_form_estimates"] = jnp.where(jnp.isfinite(metrics["secondary_estimates_plain"]), target,
-                                                     jnp.nan)
-        if self._reads_policy_weights:
+        has_data = jnp.isfinite(metrics["secondary_estimates_plain"])
+        metrics["closed_form_estimates"] = jnp.where(has_data, target, jnp.nan)
+        if self._weighs_by_policy:
             metrics.update(_pool_effective_sizes(aux["policy_log_weights"], response_valid(batch)))
+        elif self.batch_estimate == "policy":
+            # Weighted BC on a sampled pool under the policy-sample dual runs no reference pass, so the policy's
+            # value over the pool is not computed: null, not the closed form's value (closed_form_estimates).
+            metrics["secondary_estimates_plain"] = jnp.full_like(metrics["secondary_estimates_plain"], jnp.nan)
         return metrics
 
 

@@ -211,6 +211,50 @@ def test_mopo_metrics_log_the_plain_estimate_beside_the_robust_bound():
     assert float(metrics["secondary_estimates"][0]) < want - 1e-3
 
 
+def test_candidates_log_the_policys_pool_value_beside_the_policy_sample_dual():
+    """Under ``dual="policy_samples"`` the multiplier steps on the handed-in measurement, and the pool's plain
+    estimate logged beside it is the policy's value (NumPy: win rates weighted by ``pi/pi_ref``), not the closed
+    form's, where the step has the reference (the pairwise pool step); weighted BC on a sampled pool has no reference
+    pass and logs null rather than the closed form's value under the policy's name."""
+    rng = np.random.default_rng(11)
+    prompts, candidates = 3, 4
+    prefs = rng.uniform(size=(prompts, 2, candidates, candidates)).astype(np.float32)
+    prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
+    valid = np.ones((prompts, candidates), bool)
+    valid[2, 0] = False
+    measured = np.full((prompts, 1), 0.57, np.float32)
+    batch = {"candidate_preferences": prefs, "candidate_label_mask": np.ones(prefs.shape, bool),
+             "response_valid": valid, "dual_estimates": measured, "dual_stderr": np.full_like(measured, 0.01),
+             "dual_counts": np.full_like(measured, 8.0)}
+    policy = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    reference = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    want, closed_form = 0.0, 0.0
+    for x in range(prompts):
+        pool = np.flatnonzero(valid[x])
+        w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
+        ratio = policy[x, pool].astype(np.float64) - reference[x, pool]
+        want += np.sum(np.exp(ratio) / np.exp(ratio).sum() * w[1]) / prompts
+        g = (w[0] + 0.6 * w[1]) / 0.2
+        closed_form += np.sum(np.exp(g - g.max()) / np.exp(g - g.max()).sum() * w[1]) / prompts
+    assert abs(want - closed_form) > 1e-2
+    for policy_step in ("pairwise", "weighted_bc"):
+        objective = po.MOPOCandidates(mj.MOPOConfig(tau=0.2, eps=0.0, multiplier_lr=0.5, refresh_every=None),
+                                      thresholds=(0.5,), dual="policy_samples", policy_step=policy_step)
+        state = objective.init()._replace(multipliers=jnp.asarray([0.6], jnp.float32))
+        _, aux = objective.loss(state, batch, po.ResponseLogProbs(jnp.asarray(policy), jnp.asarray(reference)))
+        updated = objective.update(state, batch, aux)
+        metrics = objective.metrics(updated, batch, aux)
+        # The multiplier read the measurement: lambda = max(0, 0.6 - 0.5 (0.57 - 0.5)).
+        np.testing.assert_allclose(np.asarray(updated.multipliers), [0.6 - 0.5 * 0.07], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(metrics["closed_form_estimates"]), [closed_form], rtol=1e-5)
+        if policy_step == "pairwise":
+            np.testing.assert_allclose(np.asarray(metrics["secondary_estimates_plain"]), [want], rtol=1e-5)
+            assert 1.0 <= float(metrics["pool_effective_size_min"]) <= float(metrics["pool_effective_size_mean"]) <= 4
+        else:
+            assert np.isnan(np.asarray(metrics["secondary_estimates_plain"])).all()
+            assert "pool_effective_size_mean" not in metrics
+
+
 def test_pool_pairwise_policy_step_recovers_the_closed_form():
     """MOPO on an enumerated pool with the pairwise policy step (Eq. 8 over every pair of the pool) trains a free
     logits table to the closed form of Eq. 3 at the same multipliers (checked against NumPy)."""
