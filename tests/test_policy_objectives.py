@@ -161,6 +161,35 @@ def _numpy_plain_pairwise_value(log_ratios, probs, labels, valid, weights, k):
     return 0.5 + np.sum(u * (rho[:, 0] - rho[:, 1]) * (probs[rows, k] - 0.5)) / np.sum(u * rho.sum(1))
 
 
+def _candidate_pool(seed, invalid):
+    """Three prompts' pools of 4 candidates with random pairwise preferences for 2 objectives (``P_ji = 1 - P_ij``),
+    one candidate ``invalid`` out of its pool, and random policy and reference log-probabilities."""
+    rng = np.random.default_rng(seed)
+    prompts, candidates = 3, 4
+    prefs = rng.uniform(size=(prompts, 2, candidates, candidates)).astype(np.float32)
+    prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
+    valid = np.ones((prompts, candidates), bool)
+    valid[invalid] = False
+    policy = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    reference = rng.normal(size=(prompts, candidates)).astype(np.float32)
+    return prefs, valid, policy, reference
+
+
+def _numpy_pool_values(prefs, valid, policy, reference, multiplier, tau):
+    """NumPy float64: the harmlessness value over each prompt's pool (leave-one-out win rates) weighted by the
+    policy (``pi/pi_ref`` self-normalised) and by the closed form at ``multiplier`` (Eq. 3), averaged over prompts."""
+    prompts = len(valid)
+    policy_value, closed_form = 0.0, 0.0
+    for x in range(prompts):
+        pool = np.flatnonzero(valid[x])
+        w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
+        ratio = policy[x, pool].astype(np.float64) - reference[x, pool]
+        policy_value += np.sum(np.exp(ratio) / np.exp(ratio).sum() * w[1]) / prompts
+        g = (w[0] + multiplier * w[1]) / tau
+        closed_form += np.sum(np.exp(g - g.max()) / np.exp(g - g.max()).sum() * w[1]) / prompts
+    return policy_value, closed_form
+
+
 def test_mopo_metrics_log_the_plain_estimate_beside_the_robust_bound():
     """With eps > 0 the multiplier step uses the robust bound of Eq. 5; the metrics also carry this batch's plain
     self-normalised estimate (NumPy, on a batch with a row missing every label, a row with an empty response,
@@ -181,30 +210,15 @@ def test_mopo_metrics_log_the_plain_estimate_beside_the_robust_bound():
     np.testing.assert_allclose(np.asarray(metrics["secondary_estimates_plain"]), [want], rtol=1e-5)
     assert float(metrics["secondary_estimates"][0]) < want - 1e-3
 
-    rng = np.random.default_rng(7)
-    prompts, candidates = 3, 4
-    prefs = rng.uniform(size=(prompts, 2, candidates, candidates)).astype(np.float32)
-    prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
-    valid = np.ones((prompts, candidates), bool)
-    valid[1, 2] = False
+    prefs, valid, policy, reference = _candidate_pool(7, (1, 2))
     batch = {"candidate_preferences": prefs, "candidate_label_mask": np.ones(prefs.shape, bool),
              "response_valid": valid}
     objective = po.MOPOCandidates(mj.MOPOConfig(tau=0.2, eps=0.15, refresh_every=None), thresholds=(0.5,))
     state = objective.init()._replace(multipliers=jnp.asarray([0.6], jnp.float32))
-    policy = rng.normal(size=(prompts, candidates)).astype(np.float32)
-    reference = rng.normal(size=(prompts, candidates)).astype(np.float32)
     policy[1, 2] = -np.inf  # an out-of-pool candidate's log-probability never reaches a weight
     _, aux = objective.loss(state, batch, po.ResponseLogProbs(jnp.asarray(policy), jnp.asarray(reference)))
     metrics = objective.metrics(objective.update(state, batch, aux), batch, aux)
-    want, closed_form = 0.0, 0.0
-    for x in range(prompts):
-        pool = np.flatnonzero(valid[x])
-        w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
-        ratio = policy[x, pool].astype(np.float64) - reference[x, pool]
-        want += np.sum(np.exp(ratio) / np.exp(ratio).sum() * w[1]) / prompts
-        g = (w[0] + 0.6 * w[1]) / 0.2
-        weights = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
-        closed_form += np.sum(weights * w[1]) / prompts
+    want, closed_form = _numpy_pool_values(prefs, valid, policy, reference, 0.6, 0.2)
     assert abs(want - closed_form) > 1e-2
     np.testing.assert_allclose(np.asarray(metrics["secondary_estimates_plain"]), [want], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(metrics["closed_form_estimates"]), [closed_form], rtol=1e-5)
@@ -216,26 +230,12 @@ def test_candidates_log_the_policys_pool_value_beside_the_policy_sample_dual():
     estimate logged beside it is the policy's value (NumPy: win rates weighted by ``pi/pi_ref``), not the closed
     form's, where the step has the reference (the pairwise pool step); weighted BC on a sampled pool has no reference
     pass and logs null rather than the closed form's value under the policy's name."""
-    rng = np.random.default_rng(11)
-    prompts, candidates = 3, 4
-    prefs = rng.uniform(size=(prompts, 2, candidates, candidates)).astype(np.float32)
-    prefs = np.triu(prefs, 1) + np.tril(1 - np.swapaxes(np.triu(prefs, 1), -1, -2), -1)
-    valid = np.ones((prompts, candidates), bool)
-    valid[2, 0] = False
-    measured = np.full((prompts, 1), 0.57, np.float32)
+    prefs, valid, policy, reference = _candidate_pool(11, (2, 0))
+    measured = np.full((len(valid), 1), 0.57, np.float32)
     batch = {"candidate_preferences": prefs, "candidate_label_mask": np.ones(prefs.shape, bool),
              "response_valid": valid, "dual_estimates": measured, "dual_stderr": np.full_like(measured, 0.01),
              "dual_counts": np.full_like(measured, 8.0)}
-    policy = rng.normal(size=(prompts, candidates)).astype(np.float32)
-    reference = rng.normal(size=(prompts, candidates)).astype(np.float32)
-    want, closed_form = 0.0, 0.0
-    for x in range(prompts):
-        pool = np.flatnonzero(valid[x])
-        w = np.array([[np.mean([prefs[x, k, i, j] for j in pool if j != i]) for i in pool] for k in range(2)])
-        ratio = policy[x, pool].astype(np.float64) - reference[x, pool]
-        want += np.sum(np.exp(ratio) / np.exp(ratio).sum() * w[1]) / prompts
-        g = (w[0] + 0.6 * w[1]) / 0.2
-        closed_form += np.sum(np.exp(g - g.max()) / np.exp(g - g.max()).sum() * w[1]) / prompts
+    want, closed_form = _numpy_pool_values(prefs, valid, policy, reference, 0.6, 0.2)
     assert abs(want - closed_form) > 1e-2
     for policy_step in ("pairwise", "weighted_bc"):
         objective = po.MOPOCandidates(mj.MOPOConfig(tau=0.2, eps=0.0, multiplier_lr=0.5, refresh_every=None),
