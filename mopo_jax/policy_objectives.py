@@ -617,11 +617,9 @@ class MOPOCandidates(_MOPO):
 
     @property
     def needs_reference(self) -> bool:
-        return self.candidates == "enumerated" or self.policy_step == "pairwise" or self._reads_policy_weights
-
-    @property
-    def _reads_policy_weights(self) -> bool:
-        return self.dual == "batch" and self.batch_estimate == "policy"
+        # The batch dual reading the policy's value over the pool weighs it by pi/pi_ref.
+        return (self.candidates == "enumerated" or self.policy_step == "pairwise"
+                or (self.dual == "batch" and self.batch_estimate == "policy"))
 
     @property
     def _weighs_by_policy(self) -> bool:
@@ -679,7 +677,6 @@ class MOPOCandidates(_MOPO):
             # value over the pool is not computed: null, not the closed form's value (closed_form_estimates).
             metrics["secondary_estimates_plain"] = jnp.full_like(metrics["secondary_estimates_plain"], jnp.nan)
         return metrics
-
 
 
 def _pool_effective_sizes(log_weights, mask):
