@@ -93,7 +93,8 @@ def pipeline(tmp_path_factory, tiny_work_dir):
         "modpo": ["method.name=modpo", "method.weights=[0.5, 0.5]"],
         "mopo_pairwise": ["method.name=mopo_pairwise", "method.threshold=0.55", "mopo.refresh_every=1"],
         "mopo_onpolicy": ["method.name=mopo_onpolicy", "method.threshold=0.5", "training.batch_pairs=2",
-                          "onpolicy.candidates=2", "mopo.eps=0.15"],
+                          "onpolicy.candidates=2", "mopo.eps=0.15", "onpolicy.max_new_tokens=8",
+                          "onpolicy.jackknife=true"],
         "mopo_policy_dual": ["method.name=mopo_pairwise", "method.threshold=0.55", "dual.source=policy_samples",
                              "dual.prompts=4", "dual.samples=2", "dual.every=1", "dual.margin=0.01",
                              "mopo.multiplier_lr=2.0"],
@@ -133,6 +134,13 @@ def test_every_method_writes_its_run_directory(pipeline):
     # Its weights' effective size per prompt lies between one candidate and the whole pool.
     pool = onpolicy[-1]["pool_effective_size_min"], onpolicy[-1]["pool_effective_size_mean"]
     assert 1.0 <= pool[0] <= pool[1] <= 2.0 + 1e-4, pool  # onpolicy.candidates=2
+    # Candidates of 8 tokens (onpolicy.max_new_tokens), not data.max_response_tokens' 16: 2 prompts x 2 of them.
+    assert all(0 < r["completion_tokens"] <= 2 * 2 * 8 for r in onpolicy), [r["completion_tokens"] for r in onpolicy]
+    # The jackknife over pools of two: each G_x^(-j) holds one candidate with no comparison (1/2), so the corrected
+    # estimate is 2 G - 1/2 of the uncorrected one wherever both candidates are valid.
+    for record in onpolicy:
+        assert record["secondary_estimates_plain"][0] == pytest.approx(
+            2 * record["pool_estimates_uncorrected"][0] - 0.5, abs=1e-6)
     # The user's method trained its own objective, from a module the package does not know.
     plugin = [json.loads(line) for line in open(root / "user_plugin" / "metrics.jsonl")]
     assert plugin[0]["loss"] == pytest.approx(1.0, abs=1e-5)  # the hinge at the reference (h = 0)

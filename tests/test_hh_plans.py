@@ -184,6 +184,14 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
     assert result.returncode == 0 and runs == {
         f"onpolicypool/mopo_onpolicy_pool_eps0.15_b{b}": {**pool, "method.threshold": b, "mopo.eps": "0.15"}
         for b in thresholds}
+    # The same runs with the candidates at the profile's evaluation length and the jackknife's correction.
+    eval_tokens = yaml.safe_load((REPO / "experiments/configs/hh_cpu-small.yaml").read_text())["eval"]["max_new_tokens"]
+    result, root, calls = _plan(tmp_path / "onpolicyaligned", "cpu-small-onpolicyaligned", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and runs == {
+        f"onpolicypool/mopo_onpolicy_pool_eps0.15_aligned_b{b}": {
+            **pool, "method.threshold": b, "mopo.eps": "0.15", "onpolicy.max_new_tokens": str(eval_tokens),
+            "onpolicy.jackknife": "true"} for b in thresholds}
 
     grid = set()
     for k, tau in (("1", "0.05"), ("2", "0.1"), ("3", "0.2")):

@@ -219,6 +219,104 @@ def test_sampled_win_rates_are_leave_one_out_means():
     np.testing.assert_allclose(with_tie[0, 0] - 0.5, (N - 1) / N * (got[0, 0] - 0.5), atol=1e-6)
 
 
+def _numpy_pool_value(pref, labelled, log_ratio, pool):
+    """NumPy float64: one prompt's pool estimate ``sum_i pi~_i w_i`` over the candidate indices ``pool`` (``pi~``
+    the softmax of ``log pi/pi_ref`` over the pool, ``w_i`` the labelled leave-one-out mean, 1/2 without labels),
+    for every objective ``[K]``."""
+    if len(pool) == 0:
+        return np.zeros(pref.shape[0])
+    weights = np.exp(log_ratio[pool] - log_ratio[pool].max())
+    weights /= weights.sum()
+    values = []
+    for k in range(pref.shape[0]):
+        rates = []
+        for i in pool:
+            others = [pref[k, i, j] for j in pool if j != i and labelled[k, i, j]]
+            rates.append(np.mean(others) if others else 0.5)
+        values.append(float(np.dot(weights, rates)))
+    return np.array(values)
+
+
+def _numpy_jackknife(pref, labelled, log_ratio, valid, prompt_weights):
+    """NumPy float64: ``n G_x - (n-1) mean_j G_x^(-j)`` per prompt, averaged with ``prompt_weights`` over the prompts
+    with a pool; the secondaries ``[K-1]``."""
+    total, weight = 0.0, 0.0
+    for x in range(valid.shape[0]):
+        pool = list(np.flatnonzero(valid[x]))
+        if not pool:
+            continue
+        n = len(pool)
+        full = _numpy_pool_value(pref[:, x], labelled[:, x], log_ratio[x], pool)
+        dropped = np.mean([_numpy_pool_value(pref[:, x], labelled[:, x], log_ratio[x], [i for i in pool if i != j])
+                           for j in pool], axis=0)
+        total = total + prompt_weights[x] * (n * full - (n - 1) * dropped)
+        weight += prompt_weights[x]
+    return (total / weight)[1:]
+
+
+def test_jackknife_pool_values_match_numpy_on_ragged_pools_with_missing_labels():
+    """The delete-one jackknife of the policy's pool estimate against a NumPy loop: pools of 5, 3, 2 and 1 valid
+    candidates and an empty one, unlabelled comparisons (one candidate with none left), row weights, and a
+    ``-inf`` log-probability on a padded candidate (no NaN reaches the value)."""
+    rng = np.random.default_rng(21)
+    K, X, N = 2, 5, 5
+    pref = rng.uniform(size=(K, X, N, N))
+    pref = np.triu(pref, 1) + np.tril(1 - np.swapaxes(np.triu(pref, 1), -1, -2), -1)
+    labelled = rng.uniform(size=(K, X, N, N)) > 0.25
+    labelled = labelled & np.swapaxes(labelled, -1, -2)
+    labelled[1, 1, 0, :] = labelled[1, 1, :, 0] = False  # candidate 0 of prompt 1: no harmlessness label at all
+    pref = np.where(labelled, pref, np.nan)
+    valid = np.zeros((X, N), bool)
+    for x, n in enumerate((5, 3, 2, 1, 0)):
+        valid[x, rng.permutation(N)[:n]] = True
+    log_ratio = rng.normal(scale=1.5, size=(X, N))
+    log_ratio[2, np.flatnonzero(~valid[2])[0]] = -np.inf
+    prompt_weights = rng.uniform(0.5, 2.0, size=X)
+    log_weights = mj.policy_pool_log_weights(jnp.asarray(log_ratio, jnp.float32), jnp.zeros((X, N)),
+                                             mj.masked_log_normalize(jnp.zeros((X, N)), valid), valid)
+    got = jax.jit(mj.jackknife_pool_secondary_values)(log_weights, jnp.asarray(pref, jnp.float32),
+                                                      jnp.asarray(labelled), jnp.asarray(valid),
+                                                      jnp.asarray(prompt_weights, jnp.float32))
+    want = _numpy_jackknife(pref, labelled, log_ratio, valid, prompt_weights)
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    plain = sum(prompt_weights[x] * _numpy_pool_value(pref[:, x], labelled[:, x], log_ratio[x],
+                                                      list(np.flatnonzero(valid[x])))
+                for x in range(X) if valid[x].any()) / prompt_weights[valid.any(-1)].sum()
+    assert abs(want[0] - plain[1]) > 1e-3  # the correction is not a no-op on this batch
+
+
+def test_jackknife_removes_most_of_the_small_pool_bias():
+    """Pools of 8 draws (Algorithm 1's pool on HH-RLHF) from a known reference over 12 responses with Bradley-Terry
+    preferences, a policy tilted away from it (KL 0.19): over 16000 pools the self-normalised estimate's mean misses
+    the exact ``V(pi) = E_{y~pi, y'~pi_ref} P(y > y')`` (NumPy, population sums) by about 30 standard errors; the
+    jackknife's mean misses by under half of that (its ``O(1/n)`` part goes; at 8 draws the higher orders are still
+    about a third)."""
+    rng = np.random.default_rng(5)
+    M, pools, n = 12, 16000, 8
+    quality = rng.normal(size=(2, M))
+    pref = 1.0 / (1.0 + np.exp(-(quality[:, :, None] - quality[:, None, :])))  # [K, M, M]
+    reference = rng.dirichlet(np.ones(M) * 2.0)
+    policy = reference * np.exp(0.9 * quality[1])
+    policy /= policy.sum()
+    exact = float(policy @ (pref[1] @ reference))
+    draws = rng.choice(M, size=(pools, n), p=reference)
+    pool_pref = jnp.asarray(pref[:, draws[:, :, None], draws[:, None, :]], jnp.float32)  # [K, pools, n, n]
+    log_ratio = np.log(policy[draws] / reference[draws])
+    mask = np.ones((pools, n), bool)
+    log_weights = mj.policy_pool_log_weights(jnp.asarray(log_ratio, jnp.float32), jnp.zeros((pools, n)),
+                                             mj.masked_log_normalize(jnp.zeros((pools, n)), mask), mask)
+    plain = jax.vmap(lambda lw, pp: mj.secondary_values(lw[None], mj.sampled_win_rates(pp[:, None]))[0],
+                     in_axes=(0, 1))(log_weights, pool_pref)
+    corrected = jax.vmap(lambda lw, pp: mj.jackknife_pool_secondary_values(lw[None], pp[:, None])[0],
+                         in_axes=(0, 1))(log_weights, pool_pref)
+    per_pool = np.stack([np.asarray(plain, np.float64), np.asarray(corrected, np.float64)], axis=-1)
+    bias = per_pool.mean(0) - exact
+    stderr = per_pool.std(0, ddof=1) / np.sqrt(pools)
+    assert bias[0] < -10 * stderr[0], (bias, stderr)
+    assert abs(bias[1]) < abs(bias[0]) / 2, (bias, stderr)
+
+
 def _pair_population(pref, ref, mu):
     """Every ordered pair (ties included) of every prompt with its weight p(x) mu(y) mu(y')."""
     K, X, N, _ = pref.shape

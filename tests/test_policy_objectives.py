@@ -255,6 +255,47 @@ def test_candidates_log_the_policys_pool_value_beside_the_policy_sample_dual():
             assert "pool_effective_size_mean" not in metrics
 
 
+def test_candidates_jackknife_corrects_the_plain_estimate_the_multiplier_reads():
+    """``jackknife=True`` under ``jit``: the plain estimate is the jackknifed policy value over each pool (NumPy, with
+    an unlabelled comparison and a candidate out of its pool), the multiplier steps on it at ``eps = 0``, the
+    uncorrected value is logged beside it; at ``eps > 0`` the multiplier still reads the bound of the uncorrected
+    pool."""
+    from test_objectives import _numpy_jackknife
+
+    prefs, valid, policy, reference = _candidate_pool(13, (2, 1))
+    labels = np.ones(prefs.shape, bool)
+    labels[0, 1, 0, 3] = labels[0, 1, 3, 0] = False
+    prefs = np.where(labels, prefs, np.nan).astype(np.float32)
+    batch = {"candidate_preferences": prefs, "candidate_label_mask": labels, "response_valid": valid}
+    log_probs = po.ResponseLogProbs(jnp.asarray(policy), jnp.asarray(reference))
+    corrected = _numpy_jackknife(np.swapaxes(prefs, 0, 1).astype(np.float64), np.swapaxes(labels, 0, 1),
+                                 policy.astype(np.float64) - reference, valid, np.ones(len(valid)))[0]
+    for eps in (0.0, 0.15):
+        config = mj.MOPOConfig(tau=0.2, eps=eps, multiplier_lr=0.5, refresh_every=None)
+        results = {}
+        for jackknife in (False, True):
+            objective = po.MOPOCandidates(config, thresholds=(0.5,), policy_step="pairwise", jackknife=jackknife)
+            state = objective.init()._replace(multipliers=jnp.asarray([0.6], jnp.float32))
+
+            @jax.jit
+            def step(state, batch):
+                _, aux = objective.loss(state, batch, log_probs)
+                updated = objective.update(state, batch, aux)
+                return updated, objective.metrics(updated, batch, aux)
+
+            results[jackknife] = jax.tree.map(np.asarray, step(state, batch))
+        (plain_state, plain_metrics), (state, metrics) = results[False], results[True]
+        uncorrected = float(plain_metrics["secondary_estimates_plain"][0])
+        assert abs(corrected - uncorrected) > 1e-3
+        np.testing.assert_allclose(metrics["secondary_estimates_plain"], [corrected], rtol=1e-5)
+        np.testing.assert_allclose(metrics["pool_estimates_uncorrected"], [uncorrected], rtol=1e-6)
+        if eps == 0:  # lambda = max(0, 0.6 - 0.5 (G - 0.5)) with G the corrected value
+            np.testing.assert_allclose(state.multipliers, [max(0.0, 0.6 - 0.5 * (corrected - 0.5))], rtol=1e-5)
+        else:
+            np.testing.assert_allclose(state.multipliers, plain_state.multipliers, rtol=1e-6)
+            np.testing.assert_allclose(metrics["secondary_estimates"], plain_metrics["secondary_estimates"], rtol=1e-6)
+
+
 def test_pool_pairwise_policy_step_recovers_the_closed_form():
     """MOPO on an enumerated pool with the pairwise policy step (Eq. 8 over every pair of the pool) trains a free
     logits table to the closed form of Eq. 3 at the same multipliers (checked against NumPy)."""

@@ -153,11 +153,20 @@ class OnPolicyConfig:
     step) or ``pairwise`` (Eq. 8 over every pair of the pool). Why both: the weighted-BC gradient carries the
     samples' own score ``sum_i grad log pi(y_i) / N``, zero in expectation but of norm about 28 on cpu-small against
     ``max_grad_norm`` 1 (docs/results/hh-cpu-small-onpolicyfixed0), so every step is clipped; the pairwise step
-    differences it out (its gradient weighs each candidate by ``g_i`` minus the pool's mean)."""
+    differences it out (its gradient weighs each candidate by ``g_i`` minus the pool's mean).
+
+    ``max_new_tokens``: the candidates' length (default ``data.max_response_tokens``). The candidates' estimate of
+    the harmlessness win rate is a win rate of responses of this length, while the evaluation (and the policy-sample
+    dual) scores ``eval.max_new_tokens``: set it to that length for a dual that reads what the run is judged on (on
+    cpu-small the 48-token pools read 0.005-0.007 below 32-token ones, docs/algorithm.md section 4).
+    ``jackknife``: the candidates' estimate corrected for its small-pool bias
+    (:class:`mopo_jax.policy_objectives.MOPOCandidates`'s ``jackknife``)."""
 
     candidates: int = 4
     temperature: float = 1.0
     policy_step: str = "weighted_bc"
+    max_new_tokens: int | None = None
+    jackknife: bool = False
 
     def __post_init__(self):
         if self.candidates < 2:
@@ -165,6 +174,9 @@ class OnPolicyConfig:
         _check_temperature("onpolicy.temperature", self.temperature)
         if self.policy_step not in ("weighted_bc", "pairwise"):
             raise ValueError(f"onpolicy.policy_step must be 'weighted_bc' or 'pairwise', got {self.policy_step!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"onpolicy.max_new_tokens must be >= 1 (or null: data.max_response_tokens), got "
+                             f"{self.max_new_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +320,13 @@ class ExperimentConfig:
         if not 0.0 <= self.method.threshold + self.dual.margin <= 1.0:
             raise ValueError(f"method.threshold + dual.margin must be in [0, 1], got {self.method.threshold} + "
                              f"{self.dual.margin}")
+        if (self.onpolicy.max_new_tokens or 0) > self.data.max_response_tokens:
+            raise ValueError(f"onpolicy.max_new_tokens={self.onpolicy.max_new_tokens} exceeds "
+                             f"data.max_response_tokens={self.data.max_response_tokens}, the response length the "
+                             "model's context is sized for")
+        if self.onpolicy.jackknife and self.dual.source != "batch" and self.onpolicy.policy_step != "pairwise":
+            raise ValueError("onpolicy.jackknife corrects the candidates' policy estimate, which weighted BC computes "
+                             "only for the batch dual: set dual.source=batch or onpolicy.policy_step=pairwise")
         if self.dual.source == "policy_samples" and self.mopo.eps > 0:
             raise ValueError("dual.source=policy_samples measures the policy itself; the robust bound of mopo.eps "
                              "applies to the batch's importance-weighted estimate: set mopo.eps=0")

@@ -258,6 +258,6 @@ register_method(Method(
     name="mopo_onpolicy", summary="MOPO on candidates sampled from the lagged reference (Algorithm 1)",
     objective=lambda config: MOPOCandidates(mopo=config.mopo, thresholds=(_enforced_threshold(config),),
                                             policy_step=config.onpolicy.policy_step, candidates="sampled",
-                                            dual=config.dual.source),
+                                            dual=config.dual.source, jackknife=config.onpolicy.jackknife),
     data=onpolicy_candidates, knob="threshold", needs_labelers=True,
 ))

@@ -33,7 +33,8 @@ def onpolicy_batches(config, train_config, model_config, params, lower_config, l
         repeated = {k: np.repeat(v, per_prompt, axis=0) for k, v in prompt_batch.items()}
         responses, response_mask = generate_responses(
             model_config, reference, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"],
-            config.data.max_response_tokens, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
+            config.onpolicy.max_new_tokens or config.data.max_response_tokens,
+            jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step),
             temperature=config.onpolicy.temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
             batch_size=count, mesh=mesh, num_samples=per_prompt,
         )

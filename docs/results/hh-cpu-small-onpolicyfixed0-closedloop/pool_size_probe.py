@@ -9,7 +9,8 @@ the largest pool reads closest to the evaluated gold value.
 
 For each run given: on the first P evaluation prompts (the evaluation's own prompts, an equal share per objective),
 S reference samples per prompt (the evaluation's length and temperature; one draw shared by every run), their gold
-harmlessness rewards and ``log pi/pi_ref`` under the run's policy; the estimator over disjoint pools of n in
+harmlessness rewards and ``log pi/pi_ref`` under the run's policy (``--tokens`` draws them at another length:
+the candidates' own 48 tokens rather than the evaluation's 32); the estimator over disjoint pools of n in
 {4, 8, 16, S} of those samples, averaged over pools and prompts, with a standard error over prompts; and the
 evaluation's own gold value on the same P prompts (eval.json's per-prompt expected win rates), for comparison.
 
@@ -76,6 +77,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="response length of the draws (default eval.max_new_tokens; the candidates' own length "
+                             "is data.max_response_tokens)")
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
 
@@ -91,10 +95,11 @@ def main():
     positions = np.searchsorted(evaluated_rows, rows)
     assert (evaluated_rows[positions] == rows).all(), "the probe's prompts must be evaluation prompts"
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
+    length = args.tokens or config.eval.max_new_tokens
 
     # One draw of reference samples for every run (a key of its own, not the evaluation's).
     responses, response_mask = policy_eval.generate_responses(
-        model_config, params, prompt_tokens, prompt_mask, config.eval.max_new_tokens, jax.random.PRNGKey(12345),
+        model_config, params, prompt_tokens, prompt_mask, length, jax.random.PRNGKey(12345),
         temperature=config.eval.temperature, top_p=None, eos_id=end_of_turn, pad_id=pad,
         batch_size=8, mesh=mesh, num_samples=args.samples)
     tokens, attention, completion = policy_eval.response_rows(
@@ -107,7 +112,7 @@ def main():
     reference_log_probs = policy_eval.batched_sequence_log_probs(upper_config, placed_reference, tokens, completion,
                                                                  attention, inputs_hidden=hidden, mesh=mesh)
     sizes = sorted({n for n in (4, 8, 16, args.samples) if 2 <= n <= args.samples})
-    print(f"{args.prompts} evaluation prompts x {args.samples} reference samples ({config.eval.max_new_tokens} "
+    print(f"{args.prompts} evaluation prompts x {args.samples} reference samples ({length} "
           "tokens, temperature 1); gold harmlessness; estimate = mean over prompts of the per-prompt mean over "
           "disjoint pools of size n (+- standard error over prompts)\n")
     print(f"| run | KL(pi, pi_ref), self-normalised over the {args.samples} draws | "
