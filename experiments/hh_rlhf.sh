@@ -36,7 +36,8 @@
 #             of four thresholds without it)
 #   onpolicyaligned  the onpolicypool15 runs with the candidates' estimate aligned with what the runs are judged
 #             on: candidates of the evaluation's length (eval.max_new_tokens, not data.max_response_tokens) and the
-#             jackknife's small-pool correction (onpolicy.jackknife)
+#             jackknife's small-pool correction (onpolicy.jackknife); onpolicyfixedaligned the same for the
+#             onpolicyfixed runs (the weighted-BC step, eps 0.15)
 #   robust1, robust2, robust3  the policy-sample dual at b=0.54 over tau (0.05, 0.1, 0.2: one a plan) x multiplier
 #             step (2, 8, 32: a quarter of, equal to and four times the dual plans' 8)
 # A plan without the reference compares its runs with the reference's exact value (1/2 at every prompt). Every plan of
@@ -200,13 +201,18 @@ case "$plan" in
       train "onpolicypool/mopo_onpolicy_pool_eps0.15_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
         "${onpolicy[@]}" "${onpolicy_pool[@]}" mopo.eps=0.15
     done ;;
-  onpolicyaligned)
+  onpolicyaligned|onpolicyfixedaligned)
     eval_tokens=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['eval']['max_new_tokens'])" \
       "$config")
+    aligned=(mopo.eps=0.15 "onpolicy.max_new_tokens=${eval_tokens}" onpolicy.jackknife=true)
     for b in "${dual_thresholds[@]}"; do
-      train "onpolicypool/mopo_onpolicy_pool_eps0.15_aligned_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
-        "${onpolicy[@]}" "${onpolicy_pool[@]}" mopo.eps=0.15 "onpolicy.max_new_tokens=${eval_tokens}" \
-        onpolicy.jackknife=true
+      if [[ $plan == onpolicyaligned ]]; then
+        train "onpolicypool/mopo_onpolicy_pool_eps0.15_aligned_b${b}" method.name=mopo_onpolicy \
+          "method.threshold=${b}" "${onpolicy[@]}" "${onpolicy_pool[@]}" "${aligned[@]}"
+      else
+        train "onpolicyfixed/mopo_onpolicy_eps0.15_aligned_b${b}" method.name=mopo_onpolicy "method.threshold=${b}" \
+          "${onpolicy[@]}" "${aligned[@]}"
+      fi
     done ;;
   robust1|robust2|robust3)
     taus=(0.05 0.1 0.2)
@@ -215,7 +221,7 @@ case "$plan" in
       train "robust/mopo_b${dual_thresholds[2]}_tau${tau}_lr${lr}" method.name=mopo_pairwise \
         "method.threshold=${dual_thresholds[2]}" "${dual[@]}" "mopo.tau=${tau}" "mopo.multiplier_lr=${lr}"
     done ;;
-  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualmargin, dualmarginseed1, dualmarginseed2, dualhuman, onpolicyfixed, onpolicyfixed0, onpolicypool, onpolicypoolmargin, onpolicypool15, onpolicyaligned, robust1, robust2, robust3)" >&2
+  *) echo "hh_rlhf.sh: unknown plan '$plan' (front, baselines, onpolicy, onpolicyplain, seed1, seed2, weightedseeds, ablation, human, dual, dualseed1, dualseed2, dualmargin, dualmarginseed1, dualmarginseed2, dualhuman, onpolicyfixed, onpolicyfixed0, onpolicypool, onpolicypoolmargin, onpolicypool15, onpolicyaligned, onpolicyfixedaligned, robust1, robust2, robust3)" >&2
      exit 2 ;;
 esac
 

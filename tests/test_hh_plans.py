@@ -192,6 +192,13 @@ def test_policy_sample_dual_plans(tmp_path, python_dir):
         f"onpolicypool/mopo_onpolicy_pool_eps0.15_aligned_b{b}": {
             **pool, "method.threshold": b, "mopo.eps": "0.15", "onpolicy.max_new_tokens": str(eval_tokens),
             "onpolicy.jackknife": "true"} for b in thresholds}
+    result, root, calls = _plan(tmp_path / "onpolicyfixedaligned", "cpu-small-onpolicyfixedaligned", python_dir)
+    runs = _trained(calls, root)
+    assert result.returncode == 0 and runs == {
+        f"onpolicyfixed/mopo_onpolicy_eps0.15_aligned_b{b}": {
+            "method.name": "mopo_onpolicy", "onpolicy.candidates": "8", "training.steps": "32",
+            "training.batch_pairs": "4", "method.threshold": b, "mopo.eps": "0.15",
+            "onpolicy.max_new_tokens": str(eval_tokens), "onpolicy.jackknife": "true"} for b in thresholds}
 
     grid = set()
     for k, tau in (("1", "0.05"), ("2", "0.1"), ("3", "0.2")):
