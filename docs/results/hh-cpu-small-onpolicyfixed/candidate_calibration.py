@@ -11,7 +11,9 @@ estimate was that value).
 
 Runs from f44038f on also log the policy weights' per-prompt effective sample size over the pool (Kish's
 ``1 / sum rho~^2``; ``pool_effective_size_mean`` / ``_min``); a table of it over the same window follows, beside the
-plain estimate's gap to gold, to test whether a thin pool goes with the under-read.
+plain estimate's gap to gold, to test whether a thin pool goes with the under-read. Runs with
+``onpolicy.jackknife`` (from b0f63ef on) log the uncorrected pool value too (``pool_estimates_uncorrected``); a
+table sets it beside the corrected plain estimate.
 
 With ``--trend`` first, it also fits a line to the last W steps' plain estimates and reads it one step past the
 last (with the fit's standard error): the window's mean trails a policy whose value is still moving, and the fit
@@ -71,6 +73,18 @@ if sized:
         plain = statistics.fmean(r["secondary_estimates_plain"][0] for r in rows)
         print(f"| {pathlib.Path(arg).name} | {statistics.fmean(r['pool_effective_size_mean'] for r in rows):.2f} | "
               f"{statistics.fmean(r['pool_effective_size_min'] for r in rows):.2f} | {plain - gold:+.3f} |")
+
+jackknifed = [(arg, rows) for arg, rows in sized if "pool_estimates_uncorrected" in rows[-1]]
+if jackknifed:  # runs with onpolicy.jackknife (from b0f63ef on): the plain estimate is the corrected one
+    print(f"\n| run | uncorrected pool estimate (last {window}) | jackknifed (last {window}) | gold harmlessness | "
+          "uncorrected - gold | jackknifed - gold |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for arg, rows in jackknifed:
+        gold = json.loads(records(arg)[1].read_text())["evaluation"]["expected_win_rate"]["harmlessness"]
+        uncorrected = statistics.fmean(r["pool_estimates_uncorrected"][0] for r in rows)
+        corrected = statistics.fmean(r["secondary_estimates_plain"][0] for r in rows)
+        print(f"| {pathlib.Path(arg).name} | {uncorrected:.3f} | {corrected:.3f} | {gold:.3f} | "
+              f"{uncorrected - gold:+.3f} | {corrected - gold:+.3f} |")
 
 if trend:
     print(f"\n| run | slope over the last {window} steps (per step) | fit read one step past the last (+- se) | "
