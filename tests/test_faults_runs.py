@@ -98,6 +98,19 @@ def test_invalid_settings_stop_before_anything_loads(tmp_path, capsys, override,
     assert not run_dir.exists() and not (tmp_path / "work").exists()
 
 
+def test_algorithm_1_refuses_tempered_candidates(tmp_path, capsys):
+    """Algorithm 1's estimates take its candidates as reference draws: a temperature other than 1 stops the run
+    before anything loads (the other methods never sample candidates, so the setting does not concern them)."""
+    from mopo_jax.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), f"run_dir={run_dir}", f"work_dir={tmp_path / 'work'}",
+                 "method.name=mopo_onpolicy", "onpolicy.temperature=0.7"]) == 2
+    error = capsys.readouterr().err
+    assert "onpolicy.temperature=0.7" in error and error.count("\n") == 1
+    assert not run_dir.exists() and not (tmp_path / "work").exists()
+
+
 def test_an_empty_config_file_is_an_error(tmp_path, capsys):
     from mopo_jax.cli import main
 

@@ -147,7 +147,8 @@ class TrainingConfig:
 @dataclasses.dataclass(frozen=True)
 class OnPolicyConfig:
     """On-policy MOPO's candidates: ``candidates`` responses per prompt sampled at ``temperature`` from the current
-    (lagged) reference and labelled by the labelers.
+    (lagged) reference and labelled by the labelers. ``mopo_onpolicy`` requires temperature 1: its estimates take
+    the candidates as draws from the reference itself.
 
     ``policy_step`` is :class:`mopo_jax.policy_objectives.MOPOCandidates`'s: ``weighted_bc`` (Eq. 7, the published
     step) or ``pairwise`` (Eq. 8 over every pair of the pool). Why both: the weighted-BC gradient carries the

@@ -200,6 +200,15 @@ def _modpo_check(config):
         raise ValueError("method.weights: MODPO needs a positive helpfulness weight")
 
 
+def _onpolicy_check(config):
+    # The candidates' leave-one-out win rates (against the reference), the closed form's uniform base over the
+    # pool and the policy's weights pi/pi_ref all take the candidates to be draws from the reference itself.
+    if config.onpolicy.temperature != 1.0:
+        raise ValueError(f"onpolicy.temperature={config.onpolicy.temperature}: Algorithm 1's estimates take the "
+                         "candidates as draws from the reference (temperature 1); tempered draws would need importance "
+                         "weights pi_ref/q_T, which mopo_onpolicy does not apply")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The built-in methods.
 
@@ -259,5 +268,5 @@ register_method(Method(
     objective=lambda config: MOPOCandidates(mopo=config.mopo, thresholds=(_enforced_threshold(config),),
                                             policy_step=config.onpolicy.policy_step, candidates="sampled",
                                             dual=config.dual.source, jackknife=config.onpolicy.jackknife),
-    data=onpolicy_candidates, knob="threshold", needs_labelers=True,
+    data=onpolicy_candidates, knob="threshold", needs_labelers=True, check=_onpolicy_check,
 ))
