@@ -77,6 +77,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--split", default="eval", choices=("eval", "policy_train"),
+                        help="whose prompts: the evaluation's (default) or a draw of the training split's (half per objective), "
+                             "the prompts Algorithm 1's candidates are sampled on")
     parser.add_argument("--tokens", type=int, default=None,
                         help="response length of the draws (default eval.max_new_tokens; the candidates' own length "
                              "is data.max_response_tokens)")
@@ -95,6 +98,16 @@ def main():
     positions = np.searchsorted(evaluated_rows, rows)
     assert (evaluated_rows[positions] == rows).all(), "the probe's prompts must be evaluation prompts"
     prompt_tokens, prompt_mask = eval_pairs["prompt_tokens"][rows], eval_pairs["prompt_mask"][rows]
+    if args.split == "policy_train":  # the eval's own columns below then stay the eval prompts' values
+        train = data["policy_train"]
+        # An equal share per objective, as the split holds them (and as the eval's rows are chosen).
+        rng = np.random.default_rng(0)
+        drawn = np.sort(np.concatenate([rng.choice(np.flatnonzero(train["objective"] == k), args.prompts // 2,
+                                                   replace=False) for k in (0, 1)]))
+        prompt_tokens, prompt_mask = train["prompt_tokens"][drawn], train["prompt_mask"][drawn]
+        print(f"prompts: {args.prompts} drawn from the {len(train['prompt_tokens'])} policy-train pairs, half per objective; "
+              f"objective shares of the draw {np.bincount(train['objective'][drawn], minlength=2).tolist()}, of "
+              f"the split {np.bincount(train['objective'], minlength=2).tolist()}\n")
     length = args.tokens or config.eval.max_new_tokens
 
     # One draw of reference samples for every run (a key of its own, not the evaluation's).
@@ -112,7 +125,8 @@ def main():
     reference_log_probs = policy_eval.batched_sequence_log_probs(upper_config, placed_reference, tokens, completion,
                                                                  attention, inputs_hidden=hidden, mesh=mesh)
     sizes = sorted({n for n in (4, 8, 16, args.samples) if 2 <= n <= args.samples})
-    print(f"{args.prompts} evaluation prompts x {args.samples} reference samples ({length} "
+    which = "evaluation" if args.split == "eval" else "policy-train"
+    print(f"{args.prompts} {which} prompts x {args.samples} reference samples ({length} "
           "tokens, temperature 1); gold harmlessness; estimate = mean over prompts of the per-prompt mean over "
           "disjoint pools of size n (+- standard error over prompts)\n")
     print(f"| run | KL(pi, pi_ref), self-normalised over the {args.samples} draws | "
